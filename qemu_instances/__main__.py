@@ -1,0 +1,3 @@
+from qemu_instances.cli import main
+
+main()
