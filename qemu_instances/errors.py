@@ -1,15 +1,15 @@
 """One exception tree for qinst. Each class carries the exit code the CLI returns for it.
 
-    QinstError                 exit 1  unexpected failure
-    ├── UsageError             exit 2  bad input: options, names, files the user gave
-    ├── ImageError             exit 3  image not found, download failed, digest mismatch
-    │   ├── CatalogError               malformed catalog, unknown image name
-    │   ├── DownloadError              HTTP/network failure after retries
-    │   └── DigestMismatch             the bytes are not the ones pinned
-    ├── HypervisorError        exit 4  libvirt unreachable, define/start failed
-    ├── GuestTimeout           exit 5  the guest did not become ready in time
-    ├── GuestFailed            exit 5  the guest failed while booting (panic, paused, cloud-init errors)
-    └── SmokeFailed            exit 6  smoke checks failed
+QinstError                 exit 1  unexpected failure
+├── UsageError             exit 2  bad input: options, names, files the user gave
+├── ImageError             exit 3  image not found, download failed, digest mismatch
+│   ├── CatalogError               malformed catalog, unknown image name
+│   ├── DownloadError              HTTP/network failure after retries
+│   └── DigestMismatch             the bytes are not the ones pinned
+├── HypervisorError        exit 4  libvirt unreachable, define/start failed
+├── GuestTimeout           exit 5  the guest did not become ready in time
+├── GuestFailed            exit 5  the guest failed while booting (panic, paused, cloud-init errors)
+└── SmokeFailed            exit 6  smoke checks failed
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ class CatalogError(ImageError):
 
 
 class DownloadError(ImageError):
-    pass
+    def __init__(self, message: str, *, hint: str | None = None, status: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status  # the HTTP status, when the server answered with an error
 
 
 class DigestMismatch(ImageError):

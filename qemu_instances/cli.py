@@ -1,0 +1,269 @@
+"""The `qinst` command line: parse, call one library function, print. No business logic here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+from qemu_instances.errors import QinstError
+from qemu_instances.settings import DEFAULT_ALEPH_API, Settings, default_cache_dir, default_connect_uri
+
+if TYPE_CHECKING:
+    from qemu_instances.download import Progress
+    from qemu_instances.images import ImageStore
+
+app = typer.Typer(
+    name="qinst",
+    help="Launch QEMU instances from official Debian and Ubuntu cloud images through libvirt.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # a traceback with locals would print keys and user-data
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+log = logging.getLogger("qinst")
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    connect: Annotated[
+        str | None, typer.Option("--connect", envvar="QINST_CONNECT", help="libvirt URI.", show_default=False)
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", envvar="QINST_CACHE_DIR", help="Download cache.", show_default=False)
+    ] = None,
+    catalog: Annotated[
+        list[Path] | None,
+        typer.Option("--catalog", envvar="QINST_CATALOG", help="Extra catalog file (repeatable).", show_default=False),
+    ] = None,
+    mirror: Annotated[
+        str | None,
+        typer.Option("--mirror", envvar="QINST_MIRROR", help="Replace scheme://host of upstream URLs."),
+    ] = None,
+    aleph_api: Annotated[str, typer.Option("--aleph-api", envvar="QINST_ALEPH_API", help="aleph.im API base.")] = (
+        DEFAULT_ALEPH_API
+    ),
+    debug: Annotated[bool, typer.Option("--debug", help="Show debug logs and tracebacks.")] = False,
+) -> None:
+    if mirror and not mirror.startswith(("http://", "https://")):
+        raise typer.BadParameter("expected an http(s) URL", param_hint="--mirror")
+    ctx.obj = Settings(
+        connect=connect or default_connect_uri(),
+        cache_dir=(cache_dir or default_cache_dir()).expanduser().absolute(),
+        catalogs=tuple(catalog or ()),
+        mirror=mirror,
+        aleph_api=aleph_api,
+    )
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings: Settings = ctx.obj
+    return settings
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        sys.stdout.write("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+class _ProgressBar:
+    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Progress | None:
+        if not sys.stderr.isatty():
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+        self._progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(self.label, total=None)
+
+        def update(done: int, total: int | None) -> None:
+            self._progress.update(self._task, completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _store(ctx: typer.Context) -> ImageStore:
+    from qemu_instances.images import ImageStore
+
+    return ImageStore(_settings(ctx))
+
+
+@app.command()
+def images(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List catalog images, and whether each is cached."""
+    from qemu_instances.images import ImageRef, RefKind
+
+    store = _store(ctx)
+    rows: list[dict[str, Any]] = []
+    for entry in store.catalog:
+        cached = store.cached(ImageRef(RefKind.CATALOG, entry.name, entry=entry))
+        rows.append(
+            {
+                "name": entry.name,
+                "aliases": list(entry.aliases),
+                "title": entry.title,
+                "os": entry.os,
+                "release": entry.release,
+                "arch": entry.arch,
+                "digest": str(entry.digest) if entry.digest else None,
+                "aleph_item_hash": entry.aleph_item_hash,
+                "cached": cached is not None,
+                "size": cached.size if cached else None,
+                "path": str(cached.path) if cached else None,
+                "catalog": entry.origin,
+            }
+        )
+    if as_json:
+        _print_json(rows)
+        return
+    _table(
+        [
+            [
+                r["name"],
+                ",".join(r["aliases"]) or "-",
+                r["arch"],
+                _size(r["size"]) if r["cached"] else "no",
+                (r["digest"] or "-")[:19],
+                r["title"],
+            ]
+            for r in rows
+        ],
+        ["NAME", "ALIASES", "ARCH", "CACHED", "DIGEST", "TITLE"],
+    )
+
+
+@app.command()
+def pull(
+    ctx: typer.Context,
+    image: Annotated[str, typer.Argument(help="Catalog name or alias, aleph:<hash>, local file, or URL.")],
+    source: Annotated[str, typer.Option("--source", help="upstream or aleph.")] = "upstream",
+    latest: Annotated[bool, typer.Option("--latest", help="Take the newest build, checked against its SUMS file.")] = (
+        False
+    ),
+    sha256: Annotated[str | None, typer.Option("--sha256", help="Digest of a URL image.")] = None,
+    sha512: Annotated[str | None, typer.Option("--sha512", help="Digest of a URL image.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download an image into the cache and verify it."""
+    from qemu_instances.images import Source
+
+    src = _choice(Source, source, "--source")
+    store = _store(ctx)
+    ref = store.resolve(image, sha256=sha256, sha512=sha512)
+    with _ProgressBar(f"pull {ref.name}") as progress:
+        pulled = store.pull(ref, source=src, latest=latest, progress=progress)
+    if as_json:
+        data = pulled.to_json()
+        _print_json({k: data[k] for k in ("name", "digest", "path", "size", "source")})
+    else:
+        sys.stdout.write(f"{pulled.name}  {pulled.digest}\n{pulled.path}  ({_size(pulled.size)})\n")
+
+
+@app.command()
+def prune(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Remove cached images that no instance uses, and stale partial downloads."""
+    from qemu_instances.instances import digests_in_use
+
+    settings = _settings(ctx)
+    store = _store(ctx)
+    removed = store.prune(digests_in_use(settings))
+    if as_json:
+        _print_json([{"path": str(p), "size": s} for p, s in removed])
+        return
+    for path, size in removed:
+        sys.stdout.write(f"removed {path} ({_size(size)})\n")
+    total = sum(s for _, s in removed)
+    sys.stderr.write(f"freed {_size(total)}\n" if removed else "nothing to prune\n")
+
+
+def _choice(enum: Any, value: str, option: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in enum)
+        raise typer.BadParameter(f"{value!r} is not one of {choices}", param_hint=option) from None
+
+
+def _fail(message: str, code: int, hint: str | None = None) -> NoReturn:
+    sys.stderr.write(f"qinst: error: {message}\n")
+    if hint:
+        sys.stderr.write(f"hint: {hint}\n")
+    raise SystemExit(code)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "qinst: warning: " if record.levelno >= logging.WARNING else "qinst: "
+        return prefix + record.getMessage()
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and map every error to a message and the documented exit code.
+
+    Typer (standalone) handles usage errors itself: a message and exit 2.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in (args[: args.index("--")] if "--" in args else args)
+    _setup_logging(debug)
+    try:
+        app(args=args, prog_name="qinst")
+    except QinstError as exc:
+        if debug:
+            raise
+        _fail(exc.message, exc.exit_code, exc.hint)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(f"unexpected failure: {type(exc).__name__}: {exc}", 1, "run again with --debug for a traceback")
