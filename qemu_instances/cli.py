@@ -218,6 +218,221 @@ def prune(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     sys.stderr.write(f"freed {_size(total)}\n" if removed else "nothing to prune\n")
 
 
+def _connect_hint() -> str:
+    return "is libvirtd running? ('qinst doctor' checks this host)"
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    image: Annotated[str, typer.Argument(help="Catalog name or alias, aleph:<hash>, local file, or URL.")],
+    name: Annotated[str | None, typer.Option("--name", help="Instance name (default <image>-<4 chars>).")] = None,
+    cpus: Annotated[int, typer.Option("--cpus", help="Virtual CPUs.")] = 2,
+    memory: Annotated[int, typer.Option("--memory", help="Memory in MiB.")] = 1024,
+    disk: Annotated[int, typer.Option("--disk", help="Disk size in GiB (the root fs grows to it).")] = 10,
+    ssh_key: Annotated[
+        list[Path] | None, typer.Option("--ssh-key", help="Public key file (repeatable).", show_default=False)
+    ] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Login user (default: the image's).")] = None,
+    user_data: Annotated[Path | None, typer.Option("--user-data", help="cloud-config, script or multipart.")] = None,
+    network: Annotated[
+        str | None,
+        typer.Option("--network", help="default | network:NAME | bridge:DEV | user | user:restrict | none."),
+    ] = None,
+    ssh_port: Annotated[int | None, typer.Option("--ssh-port", help="Host port for SSH (user network).")] = None,
+    accel: Annotated[str, typer.Option("--accel", help="auto | kvm | tcg.")] = "auto",
+    firmware: Annotated[str, typer.Option("--firmware", help="bios | uefi.")] = "bios",
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until cloud-init finished and SSH answers.")] = (
+        True
+    ),
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the guest.")] = 300.0,
+    source: Annotated[str, typer.Option("--source", help="upstream or aleph.")] = "upstream",
+    latest: Annotated[bool, typer.Option("--latest", help="Take the newest upstream build.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Launch an instance and wait until it is ready."""
+    from qemu_instances.domain import Accel, Firmware
+    from qemu_instances.images import Source
+    from qemu_instances.instances import Launcher, UpRequest
+
+    request = UpRequest(
+        image=image,
+        name=name,
+        cpus=cpus,
+        memory_mib=memory,
+        disk_gib=disk,
+        ssh_keys=tuple(ssh_key or ()),
+        user=user,
+        user_data=user_data,
+        network=network,
+        ssh_port=ssh_port,
+        accel=_choice(Accel, accel, "--accel"),
+        firmware=_choice(Firmware, firmware, "--firmware"),
+        wait=wait,
+        timeout=timeout,
+        source=_choice(Source, source, "--source"),
+        latest=latest,
+    )
+    with _ProgressBar(f"pull {image}") as progress:
+        result = Launcher(_settings(ctx)).up(request, progress=progress)
+    inst, meta = result.instance, result.instance.metadata
+    if as_json:
+        data = inst.to_json()
+        data["ready"] = result.ready
+        data["timings"] = result.timings
+        _print_json(data)
+        return
+    if result.ready:
+        sys.stderr.write(f"{inst.name} is ready ({', '.join(f'{k} {v}s' for k, v in result.timings.items())})\n")
+    else:
+        sys.stderr.write(f"{inst.name} is starting (not waiting for it)\n")
+    sys.stdout.write(f"{inst.name}\n")
+    where = f"{meta.user}@{meta.ssh_host}" + (f" -p {meta.ssh_port}" if meta.ssh_port != 22 else "")
+    sys.stderr.write(f"connect: qinst ssh {inst.name}    (ssh {where})\n")
+
+
+@app.command("ls")
+def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List qinst's instances: name, state, image, address, age."""
+    from qemu_instances.instances import list_instances, open_host
+
+    with open_host(_settings(ctx)) as host:
+        found = list_instances(host)
+    if as_json:
+        _print_json([i.to_json() for i in found])
+        return
+    _table(
+        [[i.name, i.state, i.metadata.image, i.address, _age(i.metadata.created)] for i in found],
+        ["NAME", "STATE", "IMAGE", "ADDRESS", "AGE"],
+    )
+
+
+def _age(created: str) -> str:
+    import datetime as dt
+
+    try:
+        seconds = (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(created)).total_seconds()
+    except ValueError:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssh(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Instance name.")],
+    command: Annotated[list[str] | None, typer.Argument(help="Command to run (after --).")] = None,
+) -> None:
+    """Open SSH to an instance (or run a command), checking its host key."""
+    import os
+
+    from qemu_instances.access import ssh_argv
+    from qemu_instances.instances import get_instance, open_host
+
+    settings = _settings(ctx)
+    with open_host(settings) as host:
+        _, inst = get_instance(host, name)
+    argv = ssh_argv(inst, settings, [*(command or []), *ctx.args])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(argv[0], argv)
+
+
+@app.command()
+def console(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Instance name.")]) -> None:
+    """Attach to an instance's serial console (leave with Ctrl-]])."""
+    import os
+    import shutil
+
+    from qemu_instances.instances import get_instance, open_host
+
+    settings = _settings(ctx)
+    with open_host(settings) as host:
+        get_instance(host, name)
+    if shutil.which("virsh") is None:
+        raise QinstError("virsh not found", hint="install libvirt-clients")
+    os.execvp("virsh", ["virsh", "--connect", settings.connect, "console", name])
+
+
+@app.command()
+def logs(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Instance name.")]) -> None:
+    """Print an instance's serial console as recorded."""
+    from qemu_instances.access import console_text
+    from qemu_instances.instances import get_instance, open_host
+
+    with open_host(_settings(ctx)) as host:
+        _, inst = get_instance(host, name)
+        sys.stdout.write(console_text(host, inst))
+
+
+@app.command()
+def stop(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Instance name.")],
+    force: Annotated[bool, typer.Option("--force", help="Power off at once.")] = False,
+) -> None:
+    """Shut an instance down (ACPI; powered off if it does not stop within a minute)."""
+    from qemu_instances import instances
+
+    with instances.open_host(_settings(ctx)) as host:
+        outcome = instances.stop(host, name, force=force)
+    sys.stderr.write(f"{name}: {outcome}\n")
+
+
+@app.command()
+def start(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Instance name.")]) -> None:
+    """Start a stopped instance."""
+    from qemu_instances import instances
+
+    with instances.open_host(_settings(ctx)) as host:
+        instances.start(host, name)
+    sys.stderr.write(f"{name}: started\n")
+
+
+@app.command()
+def rm(
+    ctx: typer.Context,
+    names: Annotated[list[str], typer.Argument(help="Instance names.")],
+    force: Annotated[bool, typer.Option("--force", "-f", help="Remove running instances too.")] = False,
+) -> None:
+    """Remove instances: the domain and every volume qinst made for it."""
+    from qemu_instances import instances
+
+    failed: QinstError | None = None
+    with instances.open_host(_settings(ctx)) as host:
+        for name in names:
+            try:
+                removed = instances.remove(host, name, force=force)
+            except QinstError as exc:
+                sys.stderr.write(f"qinst: error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else ""))
+                failed = exc
+                continue
+            sys.stderr.write(f"removed {', '.join(removed)}\n")
+    if failed:
+        raise typer.Exit(failed.exit_code)
+
+
+@app.command()
+def doctor(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Check what works on this host: libvirt, KVM (really usable), TCG, pool, networks, tools."""
+    from qemu_instances.doctor import run_checks
+
+    checks = run_checks(_settings(ctx).connect)
+    if as_json:
+        _print_json([c.to_json() for c in checks])
+    else:
+        for c in checks:
+            status = "ok" if c.ok else ("FAIL" if c.required else "no")
+            sys.stdout.write(f"{status:<5}{c.name:<12}{c.detail}\n")
+            if c.hint and not c.ok:
+                sys.stdout.write(f"{'':<17}-> {c.hint}\n")
+    if any(c.required and not c.ok for c in checks):
+        raise typer.Exit(4)
+
+
 def _choice(enum: Any, value: str, option: str) -> Any:
     try:
         return enum(value)

@@ -1,0 +1,118 @@
+"""`qinst doctor`: what works on this host, and what to do where it does not."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shutil
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+
+import libvirt
+
+from qemu_instances.errors import HypervisorError
+from qemu_instances.host import POOL_NAME, Host, libvirt_errors
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
+    required: bool = True
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _version(n: int) -> str:
+    return f"{n // 1_000_000}.{n // 1000 % 1000}.{n % 1000}"
+
+
+def kvm_boot_probe(host: Host, seconds: float = 3.0) -> tuple[bool, str]:
+    """Start a tiny diskless KVM guest: on hosts where KVM is present but broken it pauses at once."""
+    root = ET.Element("domain", type="kvm")
+    ET.SubElement(root, "name").text = f"qinst-kvm-probe-{secrets.token_hex(3)}"
+    ET.SubElement(root, "memory", unit="MiB").text = "32"
+    os_el = ET.SubElement(root, "os")
+    ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
+    ET.SubElement(root, "devices")
+    try:
+        dom = host.conn.createXML(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_START_AUTODESTROY)
+    except libvirt.libvirtError as exc:
+        return False, f"a KVM guest does not start: {exc.get_error_message()}"
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            state, _ = dom.state()
+            if state == libvirt.VIR_DOMAIN_PAUSED:
+                return False, "present, but a KVM guest pauses at once (KVM internal error / emulation failure)"
+            time.sleep(0.2)
+        return True, "a KVM guest runs"
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+
+
+def run_checks(uri: str) -> list[Check]:
+    checks = []
+    try:
+        host = Host(uri)
+    except HypervisorError as exc:
+        return [Check("libvirt", False, exc.message, exc.hint or "")]
+    with host:
+        with libvirt_errors("cannot query libvirt"):
+            lib, hv = host.conn.getLibVersion(), host.conn.getVersion()
+        checks.append(Check("libvirt", True, f"{uri} (libvirt {_version(lib)}, QEMU {_version(hv)})"))
+        types = host.domain_types()
+        checks.append(
+            Check(
+                "tcg",
+                "qemu" in types,
+                "software emulation available" if "qemu" in types else "QEMU offers no x86_64 emulation",
+                "" if "qemu" in types else "install qemu-system-x86",
+            )
+        )
+        kvm = host.kvm_available()
+        if kvm.usable and host.is_local:
+            usable, detail = kvm_boot_probe(host)
+        else:
+            usable, detail = kvm.usable, kvm.reason
+        checks.append(
+            Check(
+                "kvm",
+                usable,
+                detail,
+                "" if usable else "qinst falls back to TCG (slower); check BIOS virtualization and kvm modules",
+                required=False,
+            )
+        )
+        try:
+            pool = host.pool(create=False)
+            _, capacity, _, available = pool.info()
+            checks.append(
+                Check("pool", True, f"{POOL_NAME} at {host.pool_path(pool)}, {available / (1 << 30):.1f} GiB free")
+            )
+        except HypervisorError:
+            checks.append(
+                Check("pool", True, f"{POOL_NAME} missing: 'qinst up' creates it at {host.default_pool_path()}")
+            )
+        nets = []
+        with libvirt_errors("cannot list networks"):
+            for net in host.conn.listAllNetworks(0):
+                nets.append(f"{net.name()}({'active' if net.isActive() else 'inactive'})")
+        checks.append(
+            Check(
+                "networks",
+                True,
+                ", ".join(nets) or "none defined",
+                "" if nets else "--network user (user-mode with a port forward) works without any",
+                required=False,
+            )
+        )
+    for tool, package in (("qemu-img", "qemu-utils"), ("ssh", "openssh-client"), ("ssh-keyscan", "openssh-client")):
+        path = shutil.which(tool)
+        checks.append(Check(tool, path is not None, path or "not found", "" if path else f"install {package}"))
+    return checks

@@ -1,0 +1,249 @@
+"""Domain XML for an instance, built with ElementTree, and qinst's <metadata> record on it."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
+from typing import Any
+
+from qemu_instances.errors import UsageError
+
+METADATA_NS = "http://qinst.invalid/xmlns/instance/1"
+METADATA_KEY = "qinst"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+USER_NETDEV = "qinstnet0"
+
+
+class Accel(StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+    @property
+    def domain_type(self) -> str:
+        return "kvm" if self is Accel.KVM else "qemu"
+
+
+class Firmware(StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+class NetworkKind(StrEnum):
+    DEFAULT = "default"
+    NETWORK = "network"
+    BRIDGE = "bridge"
+    USER = "user"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Network:
+    """--network: default | network:NAME | bridge:DEV | user | user:restrict | none."""
+
+    kind: NetworkKind
+    source: str = ""  # the libvirt network or bridge device
+    restrict: bool = False  # user mode: the guest reaches nothing but its forwarded ports
+
+    @classmethod
+    def parse(cls, text: str) -> Network:
+        kind, _, arg = text.partition(":")
+        if kind == "user" and arg in ("", "restrict"):
+            return cls(NetworkKind.USER, restrict=arg == "restrict")
+        if kind in ("network", "bridge") and re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", arg):
+            return cls(NetworkKind(kind), arg)
+        if kind in ("default", "none") and not arg:
+            return cls(NetworkKind(kind), "default" if kind == "default" else "")
+        raise UsageError(
+            f"invalid --network {text!r}", hint="use default, network:NAME, bridge:DEV, user, user:restrict or none"
+        )
+
+    def __str__(self) -> str:
+        if self.kind in (NetworkKind.NETWORK, NetworkKind.BRIDGE):
+            return f"{self.kind}:{self.source}"
+        return "user:restrict" if self.restrict else str(self.kind)
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise UsageError(
+            f"invalid instance name {name!r}",
+            hint="use 1-63 lower-case letters, digits and '-', starting with a letter or digit",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What qinst records on a domain it created: libvirt is the only store of instance state."""
+
+    image: str
+    digest: str
+    user: str
+    network: str
+    ssh_host: str = ""
+    ssh_port: int = 22
+    created: str = ""
+    instance_id: str = ""
+    private_key: str = ""  # path of the private key matching the injected public key, when known
+    host_keys: str = ""  # the guest's host keys as printed on its console (public keys)
+    console_log: str = ""
+    accel: str = ""
+    volumes: tuple[str, ...] = ()  # volume names in the pool that belong to this instance
+
+    def to_xml(self) -> str:
+        root = ET.Element("instance")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "volumes":
+                vols = ET.SubElement(root, "volumes")
+                for v in value:
+                    ET.SubElement(vols, "volume").text = v
+            else:
+                ET.SubElement(root, f.name.replace("_", "-")).text = str(value)
+        return ET.tostring(root, encoding="unicode")
+
+    @classmethod
+    def from_xml(cls, text: str) -> Metadata:
+        root = ET.fromstring(text)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "volumes":
+                values["volumes"] = tuple(v.text or "" for v in root.iterfind("volumes/volume"))
+                continue
+            node = root.find(f.name.replace("_", "-"))
+            if node is not None:
+                values[f.name] = int(node.text or 0) if f.name == "ssh_port" else (node.text or "")
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """Everything the domain XML needs, resolved."""
+
+    name: str
+    cpus: int
+    memory_mib: int
+    disk_path: str  # the overlay volume's path
+    seed_path: str  # the seed ISO volume's path
+    console_log: str
+    network: Network
+    accel: Accel
+    firmware: Firmware
+    ssh_port: int
+    metadata: Metadata
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    node = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        node.text = text
+    return node
+
+
+def _disk(devices: ET.Element, path: str, target: str, fmt: str, *, readonly: bool = False) -> None:
+    disk = _sub(devices, "disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type=fmt, discard="unmap" if not readonly else "ignore")
+    _sub(disk, "source", file=path)
+    # virtio: Debian's cloud kernel has no AHCI driver, so a SATA CD-ROM on q35 would be invisible to it.
+    _sub(disk, "target", dev=target, bus="virtio")
+    if readonly:
+        _sub(disk, "readonly")
+
+
+def _interface(devices: ET.Element, network: Network) -> None:
+    if network.kind in (NetworkKind.DEFAULT, NetworkKind.NETWORK):
+        iface = _sub(devices, "interface", type="network")
+        _sub(iface, "source", network=network.source)
+    elif network.kind is NetworkKind.BRIDGE:
+        iface = _sub(devices, "interface", type="bridge")
+        _sub(iface, "source", bridge=network.source)
+    else:
+        return
+    _sub(iface, "model", type="virtio")
+
+
+def _user_network(root: ET.Element, network: Network, ssh_port: int) -> None:
+    # Debian 12's libvirt has passt disabled, so <portForward> is refused: user-mode networking (SLIRP) with a
+    # hostfwd bound to 127.0.0.1 goes on QEMU's command line, with its NIC on a fixed slot of q35's root bus.
+    netdev = f"user,id={USER_NETDEV},hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
+    if network.restrict:
+        netdev += ",restrict=on"
+    cmdline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
+    for arg in ("-netdev", netdev, "-device", f"virtio-net-pci,netdev={USER_NETDEV},bus=pcie.0,addr=0x1e"):
+        ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
+
+
+def domain_xml(spec: InstanceSpec) -> str:
+    """The libvirt domain XML for spec (q35, virtio everywhere, serial console recorded to a file)."""
+    ET.register_namespace("qemu", QEMU_NS)
+    ET.register_namespace(METADATA_KEY, METADATA_NS)
+    accel = Accel.TCG if spec.accel is Accel.AUTO else spec.accel
+    root = ET.Element("domain", type=accel.domain_type)
+    _sub(root, "name", spec.name)
+    _sub(root, "title", f"qinst: {spec.metadata.image}")
+    meta = _sub(root, "metadata")
+    meta.append(_namespaced(ET.fromstring(spec.metadata.to_xml())))
+    _sub(root, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(root, "vcpu", str(spec.cpus))
+    os_el = _sub(root, "os")
+    if spec.firmware is Firmware.UEFI:
+        os_el.set("firmware", "efi")
+        fw = _sub(os_el, "firmware")
+        # Secure boot needs SMM, which TCG cannot provide here; cloud images boot without it.
+        _sub(fw, "feature", enabled="no", name="secure-boot")
+        _sub(fw, "feature", enabled="no", name="enrolled-keys")
+    _sub(os_el, "type", "hvm", arch="x86_64", machine="q35")
+    _sub(os_el, "boot", dev="hd")
+    features = _sub(root, "features")
+    _sub(features, "acpi")
+    _sub(features, "apic")
+    if accel is Accel.KVM:
+        _sub(root, "cpu", mode="host-passthrough")
+    else:
+        _sub(root, "cpu", mode="maximum", check="none")
+    _sub(root, "clock", offset="utc")
+    _sub(root, "on_poweroff", "destroy")
+    _sub(root, "on_reboot", "restart")
+    _sub(root, "on_crash", "destroy")
+    devices = _sub(root, "devices")
+    _disk(devices, spec.disk_path, "vda", "qcow2")
+    _disk(devices, spec.seed_path, "vdb", "raw", readonly=True)
+    _interface(devices, spec.network)
+    serial = _sub(devices, "serial", type="pty")
+    _sub(serial, "log", file=spec.console_log, append="off")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+    channel = _sub(devices, "channel", type="unix")
+    _sub(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
+    rng = _sub(devices, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+    _sub(devices, "memballoon", model="virtio")
+    if spec.network.kind is NetworkKind.USER:
+        _user_network(root, spec.network, spec.ssh_port)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _namespaced(element: ET.Element) -> ET.Element:
+    """Move element and its children into qinst's metadata namespace."""
+    for node in element.iter():
+        node.tag = f"{{{METADATA_NS}}}{node.tag}"
+    return element
+
+
+def metadata_from_domain_xml(xml: str) -> Metadata | None:
+    """qinst's record from a domain's XML, or None for a domain qinst did not create."""
+    root = ET.fromstring(xml)
+    node = root.find(f"metadata/{{{METADATA_NS}}}instance")
+    if node is None:
+        return None
+    for el in node.iter():
+        el.tag = el.tag.split("}", 1)[-1]
+    return Metadata.from_xml(ET.tostring(node, encoding="unicode"))

@@ -1,0 +1,245 @@
+"""The libvirt side: connection, what the host can do, the storage pool and its volumes.
+
+libvirt.libvirtError is translated into HypervisorError here, at this one boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import logging
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import libvirt
+
+from qemu_instances.errors import HypervisorError
+
+log = logging.getLogger("qinst")
+T = TypeVar("T")
+POOL_NAME = "qinst"
+
+# libvirt prints every error to stderr by default; we report them ourselves, once.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+@contextmanager
+def libvirt_errors(action: str, hint: str | None = None) -> Iterator[None]:
+    """Translate libvirtError raised inside into HypervisorError("<action>: <libvirt's message>")."""
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        message = exc.get_error_message() or str(exc)
+        raise HypervisorError(f"{action}: {message}", hint=hint) from exc
+
+
+def is_no_domain(exc: libvirt.libvirtError) -> bool:
+    return bool(exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
+
+
+@dataclass(frozen=True)
+class KvmStatus:
+    usable: bool
+    reason: str
+
+
+def probe_kvm() -> KvmStatus:
+    """Is /dev/kvm there and does it answer KVM_GET_API_VERSION and KVM_CREATE_VM? (Local host only.)"""
+    kvm_get_api_version, kvm_create_vm = 0xAE00, 0xAE01
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return KvmStatus(False, f"/dev/kvm: {exc.strerror}")
+    try:
+        if fcntl.ioctl(fd, kvm_get_api_version) != 12:
+            return KvmStatus(False, "/dev/kvm answers an unexpected API version")
+        vm = fcntl.ioctl(fd, kvm_create_vm, 0)
+        os.close(vm)
+    except OSError as exc:
+        return KvmStatus(False, f"KVM ioctls fail: {exc.strerror}")
+    finally:
+        os.close(fd)
+    return KvmStatus(True, "/dev/kvm answers")
+
+
+class Host:
+    """A libvirt connection and qinst's storage pool on it."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        with libvirt_errors(
+            f"cannot connect to libvirt at {uri}",
+            hint="is libvirtd running? (start it with: virtlogd -d && libvirtd -d, or systemctl start libvirtd)",
+        ):
+            self.conn = libvirt.open(uri)
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.close()
+
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def is_local(self) -> bool:
+        """True when the daemon runs on this machine (no host in the URI)."""
+        return not urlsplit(self.uri).hostname
+
+    @property
+    def is_system(self) -> bool:
+        return urlsplit(self.uri).path.rstrip("/") == "/system"
+
+    def call(self, action: str, fn: Callable[..., T], *args: Any) -> T:
+        with libvirt_errors(action):
+            return fn(*args)
+
+    # -- capabilities -------------------------------------------------------------------------------------------
+
+    def domain_types(self) -> set[str]:
+        """Domain types QEMU offers for x86_64 here ("qemu" for TCG, "kvm")."""
+        with libvirt_errors("cannot read the host's capabilities"):
+            caps = ET.fromstring(self.conn.getCapabilities())
+        types = set()
+        for guest in caps.iterfind("guest"):
+            arch = guest.find("arch")
+            if arch is not None and arch.get("name") == "x86_64":
+                types |= {d.get("type", "") for d in arch.iterfind("domain")}
+        return types
+
+    def kvm_available(self) -> KvmStatus:
+        if "kvm" not in self.domain_types():
+            return KvmStatus(False, "libvirt offers no kvm domain type for x86_64")
+        return probe_kvm() if self.is_local else KvmStatus(True, "libvirt offers kvm")
+
+    def network_names(self) -> list[str]:
+        with libvirt_errors("cannot list libvirt networks"):
+            return sorted(self.conn.listNetworks() + self.conn.listDefinedNetworks())
+
+    def ensure_network_active(self, name: str) -> None:
+        with libvirt_errors(f"cannot start libvirt network {name!r}"):
+            net = self.conn.networkLookupByName(name)
+            if not net.isActive():
+                net.create()
+
+    # -- storage ------------------------------------------------------------------------------------------------
+
+    def default_pool_path(self) -> Path:
+        if self.is_system:
+            return Path("/var/lib/libvirt/images") / POOL_NAME
+        data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
+        return Path(data) / "libvirt/images" / POOL_NAME
+
+    def pool(self, create: bool = True) -> Any:
+        """The `qinst` directory pool, defined, built and started when missing."""
+        with libvirt_errors(f"cannot set up the libvirt storage pool {POOL_NAME!r}"):
+            try:
+                pool = self.conn.storagePoolLookupByName(POOL_NAME)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL or not create:
+                    raise
+                root = ET.Element("pool", type="dir")
+                ET.SubElement(root, "name").text = POOL_NAME
+                target = ET.SubElement(root, "target")
+                ET.SubElement(target, "path").text = str(self.default_pool_path())
+                pool = self.conn.storagePoolDefineXML(ET.tostring(root, encoding="unicode"), 0)
+                pool.build(0)
+                pool.setAutostart(1)
+            if not pool.isActive():
+                pool.create(0)
+            return pool
+
+    def pool_path(self, pool: Any) -> Path:
+        with libvirt_errors("cannot read the storage pool"):
+            root = ET.fromstring(pool.XMLDesc(0))
+        return Path(root.findtext("target/path") or "")
+
+    def volume(self, pool: Any, name: str) -> Any | None:
+        try:
+            return pool.storageVolLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return None
+            raise HypervisorError(f"cannot look up volume {name}: {exc.get_error_message()}") from exc
+
+    def delete_volume(self, pool: Any, name: str) -> bool:
+        vol = self.volume(pool, name)
+        if vol is None:
+            return False
+        with libvirt_errors(f"cannot delete volume {name}"):
+            vol.delete(0)
+        return True
+
+    def base_volume(self, pool: Any, name: str, source: Path, size: int) -> Any:
+        """The cached image as a pool volume named `name`: a hard link on a local daemon, else an upload."""
+        vol = self.volume(pool, name)
+        if vol is not None:
+            with libvirt_errors(f"cannot read volume {name}"):
+                _, _, physical = vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)
+            if physical == size:
+                return vol
+            log.warning("volume %s has the wrong size; replacing it", name)
+            self.delete_volume(pool, name)
+        target = self.pool_path(pool) / name
+        if self.is_local and target.parent.is_dir():
+            try:
+                os.link(source, target)  # the pool shares the cache's bytes: no second copy
+            except OSError:
+                pass
+            else:
+                with libvirt_errors("cannot refresh the storage pool"):
+                    pool.refresh(0)
+                    return pool.storageVolLookupByName(name)
+        with source.open("rb") as f:
+            return self.upload_volume(pool, name, f, size)
+
+    def upload_volume(self, pool: Any, name: str, data: io.BufferedIOBase | io.BytesIO, size: int) -> Any:
+        """Create volume `name` of `size` bytes and stream `data` into it; on failure nothing is left."""
+        root = ET.Element("volume")
+        ET.SubElement(root, "name").text = name
+        ET.SubElement(root, "capacity", unit="bytes").text = str(size)
+        target = ET.SubElement(root, "target")
+        ET.SubElement(target, "format", type="raw")
+        with libvirt_errors(f"cannot create volume {name}"):
+            vol = pool.createXML(ET.tostring(root, encoding="unicode"), 0)
+        stream = self.conn.newStream(0)
+        try:
+            with libvirt_errors(f"cannot upload volume {name}"):
+                vol.upload(stream, 0, size, 0)
+                stream.sendAll(lambda _s, n, fh: fh.read(n), data)
+                stream.finish()
+        except BaseException:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+            with contextlib.suppress(libvirt.libvirtError):
+                vol.delete(0)
+            raise
+        return vol
+
+    def overlay_volume(self, pool: Any, name: str, backing: Any, capacity: int) -> Any:
+        """A qcow2 (compat 1.1) overlay on the backing volume, at least `capacity` bytes large."""
+        with libvirt_errors("cannot read the base volume"):
+            backing_root = ET.fromstring(backing.XMLDesc(0))
+        backing_fmt = backing_root.find("target/format")
+        fmt = backing_fmt.get("type", "qcow2") if backing_fmt is not None else "qcow2"
+        virtual = int(backing_root.findtext("capacity") or 0)
+        root = ET.Element("volume")
+        ET.SubElement(root, "name").text = name
+        ET.SubElement(root, "capacity", unit="bytes").text = str(max(capacity, virtual))
+        target = ET.SubElement(root, "target")
+        ET.SubElement(target, "format", type="qcow2")
+        ET.SubElement(target, "compat").text = "1.1"
+        store = ET.SubElement(root, "backingStore")
+        ET.SubElement(store, "path").text = backing.path()
+        ET.SubElement(store, "format", type=fmt)
+        with libvirt_errors(f"cannot create the disk volume {name}"):
+            return pool.createXML(ET.tostring(root, encoding="unicode"), 0)

@@ -1,0 +1,500 @@
+"""Instances: launch (`up`), list, start, stop and remove qinst's libvirt domains.
+
+libvirt is the only record: everything qinst needs later lives in the domain's <metadata>.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import logging
+import secrets
+import socket
+import string
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from qemu_instances import seed as seeds
+from qemu_instances.domain import (
+    METADATA_KEY,
+    METADATA_NS,
+    Accel,
+    Firmware,
+    InstanceSpec,
+    Metadata,
+    Network,
+    NetworkKind,
+    domain_xml,
+    metadata_from_domain_xml,
+    validate_name,
+)
+from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, UsageError
+from qemu_instances.host import Host, libvirt_errors
+from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source
+from qemu_instances.settings import Settings
+from qemu_instances.sshkeys import SshKey, resolve_keys
+from qemu_instances.wait import ConsoleLog, GuestPaused, Probe, Readiness, wait_ready
+
+log = logging.getLogger("qinst")
+GiB = 1 << 30
+STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+
+
+@dataclass(frozen=True)
+class UpRequest:
+    """`qinst up`'s inputs, before anything is resolved."""
+
+    image: str
+    name: str | None = None
+    cpus: int = 2
+    memory_mib: int = 1024
+    disk_gib: int = 10
+    ssh_keys: tuple[Path, ...] = ()
+    user: str | None = None
+    user_data: Path | None = None
+    network: str | None = None
+    ssh_port: int | None = None
+    accel: Accel = Accel.AUTO
+    firmware: Firmware = Firmware.BIOS
+    wait: bool = True
+    timeout: float = 300.0
+    source: Source = Source.UPSTREAM
+    latest: bool = False
+    extra_config: dict[str, Any] | None = None  # more cloud-config (smoke checks)
+
+
+@dataclass
+class Instance:
+    """A qinst domain as libvirt reports it."""
+
+    name: str
+    state: str
+    metadata: Metadata
+
+    @property
+    def address(self) -> str:
+        m = self.metadata
+        return f"{m.ssh_host}:{m.ssh_port}" if m.ssh_host else "-"
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.metadata
+        return {
+            "name": self.name,
+            "state": self.state,
+            "image": m.image,
+            "digest": m.digest,
+            "network": m.network,
+            "ssh": {"host": m.ssh_host or None, "port": m.ssh_port, "user": m.user},
+            "created": m.created,
+            "accel": m.accel,
+        }
+
+
+@dataclass
+class UpResult:
+    instance: Instance
+    timings: dict[str, float] = field(default_factory=dict)
+    ready: bool = False
+
+
+def _created_at() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def default_name(image: str) -> str:
+    base = "".join(c if c in string.ascii_lowercase + string.digits else "-" for c in image.lower()).strip("-")
+    suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(4))
+    return f"{base[:58] or 'vm'}-{suffix}"
+
+
+def console_log_path(host: Host, name: str) -> Path:
+    """Where virtlogd records the serial console: a directory libvirt's QEMU may write."""
+    if host.is_system:
+        return Path("/var/log/libvirt/qemu") / f"{name}-console.log"
+    return Path.home() / ".cache/libvirt/qemu/log" / f"{name}-console.log"
+
+
+def _state(dom: Any) -> tuple[str, str]:
+    with libvirt_errors("cannot read the domain's state"):
+        state, reason = dom.state()
+    return STATES.get(state, "unknown"), str(reason)
+
+
+def _lookup(host: Host, name: str) -> Any | None:
+    try:
+        return host.conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise HypervisorError(f"cannot look up domain {name}: {exc.get_error_message()}") from exc
+
+
+def _instance(dom: Any) -> Instance | None:
+    with libvirt_errors("cannot read a domain's XML"):
+        xml = dom.XMLDesc(0)
+        name = dom.name()
+    meta = metadata_from_domain_xml(xml)
+    return Instance(name, _state(dom)[0], meta) if meta else None
+
+
+def list_instances(host: Host) -> list[Instance]:
+    """qinst's domains (those carrying its metadata), by name."""
+    with libvirt_errors("cannot list domains"):
+        domains = host.conn.listAllDomains(0)
+    found = []
+    for dom in domains:
+        try:
+            inst = _instance(dom)
+        except HypervisorError:
+            continue  # a domain removed while we looked
+        if inst:
+            found.append(inst)
+    return sorted(found, key=lambda i: i.name)
+
+
+def get_instance(host: Host, name: str) -> tuple[Any, Instance]:
+    dom = _lookup(host, name)
+    inst = _instance(dom) if dom is not None else None
+    if dom is None or inst is None:
+        raise UsageError(f"no qinst instance named {name!r}", hint="'qinst ls' lists them")
+    return dom, inst
+
+
+def digests_in_use(settings: Settings) -> set[str]:
+    """Digests of the base images of every qinst instance (what `prune` must keep)."""
+    with Host(settings.connect) as host:
+        return {i.metadata.digest for i in list_instances(host)}
+
+
+class _Cleanup:
+    """What `up` created so far, removed in reverse order if it fails."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.actions: list[tuple[str, Callable[[], object]]] = []
+
+    def add(self, what: str, action: Callable[[], object]) -> None:
+        self.actions.append((what, action))
+
+    def run(self) -> None:
+        for what, action in reversed(self.actions):
+            try:
+                action()
+            except Exception as exc:  # keep removing the rest
+                log.warning("could not remove %s: %s", what, exc)
+        self.actions.clear()
+
+
+def _undefine(dom: Any) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isActive():
+            dom.destroy()
+    flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    with libvirt_errors("cannot undefine the domain"):
+        dom.undefineFlags(flags)
+
+
+def _choose_network(host: Host, text: str | None) -> Network:
+    if text:
+        network = Network.parse(text)
+    elif host.is_system and "default" in host.network_names():
+        network = Network(NetworkKind.DEFAULT, "default")
+    else:
+        network = Network(NetworkKind.USER)
+    if network.kind in (NetworkKind.DEFAULT, NetworkKind.NETWORK):
+        if network.source not in host.network_names():
+            raise UsageError(f"libvirt has no network named {network.source!r}", hint="'qinst doctor' lists them")
+        host.ensure_network_active(network.source)
+    return network
+
+
+def _ssh_host(host: Host, dom: Any, network: Network) -> Callable[[], str | None]:
+    if network.kind is NetworkKind.USER:
+        return lambda: "127.0.0.1"
+    if network.kind is NetworkKind.NONE:
+        return lambda: None
+
+    def lease_address() -> str | None:
+        try:
+            ifaces = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
+        except libvirt.libvirtError:
+            return None
+        for iface in (ifaces or {}).values():
+            for addr in iface.get("addrs") or []:
+                if addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                    return str(addr["addr"])
+        return None
+
+    return lease_address
+
+
+def _private_key(keys: list[SshKey]) -> str:
+    for key in keys:
+        if key.private_path is not None:
+            return str(key.private_path)
+    return ""
+
+
+def _read_user_data(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read user-data {path}: {exc.strerror}") from exc
+
+
+def _set_metadata(dom: Any, meta: Metadata) -> None:
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+    with libvirt_errors("cannot record the instance's metadata"):
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, meta.to_xml(), METADATA_KEY, METADATA_NS, flags)
+
+
+class Launcher:
+    """Runs `qinst up`: resolve, pull, create volumes, define, start, wait; undo everything on failure."""
+
+    def __init__(self, settings: Settings, store: ImageStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or ImageStore(settings)
+
+    def up(self, req: UpRequest, progress: Callable[[int, int | None], None] | None = None) -> UpResult:
+        t0 = time.monotonic()
+        timings: dict[str, float] = {}
+        # Everything the user gave is checked before anything is created.
+        name = validate_name(req.name) if req.name else None
+        if req.cpus < 1 or req.memory_mib < 64 or req.disk_gib < 1:
+            raise UsageError("--cpus must be >= 1, --memory >= 64 MiB and --disk >= 1 GiB")
+        if req.ssh_port is not None and not 1 <= req.ssh_port <= 65535:
+            raise UsageError(f"invalid --ssh-port {req.ssh_port}")
+        network_text = req.network
+        if network_text:
+            Network.parse(network_text)
+        ref = self.store.resolve(req.image)
+        user = seeds.validate_user(req.user or (ref.entry.default_user if ref.entry else "cloud"))
+        keys = resolve_keys(list(req.ssh_keys), self.settings.config_dir)
+        user_data = _read_user_data(req.user_data)
+        name = name or default_name(ref.name)
+        spec_seed = seeds.SeedSpec(
+            hostname=name,
+            instance_id=seeds.new_instance_id(),
+            user=user,
+            ssh_keys=tuple(k.public for k in keys),
+            user_data=user_data,
+            user_data_source=str(req.user_data) if req.user_data else None,
+            extra_config=req.extra_config,
+        )
+        iso = seeds.build_seed_iso(spec_seed)  # also validates the user-data
+
+        image = self._pull(ref, req, progress)
+        timings["download"] = round(time.monotonic() - t0, 2)
+        with Host(self.settings.connect) as host:
+            if _lookup(host, name) is not None:
+                raise UsageError(f"an instance or domain named {name!r} already exists")
+            cleanup = _Cleanup(host)
+            try:
+                return self._launch(host, cleanup, req, name, ref, image, user, keys, spec_seed, iso, timings)
+            except (GuestTimeout, GuestFailed) as exc:
+                if isinstance(exc, GuestPaused):
+                    cleanup.run()
+                    raise
+                # The guest booted: keep it for inspection.
+                exc.hint = f"the instance is kept for inspection: 'qinst logs {name}'; remove it with 'qinst rm {name}'"
+                raise
+            except BaseException:
+                cleanup.run()
+                raise
+
+    def _pull(self, ref: ImageRef, req: UpRequest, progress: Callable[[int, int | None], None] | None) -> CachedImage:
+        if not req.latest and req.source is Source.UPSTREAM:
+            cached = self.store.cached(ref)
+            if cached:
+                return cached
+        return self.store.pull(ref, source=req.source, latest=req.latest, progress=progress)
+
+    def _launch(
+        self,
+        host: Host,
+        cleanup: _Cleanup,
+        req: UpRequest,
+        name: str,
+        ref: ImageRef,
+        image: CachedImage,
+        user: str,
+        keys: list[SshKey],
+        spec_seed: seeds.SeedSpec,
+        iso: bytes,
+        timings: dict[str, float],
+    ) -> UpResult:
+        t_define = time.monotonic()
+        network = _choose_network(host, req.network)
+        pool = host.pool()
+        base = host.base_volume(pool, image.digest.filename, image.path, image.size)
+        disk_name, seed_name = f"{name}.qcow2", f"{name}-seed.iso"
+        host.overlay_volume(pool, disk_name, base, req.disk_gib * GiB)
+        cleanup.add(f"volume {disk_name}", lambda: host.delete_volume(pool, disk_name))
+        seed_vol = host.upload_volume(pool, seed_name, io.BytesIO(iso), len(iso))
+        cleanup.add(f"volume {seed_name}", lambda: host.delete_volume(pool, seed_name))
+        ssh_port = 22
+        if network.kind is NetworkKind.USER:
+            ssh_port = req.ssh_port or free_port()
+        console = console_log_path(host, name)
+        with libvirt_errors("cannot read the disk volume"):
+            disk_path = pool.storageVolLookupByName(disk_name).path()
+            seed_path = seed_vol.path()
+        accel = req.accel
+        if accel is Accel.AUTO:
+            kvm = host.kvm_available()
+            accel = Accel.KVM if kvm.usable else Accel.TCG
+            if not kvm.usable:
+                log.info("KVM is not usable here (%s): using TCG software emulation, which is slower", kvm.reason)
+        meta = Metadata(
+            image=ref.name,
+            digest=str(image.digest),
+            user=user,
+            network=str(network),
+            ssh_host="127.0.0.1" if network.kind is NetworkKind.USER else "",
+            ssh_port=ssh_port,
+            created=_created_at(),
+            instance_id=spec_seed.instance_id,
+            private_key=_private_key(keys),
+            console_log=str(console),
+            accel=str(accel),
+            volumes=(disk_name, seed_name),
+        )
+        spec = InstanceSpec(
+            name=name,
+            cpus=req.cpus,
+            memory_mib=req.memory_mib,
+            disk_path=disk_path,
+            seed_path=seed_path,
+            console_log=str(console),
+            network=network,
+            accel=accel,
+            firmware=req.firmware,
+            ssh_port=ssh_port,
+            metadata=meta,
+        )
+        dom = self._define_and_start(host, cleanup, spec)
+        timings["define"] = round(time.monotonic() - t_define, 2)
+        instance = Instance(name, "running", meta)
+        if not req.wait:
+            return UpResult(instance, timings)
+        readiness = Readiness()
+        try:
+            keys_seen = self._wait(host, dom, spec, req.timeout, readiness)
+        except GuestPaused:
+            if req.accel is not Accel.AUTO or spec.accel is not Accel.KVM:
+                raise
+            log.warning("the guest paused under KVM (KVM is present but fails here): relaunching it under TCG")
+            _undefine(dom)
+            spec = replace(spec, accel=Accel.TCG, metadata=replace(spec.metadata, accel=str(Accel.TCG)))
+            dom = self._define_and_start(host, cleanup, spec)
+            readiness = Readiness()
+            keys_seen = self._wait(host, dom, spec, req.timeout, readiness)
+        timings.update({f"ready_{k}": v for k, v in readiness.phases.items()})
+        meta = replace(
+            spec.metadata,
+            ssh_host=_ssh_host(host, dom, spec.network)() or "",
+            host_keys="\n".join(f"{k} {b}" for k, b in keys_seen),
+        )
+        _set_metadata(dom, meta)
+        return UpResult(Instance(name, "running", meta), timings, ready=True)
+
+    def _define_and_start(self, host: Host, cleanup: _Cleanup, spec: InstanceSpec) -> Any:
+        xml = domain_xml(spec)
+        with libvirt_errors(f"libvirt refused the domain {spec.name}"):
+            dom = host.conn.defineXML(xml)
+        cleanup.add(f"domain {spec.name}", lambda: _undefine(dom))
+        with libvirt_errors(f"cannot start {spec.name}"):
+            dom.create()
+        return dom
+
+    def _wait(
+        self, host: Host, dom: Any, spec: InstanceSpec, timeout: float, readiness: Readiness
+    ) -> list[tuple[str, str]]:
+        probe = Probe(
+            state=lambda: _state(dom),
+            console=ConsoleLog(Path(spec.console_log)),
+            ssh_host=_ssh_host(host, dom, spec.network),
+            ssh_port=spec.ssh_port,
+        )
+        return wait_ready(probe, timeout=timeout, readiness=readiness)
+
+
+def remove(host: Host, name: str, *, force: bool = False) -> list[str]:
+    """Remove instance `name`: its domain and every volume qinst made for it. Returns what was removed."""
+    dom, inst = get_instance(host, name)
+    if inst.state not in ("shutoff", "crashed") and not force:
+        raise UsageError(f"instance {name!r} is {inst.state}", hint=f"stop it first, or: qinst rm --force {name}")
+    _undefine(dom)
+    removed = [f"domain {name}"]
+    pool = host.pool(create=False)
+    for vol in inst.metadata.volumes:
+        if host.delete_volume(pool, vol):
+            removed.append(f"volume {vol}")
+    if inst.metadata.console_log and host.is_local:
+        with contextlib.suppress(OSError):
+            Path(inst.metadata.console_log).unlink()
+    return removed
+
+
+def stop(host: Host, name: str, *, force: bool = False, timeout: float = 60.0) -> str:
+    """Shut the guest down (ACPI), or power it off with force or when it does not stop in time."""
+    dom, inst = get_instance(host, name)
+    if inst.state == "shutoff":
+        return "already stopped"
+    if not force:
+        with libvirt_errors(f"cannot shut down {name}"):
+            dom.shutdown()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _state(dom)[0] == "shutoff":
+                return "stopped"
+            time.sleep(0.5)
+        log.warning("%s did not shut down within %.0f s; powering it off", name, timeout)
+    with libvirt_errors(f"cannot power off {name}"):
+        dom.destroy()
+    return "powered off"
+
+
+def start(host: Host, name: str) -> Instance:
+    dom, inst = get_instance(host, name)
+    if inst.state == "running":
+        return inst
+    with libvirt_errors(f"cannot start {name}"):
+        dom.create()
+    return replace(inst, state="running")
+
+
+@contextlib.contextmanager
+def open_host(settings: Settings) -> Iterator[Host]:
+    host = Host(settings.connect)
+    try:
+        yield host
+    finally:
+        host.close()
