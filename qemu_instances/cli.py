@@ -416,6 +416,72 @@ def rm(
 
 
 @app.command()
+def seed(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the ISO.")],
+    hostname: Annotated[str, typer.Option("--hostname", help="Guest host name.")] = "qinst",
+    instance_id: Annotated[
+        str | None, typer.Option("--instance-id", help="cloud-init instance id (default random).")
+    ] = (None),
+    ssh_key: Annotated[
+        list[Path] | None, typer.Option("--ssh-key", help="Public key file (repeatable).", show_default=False)
+    ] = None,
+    user: Annotated[str, typer.Option("--user", help="Default user.")] = "cloud",
+    user_data: Annotated[Path | None, typer.Option("--user-data", help="cloud-config, script or multipart.")] = None,
+    network_config: Annotated[Path | None, typer.Option("--network-config", help="Network config (v1/v2).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a cloud-init NoCloud seed ISO (label cidata) and nothing else."""
+    import os
+
+    from qemu_instances import seed as seeds
+    from qemu_instances.sshkeys import resolve_keys
+
+    def read(path: Path | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint=what) from None
+
+    keys = resolve_keys(list(ssh_key or ()), _settings(ctx).config_dir)
+    spec = seeds.SeedSpec(
+        hostname=seeds.validate_hostname(hostname),
+        instance_id=instance_id or seeds.new_instance_id(),
+        user=user,
+        ssh_keys=tuple(k.public for k in keys),
+        user_data=read(user_data, "--user-data"),
+        user_data_source=str(user_data) if user_data else None,
+        network_config=read(network_config, "--network-config"),
+        network_config_source=str(network_config) if network_config else None,
+    )
+    files = seeds.seed_files(spec)
+    iso = seeds.iso_from_files(files)  # built whole before anything is written
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_bytes(iso)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise QinstError(f"cannot write {out}: {exc.strerror}") from exc
+    if as_json:
+        _print_json(
+            {
+                "path": str(out),
+                "size": len(iso),
+                "hostname": spec.hostname,
+                "instance_id": spec.instance_id,
+                "user": spec.user,
+                "ssh_keys": [k.public.split()[0] + " " + k.public.split()[1][-12:] for k in keys],
+                "files": {name: len(data) for name, data in files.items()},
+            }
+        )
+    else:
+        sys.stderr.write(f"wrote {out} ({len(iso)} bytes, instance-id {spec.instance_id})\n")
+
+
+@app.command()
 def doctor(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Check what works on this host: libvirt, KVM (really usable), TCG, pool, networks, tools."""
     from qemu_instances.doctor import run_checks

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Set up a Debian 12 host for qinst: system packages, the libvirt daemons, /dev/kvm access, and the venv (.venv).
+# Idempotent and quick when everything is there. Run as root (or with sudo). Usage: bash scripts/setup.sh [--test]
+#   --test  also install what the test suite needs (image build tools, xorriso, cloud-init's schema checker...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc
+          python3-venv python3-dev openssh-client ovmf)
+test_packages=(mmdebstrap extlinux syslinux-common e2fsprogs fdisk util-linux xorriso genisoimage
+               cloud-image-utils cloud-init openssh-server curl)
+[ "$want_test" = 1 ] && packages+=("${test_packages[@]}")
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "${want_test}" = 1 ] && printf '%s\n' "${missing[@]}" | grep -qx cloud-init; then
+    # The tests use cloud-init's own schema checker; the host itself must never run cloud-init at boot.
+    mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled
+  fi
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Without udev, /dev/kvm stays root-only: QEMU (user libvirt-qemu) cannot open it and libvirt re-probes QEMU on
+# every call (seconds each). Give it the group and mode udev would.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+
+# Start the daemons when nothing manages them (no systemd as PID 1 on CI machines).
+if [ "$(ps -o comm= -p 1)" != systemd ]; then
+  pgrep -x virtlogd >/dev/null || virtlogd -d
+  pgrep -x libvirtd >/dev/null || libvirtd -d
+  for _ in $(seq 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+stamp=.venv/.qinst-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ "$want_test" = 1 ] && ! grep -q test "$stamp"; }; then
+  .venv/bin/pip install -q --upgrade pip
+  if [ "$want_test" = 1 ]; then
+    .venv/bin/pip install -q -e '.[test]'
+    echo test > "$stamp"
+  else
+    .venv/bin/pip install -q -e .
+    echo main > "$stamp"
+  fi
+fi
+echo "setup: ready (.venv/bin/qinst)" >&2

@@ -1,0 +1,156 @@
+"""Domain XML and qinst's metadata: built as data, read back, accepted by libvirt's test driver."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import libvirt
+import pytest
+
+from qemu_instances.domain import (
+    METADATA_NS,
+    QEMU_NS,
+    Accel,
+    Firmware,
+    InstanceSpec,
+    Metadata,
+    Network,
+    NetworkKind,
+    domain_xml,
+    metadata_from_domain_xml,
+    validate_name,
+)
+from qemu_instances.errors import UsageError
+
+
+def _spec(**changes: object) -> InstanceSpec:
+    meta = Metadata(
+        image="debian-12",
+        digest="sha512:" + "ab" * 64,
+        user="debian",
+        network="user",
+        ssh_host="127.0.0.1",
+        ssh_port=2222,
+        created="2026-11-28T12:00:00+00:00",
+        instance_id="i-0123456789abcdef",
+        volumes=("vm1.qcow2", "vm1-seed.iso"),
+    )
+    values: dict[str, object] = {
+        "name": "vm1",
+        "cpus": 2,
+        "memory_mib": 512,
+        "disk_path": "/pool/vm1.qcow2",
+        "seed_path": "/pool/vm1-seed.iso",
+        "console_log": "/var/log/libvirt/qemu/vm1-console.log",
+        "network": Network(NetworkKind.USER),
+        "accel": Accel.TCG,
+        "firmware": Firmware.BIOS,
+        "ssh_port": 2222,
+        "metadata": meta,
+    }
+    values.update(changes)
+    return InstanceSpec(**values)  # type: ignore[arg-type]
+
+
+def test_user_network_forwards_ssh_from_loopback_only() -> None:
+    root = ET.fromstring(domain_xml(_spec()))
+    args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    assert args[0] == "-netdev"
+    assert "hostfwd=tcp:127.0.0.1:2222-:22" in args[1]
+    assert args[3].startswith("virtio-net-pci,netdev=qinstnet0,bus=pcie.0")
+    assert root.find("devices/interface") is None
+
+
+def test_restricted_user_network() -> None:
+    root = ET.fromstring(domain_xml(_spec(network=Network.parse("user:restrict"))))
+    args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    assert args[1].endswith(",restrict=on")
+
+
+def test_tcg_domain_devices() -> None:
+    root = ET.fromstring(domain_xml(_spec()))
+    assert root.get("type") == "qemu"
+    assert root.find("os/type").get("machine") == "q35"  # type: ignore[union-attr]
+    assert root.find("cpu").get("mode") == "maximum"  # type: ignore[union-attr]
+    disks = root.findall("devices/disk")
+    assert [d.find("target").get("bus") for d in disks] == ["virtio", "virtio"]  # type: ignore[union-attr]
+    assert disks[1].find("readonly") is not None
+    assert root.find("devices/serial/log").get("file").endswith("vm1-console.log")  # type: ignore[union-attr]
+    assert root.find("devices/channel/target").get("name") == "org.qemu.guest_agent.0"  # type: ignore[union-attr]
+    assert root.find("devices/rng").get("model") == "virtio"  # type: ignore[union-attr]
+
+
+def test_kvm_and_uefi_without_secure_boot() -> None:
+    root = ET.fromstring(domain_xml(_spec(accel=Accel.KVM, firmware=Firmware.UEFI)))
+    assert root.get("type") == "kvm"
+    assert root.find("os").get("firmware") == "efi"  # type: ignore[union-attr]
+    features = {f.get("name"): f.get("enabled") for f in root.iterfind("os/firmware/feature")}
+    assert features == {"secure-boot": "no", "enrolled-keys": "no"}
+
+
+@pytest.mark.parametrize(
+    ("text", "xml_type", "source"),
+    [("default", "network", "default"), ("network:lab", "network", "lab"), ("bridge:br0", "bridge", "br0")],
+)
+def test_libvirt_networks(text: str, xml_type: str, source: str) -> None:
+    root = ET.fromstring(domain_xml(_spec(network=Network.parse(text))))
+    iface = root.find("devices/interface")
+    assert iface is not None and iface.get("type") == xml_type
+    assert source in (iface.find("source").attrib.values())  # type: ignore[union-attr]
+    assert root.find(f"{{{QEMU_NS}}}commandline") is None
+
+
+def test_no_network() -> None:
+    root = ET.fromstring(domain_xml(_spec(network=Network.parse("none"))))
+    assert root.find("devices/interface") is None
+    assert root.find(f"{{{QEMU_NS}}}commandline") is None
+
+
+@pytest.mark.parametrize("text", ["bogus", "user:open", "network:", "bridge:a b", "default:x"])
+def test_bad_networks_are_usage_errors(text: str) -> None:
+    with pytest.raises(UsageError):
+        Network.parse(text)
+
+
+@pytest.mark.parametrize("name", ["-vm", "VM", "a_b", "a" * 64, "", "vm\n", "vm;rm"])
+def test_bad_names(name: str) -> None:
+    with pytest.raises(UsageError):
+        validate_name(name)
+
+
+def test_hostile_values_stay_data() -> None:
+    meta = Metadata(image="x</image><evil/>&amp;", digest="d", user="u", network="user", volumes=("a&b",))
+    xml = domain_xml(_spec(metadata=meta))
+    back = metadata_from_domain_xml(xml)
+    assert back == meta
+    assert ET.fromstring(xml).find(".//evil") is None
+
+
+def test_metadata_round_trip_through_libvirt_test_driver() -> None:
+    """The test driver keeps our namespaced <metadata> and returns it in the domain XML."""
+    conn = libvirt.open("test:///default")
+    try:
+        xml = domain_xml(_spec(network=Network.parse("none")))
+        dom = conn.defineXML(xml)
+        try:
+            back = metadata_from_domain_xml(dom.XMLDesc(0))
+            assert back == _spec().metadata
+            element = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
+            assert "vm1-seed.iso" in element
+            changed = Metadata(**{**back.as_dict(), "host_keys": "ssh-ed25519 AAAA", "volumes": ()})  # type: ignore[union-attr]
+            dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                changed.to_xml(),
+                "qinst",
+                METADATA_NS,
+                libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+            )
+            assert metadata_from_domain_xml(dom.XMLDesc(0)) == changed
+        finally:
+            dom.undefine()
+    finally:
+        conn.close()
+
+
+def test_foreign_domain_has_no_metadata() -> None:
+    assert metadata_from_domain_xml("<domain type='qemu'><name>x</name></domain>") is None
