@@ -204,18 +204,15 @@ def pull(
 @app.command()
 def prune(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Remove cached images that no instance uses, and stale partial downloads."""
-    from qemu_instances.instances import digests_in_use
+    from qemu_instances.instances import prune as prune_unused
 
-    settings = _settings(ctx)
-    store = _store(ctx)
-    removed = store.prune(digests_in_use(settings))
+    removed = prune_unused(_settings(ctx), _store(ctx))
     if as_json:
-        _print_json([{"path": str(p), "size": s} for p, s in removed])
+        _print_json([{"path": p, "size": s} for p, s in removed])
         return
     for path, size in removed:
         sys.stdout.write(f"removed {path} ({_size(size)})\n")
-    total = sum(s for _, s in removed)
-    sys.stderr.write(f"freed {_size(total)}\n" if removed else "nothing to prune\n")
+    sys.stderr.write(f"removed {len(removed)} item(s)\n" if removed else "nothing to prune\n")
 
 
 def _connect_hint() -> str:
@@ -383,12 +380,17 @@ def stop(
 
 
 @app.command()
-def start(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Instance name.")]) -> None:
-    """Start a stopped instance."""
+def start(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Instance name.")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until SSH answers.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for SSH.")] = 300.0,
+) -> None:
+    """Start a stopped instance (and wait until SSH answers with its recorded host key)."""
     from qemu_instances import instances
 
     with instances.open_host(_settings(ctx)) as host:
-        instances.start(host, name)
+        instances.start(host, name, wait=wait, timeout=timeout)
     sys.stderr.write(f"{name}: started\n")
 
 

@@ -8,6 +8,7 @@ import shutil
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import libvirt
 
@@ -34,7 +35,8 @@ def _version(n: int) -> str:
 def kvm_boot_probe(host: Host, seconds: float = 3.0) -> tuple[bool, str]:
     """Start a tiny diskless KVM guest: on hosts where KVM is present but broken it pauses at once."""
     root = ET.Element("domain", type="kvm")
-    ET.SubElement(root, "name").text = f"qinst-kvm-probe-{secrets.token_hex(3)}"
+    name = f"qinst-kvm-probe-{secrets.token_hex(3)}"
+    ET.SubElement(root, "name").text = name
     ET.SubElement(root, "memory", unit="MiB").text = "32"
     os_el = ET.SubElement(root, "os")
     ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
@@ -54,6 +56,9 @@ def kvm_boot_probe(host: Host, seconds: float = 3.0) -> tuple[bool, str]:
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             dom.destroy()
+        if host.is_local and host.is_system:  # libvirt's log of the probe domain
+            with contextlib.suppress(OSError):
+                (Path("/var/log/libvirt/qemu") / f"{name}.log").unlink()
 
 
 def run_checks(uri: str) -> list[Check]:
@@ -91,7 +96,7 @@ def run_checks(uri: str) -> list[Check]:
         )
         try:
             pool = host.pool(create=False)
-            _, capacity, _, available = pool.info()
+            available = pool.info()[3]
             checks.append(
                 Check("pool", True, f"{POOL_NAME} at {host.pool_path(pool)}, {available / (1 << 30):.1f} GiB free")
             )

@@ -158,6 +158,15 @@ class Host:
                 pool.create(0)
             return pool
 
+    def pool_names(self) -> list[str]:
+        with libvirt_errors("cannot list storage pools"):
+            return sorted(self.conn.listStoragePools() + self.conn.listDefinedStoragePools())
+
+    def volume_names(self, pool: Any) -> list[str]:
+        with libvirt_errors("cannot list volumes"):
+            pool.refresh(0)
+            return sorted(pool.listVolumes())
+
     def pool_path(self, pool: Any) -> Path:
         with libvirt_errors("cannot read the storage pool"):
             root = ET.fromstring(pool.XMLDesc(0))

@@ -21,6 +21,7 @@ from typing import Any
 import libvirt
 
 from qemu_instances import seed as seeds
+from qemu_instances.digests import Digest
 from qemu_instances.domain import (
     METADATA_KEY,
     METADATA_NS,
@@ -35,11 +36,11 @@ from qemu_instances.domain import (
     validate_name,
 )
 from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, UsageError
-from qemu_instances.host import Host, libvirt_errors
+from qemu_instances.host import POOL_NAME, Host, libvirt_errors
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source
 from qemu_instances.settings import Settings
 from qemu_instances.sshkeys import SshKey, resolve_keys
-from qemu_instances.wait import ConsoleLog, GuestPaused, Probe, Readiness, wait_ready
+from qemu_instances.wait import KEY_LINE, ConsoleLog, GuestPaused, Probe, Readiness, wait_for_ssh, wait_ready
 
 log = logging.getLogger("qinst")
 GiB = 1 << 30
@@ -182,10 +183,23 @@ def get_instance(host: Host, name: str) -> tuple[Any, Instance]:
     return dom, inst
 
 
-def digests_in_use(settings: Settings) -> set[str]:
-    """Digests of the base images of every qinst instance (what `prune` must keep)."""
+def prune(settings: Settings, store: ImageStore) -> list[tuple[str, int]]:
+    """Remove cached images and base volumes that no instance uses, and stale partial downloads."""
+    removed: list[tuple[str, int]] = []
     with Host(settings.connect) as host:
-        return {i.metadata.digest for i in list_instances(host)}
+        in_use = {i.metadata.digest for i in list_instances(host)}
+        pool = host.pool(create=False) if POOL_NAME in host.pool_names() else None
+        if pool is not None:
+            for vol_name in host.volume_names(pool):
+                digest = Digest.from_filename(vol_name)
+                if digest is None or str(digest) in in_use:
+                    continue
+                vol = host.volume(pool, vol_name)
+                size = vol.info()[2] if vol is not None else 0
+                if host.delete_volume(pool, vol_name):
+                    removed.append((f"volume {POOL_NAME}/{vol_name}", size))
+    removed += [(str(path), size) for path, size in store.prune(in_use)]
+    return removed
 
 
 class _Cleanup:
@@ -317,7 +331,7 @@ class Launcher:
                 raise UsageError(f"an instance or domain named {name!r} already exists")
             cleanup = _Cleanup(host)
             try:
-                return self._launch(host, cleanup, req, name, ref, image, user, keys, spec_seed, iso, timings)
+                return self._launch(host, cleanup, req, name, ref, image, user, keys, spec_seed, iso, timings, t0)
             except (GuestTimeout, GuestFailed) as exc:
                 if isinstance(exc, GuestPaused):
                     cleanup.run()
@@ -349,6 +363,7 @@ class Launcher:
         spec_seed: seeds.SeedSpec,
         iso: bytes,
         timings: dict[str, float],
+        t0: float,
     ) -> UpResult:
         t_define = time.monotonic()
         network = _choose_network(host, req.network)
@@ -399,10 +414,11 @@ class Launcher:
             ssh_port=ssh_port,
             metadata=meta,
         )
-        dom = self._define_and_start(host, cleanup, spec)
+        dom, spec = self._start(host, cleanup, spec, fallback=req.accel is Accel.AUTO)
         timings["define"] = round(time.monotonic() - t_define, 2)
         instance = Instance(name, "running", meta)
         if not req.wait:
+            timings["total"] = round(time.monotonic() - t0, 2)
             return UpResult(instance, timings)
         readiness = Readiness()
         try:
@@ -412,11 +428,12 @@ class Launcher:
                 raise
             log.warning("the guest paused under KVM (KVM is present but fails here): relaunching it under TCG")
             _undefine(dom)
-            spec = replace(spec, accel=Accel.TCG, metadata=replace(spec.metadata, accel=str(Accel.TCG)))
+            spec = _with_accel(spec, Accel.TCG)
             dom = self._define_and_start(host, cleanup, spec)
             readiness = Readiness()
             keys_seen = self._wait(host, dom, spec, req.timeout, readiness)
-        timings.update({f"ready_{k}": v for k, v in readiness.phases.items()})
+        timings.update(readiness.durations())
+        timings["total"] = round(time.monotonic() - t0, 2)
         meta = replace(
             spec.metadata,
             ssh_host=_ssh_host(host, dom, spec.network)() or "",
@@ -425,13 +442,28 @@ class Launcher:
         _set_metadata(dom, meta)
         return UpResult(Instance(name, "running", meta), timings, ready=True)
 
+    def _start(self, host: Host, cleanup: _Cleanup, spec: InstanceSpec, *, fallback: bool) -> tuple[Any, InstanceSpec]:
+        """Define and start; with --accel auto, a KVM guest that QEMU cannot start is started again under TCG."""
+        try:
+            return self._define_and_start(host, cleanup, spec), spec
+        except HypervisorError as exc:
+            if not (fallback and spec.accel is Accel.KVM):
+                raise
+            log.warning("the guest does not start under KVM (%s): using TCG software emulation", exc.message)
+        spec = _with_accel(spec, Accel.TCG)
+        return self._define_and_start(host, cleanup, spec), spec
+
     def _define_and_start(self, host: Host, cleanup: _Cleanup, spec: InstanceSpec) -> Any:
         xml = domain_xml(spec)
         with libvirt_errors(f"libvirt refused the domain {spec.name}"):
             dom = host.conn.defineXML(xml)
+        try:
+            with libvirt_errors(f"cannot start {spec.name}"):
+                dom.create()
+        except BaseException:
+            _undefine(dom)
+            raise
         cleanup.add(f"domain {spec.name}", lambda: _undefine(dom))
-        with libvirt_errors(f"cannot start {spec.name}"):
-            dom.create()
         return dom
 
     def _wait(
@@ -446,6 +478,10 @@ class Launcher:
         return wait_ready(probe, timeout=timeout, readiness=readiness)
 
 
+def _with_accel(spec: InstanceSpec, accel: Accel) -> InstanceSpec:
+    return replace(spec, accel=accel, metadata=replace(spec.metadata, accel=str(accel)))
+
+
 def remove(host: Host, name: str, *, force: bool = False) -> list[str]:
     """Remove instance `name`: its domain and every volume qinst made for it. Returns what was removed."""
     dom, inst = get_instance(host, name)
@@ -458,8 +494,11 @@ def remove(host: Host, name: str, *, force: bool = False) -> list[str]:
         if host.delete_volume(pool, vol):
             removed.append(f"volume {vol}")
     if inst.metadata.console_log and host.is_local:
-        with contextlib.suppress(OSError):
-            Path(inst.metadata.console_log).unlink()
+        console = Path(inst.metadata.console_log)
+        # The console record and libvirt's own log of this domain (same directory).
+        for path in (console, console.with_name(f"{name}.log")):
+            with contextlib.suppress(OSError):
+                path.unlink()
     return removed
 
 
@@ -482,13 +521,17 @@ def stop(host: Host, name: str, *, force: bool = False, timeout: float = 60.0) -
     return "powered off"
 
 
-def start(host: Host, name: str) -> Instance:
+def start(host: Host, name: str, *, wait: bool = True, timeout: float = 300.0) -> Instance:
+    """Start a stopped instance; with wait, return once SSH offers the host key recorded at `up`."""
     dom, inst = get_instance(host, name)
-    if inst.state == "running":
-        return inst
-    with libvirt_errors(f"cannot start {name}"):
-        dom.create()
-    return replace(inst, state="running")
+    if inst.state != "running":
+        with libvirt_errors(f"cannot start {name}"):
+            dom.create()
+        inst = replace(inst, state="running")
+    recorded = set(KEY_LINE.findall(inst.metadata.host_keys))
+    if wait and recorded and inst.metadata.ssh_host:
+        wait_for_ssh(inst.metadata.ssh_host, inst.metadata.ssh_port, recorded, lambda: _state(dom), timeout)
+    return inst
 
 
 @contextlib.contextmanager

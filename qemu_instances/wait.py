@@ -85,6 +85,15 @@ class Readiness:
     def mark(self, phase: Phase) -> None:
         self.phases.setdefault(str(phase), round(time.monotonic() - self.started, 2))
 
+    def durations(self) -> dict[str, float]:
+        """Seconds spent in each phase: boot (start to kernel), cloud-init, ssh."""
+        out, previous = {}, 0.0
+        for phase, label in ((Phase.KERNEL, "boot"), (Phase.CLOUD_INIT, "cloud-init"), (Phase.SSH, "ssh")):
+            if str(phase) in self.phases:
+                out[label] = round(self.phases[str(phase)] - previous, 2)
+                previous = self.phases[str(phase)]
+        return out
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -149,3 +158,21 @@ def wait_ready(
                 f"the guest was not ready within {timeout:.0f} s (reached: {reached})\n{probe.console.tail()}"
             )
         time.sleep(POLL)
+
+
+def wait_for_ssh(
+    host: str, port: int, keys: set[tuple[str, str]], state: Callable[[], tuple[str, str]], timeout: float
+) -> None:
+    """Wait until the SSH server at host:port offers one of `keys` (a restarted instance)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current, reason = state()
+        if current not in ("running", "paused"):
+            raise GuestFailed(f"the guest stopped ({current}: {reason})")
+        offered = set(scan_host_keys(host, port))
+        if offered & keys:
+            return
+        if offered:
+            raise GuestFailed(f"the SSH server at {host}:{port} offers host keys that were not recorded: refusing it")
+        time.sleep(1.0)
+    raise GuestTimeout(f"SSH at {host}:{port} did not answer within {timeout:.0f} s")

@@ -1,0 +1,123 @@
+"""Fixtures for tests that boot the project's test guest image under the real libvirtd and QEMU.
+
+The image comes from tests/images/build.sh (QINST_TEST_IMAGE names its result directory; otherwise the fixture
+runs the script, which caches its result). Its mirror tree is served over HTTP on 127.0.0.1 and qinst reaches it
+through the real pull path (--catalog + --mirror). Guests use user-mode networking with `restrict=on` and a port
+forward on 127.0.0.1: no test traffic leaves loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import secrets
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+URI = "qemu:///system"
+
+
+@dataclass(frozen=True)
+class TestImage:
+    dir: Path
+    catalog: Path
+    mirror_url: str
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _image_dir() -> Path:
+    given = os.environ.get("QINST_TEST_IMAGE")
+    if given:
+        return Path(given)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tests/images/build.sh")], capture_output=True, text=True, check=False, timeout=1200
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"tests/images/build.sh failed:\n{proc.stderr[-3000:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def virsh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True, check=False)
+
+
+def domains() -> set[str]:
+    return {line.strip() for line in virsh("list", "--all", "--name").stdout.splitlines() if line.strip()}
+
+
+def volumes(pool: str = "qinst") -> set[str]:
+    out = virsh("vol-list", pool).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def unique_name(prefix: str = "t") -> str:
+    return f"qinst-{prefix}-{secrets.token_hex(3)}"
+
+
+def force_remove(name: str) -> None:
+    """Remove a test domain and its volumes whatever state it is in (test teardown only)."""
+    virsh("destroy", name)
+    virsh("undefine", "--nvram", name)
+    for vol in (f"{name}.qcow2", f"{name}-seed.iso"):
+        virsh("vol-delete", "--pool", "qinst", vol)
+    for log in (f"{name}.log", f"{name}-console.log"):
+        with contextlib.suppress(OSError):
+            (Path("/var/log/libvirt/qemu") / log).unlink()
+
+
+@pytest.fixture(scope="session")
+def test_image() -> Iterator[TestImage]:
+    """The test image's mirror served on 127.0.0.1, and its catalog."""
+    directory = _image_dir()
+    handler = functools.partial(_QuietHandler, directory=str(directory / "mirror"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield TestImage(directory, directory / "catalog.toml", f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def vm_env(test_image: TestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Environment for `qinst` in VM tests: the test catalog, the mirror, a session cache, a private HOME.
+
+    At the end of the session, the base-image volumes the tests' cache put into the pool are removed.
+    """
+    home = tmp_path_factory.mktemp("home")
+    cache = tmp_path_factory.mktemp("cache")
+    env = {
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "QINST_CONNECT": URI,
+        "QINST_CATALOG": str(test_image.catalog),
+        "QINST_MIRROR": test_image.mirror_url,
+        "QINST_CACHE_DIR": str(cache),
+        "SSH_AUTH_SOCK": "",
+    }
+    yield env
+    for path in (cache / "images").glob("sha512-*"):
+        if not path.name.endswith(".json"):
+            virsh("vol-delete", "--pool", "qinst", path.name)
+
+
+@pytest.fixture
+def ssh_key(tmp_path: Path) -> Path:
+    """A fresh ed25519 key pair for one test; returns the public key's path."""
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key.with_suffix(".pub")
