@@ -10,7 +10,7 @@ from urllib.parse import quote
 import requests
 
 from qemu_instances.digests import Algorithm, Digest
-from qemu_instances.download import fetch_bytes
+from qemu_instances.download import RetryPolicy, fetch_bytes
 from qemu_instances.errors import ImageError, UsageError
 
 _HASH = re.compile(r"[0-9a-f]{64}")
@@ -30,23 +30,28 @@ def validate_item_hash(item_hash: str) -> str:
     return item_hash
 
 
-def resolve(item_hash: str, *, api: str, session: requests.Session) -> AlephFile:
+def resolve(item_hash: str, *, api: str, session: requests.Session, policy: RetryPolicy | None = None) -> AlephFile:
     """Fetch the STORE message for item_hash and return its file; ipfs items are refused for now."""
     item_hash = validate_item_hash(item_hash)
     api = api.rstrip("/")
     url = f"{api}/api/v0/messages.json?hashes={quote(item_hash)}"
     try:
-        answer = json.loads(fetch_bytes(url, session=session))
-        messages = answer["messages"]
+        messages = json.loads(fetch_bytes(url, session=session, policy=policy or RetryPolicy()))["messages"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ImageError(f"unexpected answer from the aleph API at {url}") from exc
-    if not messages:
+    if not isinstance(messages, list):
+        raise ImageError(f"unexpected answer from the aleph API at {url}: 'messages' is not a list")
+    # Take only the message we asked for: an API that ignored the filter must not hand us some other file.
+    message = next((m for m in messages if isinstance(m, dict) and m.get("item_hash") == item_hash), None)
+    if message is None:
         raise ImageError(f"aleph item {item_hash} not found at {api}")
-    message = messages[0]
-    if not isinstance(message, dict) or message.get("type") != "STORE":
-        kind = message.get("type") if isinstance(message, dict) else None
-        raise ImageError(f"aleph item {item_hash} is a {kind} message, not a STORE message (a stored file)")
-    content = message.get("content") or {}
+    if message.get("type") != "STORE":
+        raise ImageError(
+            f"aleph item {item_hash} is a {message.get('type')} message, not a STORE message (a stored file)"
+        )
+    content = message.get("content")
+    if not isinstance(content, dict):
+        content = {}
     file_hash, item_type = content.get("item_hash"), content.get("item_type")
     if item_type == "ipfs":
         raise ImageError(

@@ -58,6 +58,8 @@ def _entry(name: str, raw: Any, origin: str) -> CatalogEntry:
     for key in _STR_KEYS & set(raw):
         if not isinstance(raw[key], str) or not raw[key]:
             raise CatalogError(f"{where}: key {key!r} must be a non-empty string")
+    if raw.get("format", "qcow2") not in ("qcow2", "raw"):
+        raise CatalogError(f"{where}: key 'format' must be 'qcow2' or 'raw' (qinst boots only those)")
     aliases = raw.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) and _NAME.fullmatch(a) for a in aliases):
         raise CatalogError(f"{where}: key 'aliases' must be a list of image names")
@@ -126,13 +128,16 @@ class Catalog:
     @classmethod
     def load(cls, extra: Iterable[Path] = ()) -> Catalog:
         """The built-in catalog, then each user catalog file in order."""
-        builtin = resources.files("qemu_instances").joinpath("catalog.toml").read_text()
+        builtin = resources.files("qemu_instances").joinpath("catalog.toml").read_text(encoding="utf-8")
         entries = parse_catalog(builtin, BUILTIN)
         for path in extra:
             try:
-                text = Path(path).read_text()
+                # TOML is UTF-8 whatever the locale says.
+                text = Path(path).read_bytes().decode("utf-8")
             except OSError as exc:
                 raise CatalogError(f"cannot read catalog {path}: {exc.strerror}") from exc
+            except UnicodeDecodeError as exc:
+                raise CatalogError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from exc
             entries += parse_catalog(text, str(path))
         return cls(entries)
 

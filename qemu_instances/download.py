@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import re
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import requests
+import urllib3
 
 from qemu_instances import __version__
-from qemu_instances.digests import Digest
+from qemu_instances.digests import Algorithm, Digest
 from qemu_instances.errors import DigestMismatch, DownloadError
 
 log = logging.getLogger("qinst")
@@ -97,25 +101,87 @@ def fetch_bytes(
     return result
 
 
-class _Partial:
-    """The temporary file of a download in progress, with the digest of the bytes written so far."""
+_HASH_QUEUE = 8  # chunks in flight to the hashing thread: bounds the memory this takes to 8 * CHUNK
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(?:\d+|\*)$")
 
-    def __init__(self, path: Path, digest: Digest) -> None:
+
+class _Partial:
+    """The temporary file of a download in progress, with the digest of the bytes written to it so far.
+
+    Hashing runs on a worker thread, overlapping the receiving and writing of the next chunks: hashlib releases the
+    GIL, and sha512 costs about as much CPU as everything else in a download together.
+    """
+
+    def __init__(self, path: Path, algorithm: Algorithm) -> None:
         self.path = path
-        self.algorithm = digest.algorithm
-        self.hasher = digest.algorithm.new()
+        self.algorithm = algorithm
         self.size = 0
-        if path.exists():
-            # A download interrupted earlier: hash what is there so we can resume after it.
-            with path.open("rb") as f:
-                while chunk := f.read(CHUNK):
-                    self.hasher.update(chunk)
-                    self.size += len(chunk)
+        self._hash = algorithm.new()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_HASH_QUEUE)
+        self._thread = threading.Thread(target=self._hash_chunks, name="qinst-hash", daemon=True)
+
+    def __enter__(self) -> _Partial:
+        self._thread.start()
+        try:
+            if self.path.exists():
+                # A download interrupted earlier: hash what is there so we can resume after it.
+                with self.path.open("rb") as f:
+                    while chunk := f.read(CHUNK):
+                        self._queue.put(chunk)
+                        self.size += len(chunk)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _hash_chunks(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            try:
+                if chunk is None:
+                    return
+                self._hash.update(chunk)
+            finally:
+                self._queue.task_done()
+
+    def append(self, f: BinaryIO, chunk: bytes) -> None:
+        try:
+            f.write(chunk)
+        except OSError as exc:
+            raise DownloadError(f"cannot write {self.path}: {exc.strerror}") from exc
+        self._queue.put(chunk)
+        self.size += len(chunk)
 
     def restart(self) -> None:
+        self._queue.join()
         self.path.unlink(missing_ok=True)
-        self.hasher = self.algorithm.new()
+        self._hash = self.algorithm.new()
         self.size = 0
+
+    def digest(self) -> Digest:
+        self._queue.join()
+        return Digest(self.algorithm, self._hash.hexdigest())
+
+
+def _chunks(response: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives. read1() hands over every byte received before a connection drops (urllib3's read(n)
+    discards up to n bytes then), so a resumed download starts exactly where the bytes stopped."""
+    read1 = getattr(response.raw, "read1", None)
+    if read1 is None:  # urllib3 < 2: requests translates its errors
+        yield from response.iter_content(CHUNK)
+        return
+    # Reading response.raw bypasses requests, so translate urllib3's errors here as iter_content() would.
+    try:
+        while chunk := read1(CHUNK, decode_content=True):
+            yield chunk
+    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError) as exc:
+        raise _Transient(f"connection broken: {exc}") from exc
+    except urllib3.exceptions.HTTPError as exc:
+        raise requests.RequestException(str(exc)) from exc
 
 
 def download_verified(
@@ -126,44 +192,77 @@ def download_verified(
     session: requests.Session,
     progress: Progress | None = None,
     policy: RetryPolicy = RetryPolicy(),
+    check: Callable[[Path], None] | None = None,
 ) -> int:
     """Download url to dest, verifying digest; dest appears only when complete and verified. Returns the size.
 
     The bytes go to a hidden sibling ".<name>.part" that a later call resumes; the caller holds the lock.
+    check(path), if given, inspects the verified file before it takes its name; if it raises, nothing is kept.
     """
-    part = _Partial(dest.with_name(f".{dest.name}.part"), digest)
-    total: int | None = None
+    with _Partial(dest.with_name(f".{dest.name}.part"), digest.algorithm) as part:
+        total: int | None = None
 
-    def attempt() -> None:
-        nonlocal total
-        headers = {"Range": f"bytes={part.size}-"} if part.size else {}
-        with session.get(url, headers=headers, stream=True, timeout=policy.timeout) as response:
-            if response.status_code == 416 and part.size:
-                # Our partial file is already as long as the server's: verify it below.
-                return
-            _check_status(response, url)
-            if part.size and response.status_code != 206:
-                log.debug("%s ignored the Range request; starting over", url)
-                part.restart()
-            length = response.headers.get("Content-Length")
-            total = part.size + int(length) if length and length.isdigit() else None
-            with part.path.open("ab") as f:
-                for chunk in response.iter_content(CHUNK):
-                    f.write(chunk)
-                    part.hasher.update(chunk)
-                    part.size += len(chunk)
-                    if progress:
-                        progress(part.size, total)
-            if total is not None and part.size < total:
-                raise _Transient(f"connection closed after {part.size} of {total} bytes")
+        def attempt() -> None:
+            nonlocal total
+            # identity: Range offsets and the digest are about the file's bytes, not a compressed rendering of them.
+            headers = {"Accept-Encoding": "identity"}
+            if part.size:
+                headers["Range"] = f"bytes={part.size}-"
+            with session.get(url, headers=headers, stream=True, timeout=policy.timeout) as response:
+                if response.status_code == 416 and part.size:
+                    # Nothing left to send: either the partial file is complete, or it is not this file's start.
+                    if part.digest() == digest:
+                        return
+                    part.restart()
+                    raise _Transient("the partial download does not fit the file on the server (HTTP 416)")
+                _check_status(response, url)
+                if part.size and response.status_code != 206:
+                    log.debug("%s ignored the Range request; starting over", url)
+                    part.restart()
+                elif response.status_code == 206:
+                    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+                    if not match or int(match[1]) != part.size:
+                        got = response.headers.get("Content-Range")
+                        part.restart()
+                        raise _Transient(f"the server answered a Range request with Content-Range {got!r}")
+                length = response.headers.get("Content-Length")
+                total = part.size + int(length) if length and length.isdigit() else None
+                try:
+                    f = part.path.open("ab")
+                except OSError as exc:
+                    raise DownloadError(f"cannot write {part.path}: {exc.strerror}") from exc
+                with f:
+                    for chunk in _chunks(response):
+                        part.append(f, chunk)
+                        if progress:
+                            progress(part.size, total)
+                if total is not None and part.size < total:
+                    raise _Transient(f"connection closed after {part.size} of {total} bytes")
 
-    # On DownloadError the partial file stays, and the next pull resumes it.
-    _with_retries(url, policy, attempt, done=lambda: part.size)
-    actual = Digest(digest.algorithm, part.hasher.hexdigest())
+        # On DownloadError the partial file stays, and the next pull resumes it.
+        _with_retries(url, policy, attempt, done=lambda: part.size)
+        actual = part.digest()
+        size = part.size
     if actual != digest:
         part.path.unlink(missing_ok=True)
         raise DigestMismatch(url, str(digest), str(actual))
-    with part.path.open("rb") as f:
+    if check is not None:
+        try:
+            check(part.path)
+        except BaseException:
+            part.path.unlink(missing_ok=True)
+            raise
+    replace_durably(part.path, dest)
+    return size
+
+
+def replace_durably(src: Path, dest: Path) -> None:
+    """Rename src to dest with both the data and the rename on disk: the cache trusts a file by its name forever."""
+    with src.open("rb") as f:
         os.fsync(f.fileno())
-    os.replace(part.path, dest)
-    return part.size
+    os.replace(src, dest)
+    dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -21,7 +21,15 @@ from urllib.parse import urlsplit
 from qemu_instances import aleph
 from qemu_instances.catalog import Catalog, CatalogEntry
 from qemu_instances.digests import Algorithm, Digest, algorithm_for_checksums, parse_checksums
-from qemu_instances.download import CHUNK, Progress, download_verified, fetch_bytes, new_session
+from qemu_instances.download import (
+    CHUNK,
+    Progress,
+    RetryPolicy,
+    download_verified,
+    fetch_bytes,
+    new_session,
+    replace_durably,
+)
 from qemu_instances.errors import DownloadError, ImageError, UsageError
 from qemu_instances.proc import run
 from qemu_instances.settings import Settings
@@ -204,24 +212,43 @@ class Cache:
         path.with_name(path.name + ".json").unlink(missing_ok=True)
 
     def stale_temporaries(self) -> list[Path]:
-        """Partial downloads and temporary files that no running pull holds."""
+        """Partial downloads, temporary files and orphaned records that no running pull holds."""
         if not self.dir.is_dir():
             return []
         stale = []
         for p in self.dir.iterdir():
+            if p.name.endswith(".json") and not p.name.startswith("."):
+                image = p.with_name(p.name.removesuffix(".json"))
+                if (
+                    Digest.from_filename(image.name)
+                    and not image.exists()
+                    and not _locked(self.dir / f".{image.name}.lock")
+                ):
+                    stale.append(p)  # the record of an image that is gone
+                continue
             if not p.name.startswith(".") or p.name.endswith(".lock"):
                 continue
             digest_name = p.name[1:].split(".", 1)[0]
-            lock = self.dir / f".{digest_name}.lock"
-            if lock.exists():
-                with lock.open("a") as f:
-                    try:
-                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # a pull is writing it right now
-                    fcntl.flock(f, fcntl.LOCK_UN)
-            stale.append(p)
+            # A download's files are held through its image's lock; an import's temporary file is locked itself.
+            holder = self.dir / f".{digest_name}.lock" if Digest.from_filename(digest_name) else p
+            if not _locked(holder):
+                stale.append(p)
         return stale
+
+
+def _locked(path: Path) -> bool:
+    """Whether a process holds an flock on path (a missing file is not locked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases our lock
+    return False
 
 
 @dataclass(frozen=True)
@@ -236,10 +263,13 @@ class _Plan:
 class ImageStore:
     """Pull images into the cache and list or prune it."""
 
-    def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
+    def __init__(
+        self, settings: Settings, catalog: Catalog | None = None, *, policy: RetryPolicy | None = None
+    ) -> None:
         self.settings = settings
         self.catalog = catalog if catalog is not None else Catalog.load(settings.catalogs)
         self.cache = Cache(settings.cache_dir)
+        self.policy = policy or RetryPolicy()
         self._session = new_session()
 
     def resolve(self, text: str, *, sha256: str | None = None, sha512: str | None = None) -> ImageRef:
@@ -276,7 +306,7 @@ class ImageStore:
                 "the pinned build of %s is gone upstream (%s); using the latest build, verified against %s",
                 entry.name,
                 exc,
-                entry.checksums_url,
+                mirror_url(entry.checksums_url, self.settings.mirror),
             )
             return self._fetch(self._plan(ref, source, latest=True), progress)
 
@@ -293,7 +323,7 @@ class ImageStore:
             item = ref.aleph_hash or (entry.aleph_item_hash if entry else None)
             if not item:
                 raise ImageError(f"image {ref.name} has no aleph item hash in its catalog entry")
-            found = aleph.resolve(item, api=self.settings.aleph_api, session=self._session)
+            found = aleph.resolve(item, api=self.settings.aleph_api, session=self._session, policy=self.policy)
             return _Plan(ref.name, found.url, found.digest, "aleph", entry.format if entry else None)
         assert entry is not None
         if latest:
@@ -309,7 +339,7 @@ class ImageStore:
         assert entry.latest_url and entry.checksums_url
         sums_url = mirror_url(entry.checksums_url, self.settings.mirror)
         algorithm = algorithm_for_checksums(sums_url)
-        text = fetch_bytes(sums_url, session=self._session).decode("utf-8", "replace")
+        text = fetch_bytes(sums_url, session=self._session, policy=self.policy).decode("utf-8", "replace")
         filename = urlsplit(entry.latest_url).path.rsplit("/", 1)[-1]
         sums = parse_checksums(text, algorithm)
         if filename not in sums:
@@ -322,37 +352,49 @@ class ImageStore:
             if found:
                 return found
             dest = self.cache.path(plan.digest)
-            size = download_verified(plan.url, dest, plan.digest, session=self._session, progress=progress)
-            try:
-                fmt = check_format(dest, plan.format, plan.url)
-            except ImageError:
-                self.cache.remove(plan.digest)
-                raise
+            fmt = "unknown"
+
+            def check(path: Path) -> None:
+                # Before the file takes its name: the cache holds only images qinst can use.
+                nonlocal fmt
+                fmt = check_format(path, plan.format, plan.url)
+
+            size = download_verified(
+                plan.url, dest, plan.digest, session=self._session, progress=progress, policy=self.policy, check=check
+            )
             image = CachedImage(plan.name, plan.digest, dest, size, plan.source, fmt, plan.url)
             self.cache.record(image)
             return image
 
     def _import_file(self, path: Path) -> CachedImage:
         """A local image, identified by its own sha256, copied into the cache (hashing while copying)."""
-        fmt = check_format(path, None, str(path))
+        check_format(path, None, str(path))  # refuse early, before copying gigabytes
         self.cache.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self.cache.dir, prefix=".import-", suffix=".tmp")
         tmp = Path(tmp_name)
         try:
-            h = Algorithm.SHA256.new()
-            with path.open("rb") as src, os.fdopen(fd, "wb") as dst:
-                while chunk := src.read(CHUNK):
-                    h.update(chunk)
-                    dst.write(chunk)
-            digest = Digest(Algorithm.SHA256, h.hexdigest())
-            with self.cache.lock(digest):
-                found = self.cache.get(digest)
-                if found:
-                    return found
-                os.replace(tmp, self.cache.path(digest))
-                image = CachedImage(path.stem, digest, self.cache.path(digest), path.stat().st_size, "file", fmt)
-                self.cache.record(image)
-                return image
+            with os.fdopen(fd, "wb") as dst:
+                fcntl.flock(dst, fcntl.LOCK_EX)  # tells prune that this temporary file is in use
+                h, size = Algorithm.SHA256.new(), 0
+                try:
+                    with path.open("rb") as src:
+                        while chunk := src.read(CHUNK):
+                            h.update(chunk)
+                            dst.write(chunk)
+                            size += len(chunk)
+                    dst.flush()
+                except OSError as exc:
+                    raise ImageError(f"cannot copy {path} into the cache: {exc.strerror}") from exc
+                digest = Digest(Algorithm.SHA256, h.hexdigest())
+                fmt = check_format(tmp, None, str(path))  # the copy is what the cache will hold
+                with self.cache.lock(digest):
+                    found = self.cache.get(digest)
+                    if found:
+                        return found
+                    replace_durably(tmp, self.cache.path(digest))
+                    image = CachedImage(path.stem, digest, self.cache.path(digest), size, "file", fmt)
+                    self.cache.record(image)
+                    return image
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -1,0 +1,154 @@
+"""Benchmark: a verified pull with `qinst pull URL --sha512 HEX` against `curl -o` followed by `sha512sum`.
+
+Both fetch the same random file from one local server (a separate process using sendfile), runs alternate
+(qinst, two-step, qinst, ...), and the cache is emptied before every qinst run. qinst hashes while the bytes
+arrive, so it should take at most 0.8 of the two-step's time, with a peak RSS under 100 MiB whatever the size.
+
+    .venv/bin/python bench/pull.py [--size MiB] [--runs N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import Summary, file_server, timed, write_random_file
+
+GOAL_RATIO = 0.8
+GOAL_RSS_MIB = 100
+
+
+def qinst_command() -> str:
+    beside = Path(sys.executable).with_name("qinst")
+    found = str(beside) if beside.exists() else shutil.which("qinst")
+    if not found:
+        sys.exit("qinst not found: run with the project's virtualenv python (.venv/bin/python bench/pull.py)")
+    return found
+
+
+def sha512_of(path: Path) -> str:
+    h = hashlib.sha512()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=1024, metavar="MiB", help="file size (default 1024)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each side (default 3)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--workdir", type=Path, help="where to put the file, the cache and curl's output")
+    args = parser.parse_args()
+    for tool in ("curl", "sha512sum"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} not found (apt-get install curl coreutils)")
+    qinst = qinst_command()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QINST_")}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1"
+
+    work = Path(tempfile.mkdtemp(prefix="qinst-bench-", dir=args.workdir))
+    try:
+        served = work / "srv"
+        served.mkdir()
+        blob = served / "image.raw"
+        print(f"writing {args.size} MiB of random data to {blob}", file=sys.stderr)
+        write_random_file(blob, args.size)
+        digest = sha512_of(blob)
+        results = run(args.runs, blob, digest, qinst, env, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    results["size_mib"] = args.size
+    report(results, args.size)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run(runs: int, blob: Path, digest: str, qinst: str, env: dict[str, str], work: Path) -> dict[str, object]:
+    qinst_times: list[float] = []
+    qinst_rss: list[int] = []
+    curl_times: list[float] = []
+    sum_times: list[float] = []
+    curl_rss: list[int] = []
+    with file_server(blob.parent) as base:
+        url = f"{base}/{blob.name}"
+        for i in range(runs):
+            cache = work / f"cache-{i}"
+            got = timed([qinst, "--cache-dir", cache, "pull", url, "--sha512", digest, "--json"], env)
+            pulled = json.loads(got.stdout)
+            assert pulled["digest"] == f"sha512:{digest}", pulled
+            qinst_times.append(got.seconds)
+            qinst_rss.append(got.max_rss_kib)
+            shutil.rmtree(cache)
+            print(f"run {i + 1}: qinst {got.seconds:.2f} s, {got.max_rss_kib / 1024:.0f} MiB", file=sys.stderr)
+
+            out = work / "curl.out"
+            fetched = timed(["curl", "--silent", "--show-error", "--fail", "--output", out, url], env)
+            summed = timed(["sha512sum", out], env)
+            assert summed.stdout.split()[0] == digest, "sha512sum disagrees with the served file"
+            curl_times.append(fetched.seconds)
+            sum_times.append(summed.seconds)
+            curl_rss.append(fetched.max_rss_kib)
+            out.unlink()
+            print(f"run {i + 1}: curl {fetched.seconds:.2f} s + sha512sum {summed.seconds:.2f} s", file=sys.stderr)
+
+    two_step = [c + s for c, s in zip(curl_times, sum_times, strict=True)]
+    q, t = Summary.of(qinst_times), Summary.of(two_step)
+    return {
+        "runs": runs,
+        "qinst": {
+            "seconds": qinst_times,
+            "median": q.median,
+            "min": q.minimum,
+            "max": q.maximum,
+            "peak_rss_mib": max(qinst_rss) / 1024,
+        },
+        "two_step": {
+            "seconds": two_step,
+            "curl_seconds": curl_times,
+            "sha512sum_seconds": sum_times,
+            "median": t.median,
+            "min": t.minimum,
+            "max": t.maximum,
+            "curl_peak_rss_mib": max(curl_rss) / 1024,
+        },
+        "ratio": q.median / t.median,
+        "goal": {"ratio": GOAL_RATIO, "peak_rss_mib": GOAL_RSS_MIB},
+    }
+
+
+def report(results: dict[str, object], size_mib: int) -> None:
+    q = results["qinst"]
+    t = results["two_step"]
+    assert isinstance(q, dict) and isinstance(t, dict)
+    ratio = results["ratio"]
+    assert isinstance(ratio, float)
+    print(f"\nVerified pull of {size_mib} MiB from 127.0.0.1, {results['runs']} alternating runs each:\n")
+    print("| | median | min | max | MiB/s (median) | peak RSS |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| `qinst pull URL --sha512 HEX` | {q['median']:.2f} s | {q['min']:.2f} s | {q['max']:.2f} s "
+        f"| {size_mib / q['median']:.0f} | {q['peak_rss_mib']:.0f} MiB |"
+    )
+    print(
+        f"| `curl -o` + `sha512sum` | {t['median']:.2f} s | {t['min']:.2f} s | {t['max']:.2f} s "
+        f"| {size_mib / t['median']:.0f} | {t['curl_peak_rss_mib']:.0f} MiB (curl) |"
+    )
+    verdict_time = "meets" if ratio <= GOAL_RATIO else "misses"
+    verdict_rss = "meets" if q["peak_rss_mib"] < GOAL_RSS_MIB else "misses"
+    print(
+        f"\nratio qinst / two-step: {ratio:.2f} ({verdict_time} the goal of <= {GOAL_RATIO}); "
+        f"qinst peak RSS {q['peak_rss_mib']:.0f} MiB ({verdict_rss} the goal of < {GOAL_RSS_MIB} MiB)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Fixtures shared by the test modules: a real local HTTP server, the image mirror on it, the `qinst` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from httpserver import HTTPServer, serving
+from mirror import Images, Mirror, build_mirror, make_images
+
+RunQinst = Callable[..., subprocess.CompletedProcess[str]]
+
+# Fixtures for tests that boot the test guest image (tests/guest.py).
+pytest_plugins = ["guest"]
+
+
+def qinst_argv() -> list[str]:
+    """The installed `qinst` console script next to this interpreter (the real entry point)."""
+    script = Path(sys.executable).with_name("qinst")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "qemu_instances"]
+
+
+def qinst_env(**extra: str) -> dict[str, str]:
+    """The environment without the user's QINST_* settings; local servers reached directly, never via a proxy."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QINST_") and k.lower() != "http_proxy"}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return {**env, **extra}
+
+
+@pytest.fixture
+def qinst(tmp_path: Path) -> RunQinst:
+    """Run the real `qinst` in a subprocess: qinst("pull", "x", env={...}) -> CompletedProcess (text)."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*qinst_argv(), *args],
+            capture_output=True,
+            text=True,
+            env=qinst_env(**(env or {})),
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            check=False,
+        )
+
+    return run
+
+
+@pytest.fixture
+def http_server() -> Iterator[HTTPServer]:
+    """A threaded HTTP server on 127.0.0.1 (ephemeral port), with per-path fault injection and a request log."""
+    with serving() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def test_images(tmp_path_factory: pytest.TempPathFactory) -> Images:
+    """Small real qcow2 images, made once per session."""
+    return make_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture
+def mirror(http_server: HTTPServer, test_images: Images, tmp_path: Path) -> Mirror:
+    """The upstream tree and a fake aleph API on http_server, with a user catalog pinning the test images."""
+    return build_mirror(http_server, test_images, tmp_path)

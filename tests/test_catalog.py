@@ -1,0 +1,223 @@
+"""The image catalog: built-in entries, user catalogs that add or override by name, errors that name file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qemu_instances.catalog import BUILTIN, Catalog, CatalogEntry, parse_catalog
+from qemu_instances.digests import Algorithm, Digest
+from qemu_instances.errors import CatalogError
+
+SHA512 = "sha512:" + "ab" * 64
+SHA256 = "sha256:" + "cd" * 32
+ALEPH = "ef" * 32
+
+# From ../shared/reference/images-and-sources.md.
+DEBIAN_12_PIN = (
+    "sha512:3d94c9dd66d8a283fde060b8810373b7ae04038b956ee00d553d1ae564f6fbdeaa2fd6e7404e87e53348b5a9509170f3"
+    "ea7c0731ba737590c5c4cb8d559a47f8"
+)
+UBUNTU_2204_PIN = "sha256:952bc5bb4349897a409559c26fdec006a2744b103e005af6df8693cfab515bc2"
+
+
+def write(tmp_path: Path, text: str, name: str = "user.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_builtin_catalog() -> None:
+    catalog = Catalog.load()
+    assert [e.name for e in catalog] == ["debian-11", "debian-12", "ubuntu-22.04"]
+    debian = catalog.lookup("debian-12")
+    assert debian.digest == Digest.parse(DEBIAN_12_PIN)
+    assert debian.url is not None and debian.url.endswith("/debian-12-genericcloud-amd64-20260923-2610.qcow2")
+    assert debian.checksums_url == "https://cloud.debian.org/images/cloud/bookworm/latest/SHA512SUMS"
+    assert debian.aleph_item_hash == "b6ff5c3a8205d1ca4c7c3369300eeafff498b558f71b851aa2114afd0a532717"
+    assert debian.default_user == "debian"
+    assert debian.origin == BUILTIN
+    ubuntu = catalog.lookup("ubuntu-22.04")
+    assert ubuntu.digest == Digest.parse(UBUNTU_2204_PIN)
+    assert ubuntu.checksums_url is not None and ubuntu.checksums_url.endswith("/SHA256SUMS")
+    assert ubuntu.default_user == "ubuntu"
+    assert catalog.lookup("debian-11").aleph_item_hash == (
+        "f7e68c568906b4ebcd3cd3c4bfdff96c489cd2a9ef73ba2d7503f244dfd578de"
+    )
+
+
+@pytest.mark.parametrize(
+    ("alias", "name"), [("bookworm", "debian-12"), ("bullseye", "debian-11"), ("jammy", "ubuntu-22.04")]
+)
+def test_aliases_resolve(alias: str, name: str) -> None:
+    catalog = Catalog.load()
+    assert catalog.lookup(alias).name == name
+    assert catalog.lookup(alias.upper()).name == name
+
+
+def test_user_catalog_overrides_by_name_and_adds(tmp_path: Path) -> None:
+    user = write(
+        tmp_path,
+        f"""
+[images.debian-12]
+url = "https://mirror.example/debian-12.qcow2"
+digest = "{SHA512}"
+
+[images.alpine-3]
+title = "Alpine 3"
+aliases = ["alpine"]
+url = "https://mirror.example/alpine.qcow2"
+digest = "{SHA256}"
+""",
+    )
+    catalog = Catalog.load([user])
+    assert {e.name for e in catalog} == {"debian-11", "debian-12", "ubuntu-22.04", "alpine-3"}
+    debian = catalog.lookup("debian-12")
+    # The override replaces the whole entry: nothing of the built-in one leaks through.
+    assert debian.url == "https://mirror.example/debian-12.qcow2"
+    assert debian.digest == Digest(Algorithm.SHA512, "ab" * 64)
+    assert debian.origin == str(user)
+    assert debian.aliases == ()
+    assert debian.aleph_item_hash is None
+    assert catalog.get("bookworm") is None
+    assert catalog.lookup("alpine").name == "alpine-3"
+    assert catalog.lookup("ubuntu-22.04").origin == BUILTIN
+
+
+def test_later_user_catalog_wins(tmp_path: Path) -> None:
+    first = write(tmp_path, f'[images.x]\nurl = "https://a.example/x.img"\ndigest = "{SHA256}"\n', "a.toml")
+    second = write(tmp_path, f'[images.x]\nurl = "https://b.example/x.img"\ndigest = "{SHA512}"\n', "b.toml")
+    entry = Catalog.load([first, second]).lookup("x")
+    assert entry.url == "https://b.example/x.img"
+    assert entry.origin == str(second)
+
+
+def test_defaults() -> None:
+    (entry,) = parse_catalog(f'[images.min]\nurl = "https://e.example/min.qcow2"\ndigest = "{SHA256}"\n', "t")
+    assert entry == CatalogEntry(
+        name="min", title="min", url="https://e.example/min.qcow2", digest=Digest.parse(SHA256), origin="t"
+    )
+    assert entry.arch == "x86_64"
+    assert entry.format is None  # decided by qemu-img after download
+    assert entry.default_user == "cloud"
+    (ubuntu,) = parse_catalog(f'[images.u]\nos = "ubuntu"\naleph_item_hash = "{ALEPH}"\n', "t")
+    assert ubuntu.default_user == "ubuntu"
+    assert ubuntu.url is None and ubuntu.digest is None  # aleph-only entries are valid
+
+
+def test_alias_does_not_shadow_a_name() -> None:
+    catalog = Catalog(
+        parse_catalog(
+            f"""
+[images.a]
+aliases = ["b"]
+aleph_item_hash = "{ALEPH}"
+[images.b]
+aleph_item_hash = "{"0" * 64}"
+""",
+            "t",
+        )
+    )
+    assert catalog.lookup("b").name == "b"
+
+
+@pytest.mark.parametrize(
+    ("body", "needles"),
+    [
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\nsize = 3\n', ["[images.bad]", "unknown key 'size'"]),
+        ('url = "https://e.example/x"\ndigest = "sha512:1234"\n', ["[images.bad]", "'digest'", "128 hex digits"]),
+        ('url = "https://e.example/x"\ndigest = "md5:00"\n', ["'digest'", "sha256:<hex> or sha512:<hex>"]),
+        ('url = "https://e.example/x"\ndigest = 12\n', ["'digest'", "must be a string"]),
+        (f'digest = "{SHA256}"\n', ["[images.bad]", "missing key 'url'"]),
+        ('url = "https://e.example/x"\n', ["[images.bad]", "missing key 'digest'"]),
+        ("title = 'only a title'\n", ["missing key 'url'"]),
+        (f'url = "ftp://e.example/x"\ndigest = "{SHA256}"\n', ["'url'", "http(s) URL"]),
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\ntitle = 3\n', ["'title'", "non-empty string"]),
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\naliases = "x"\n', ["'aliases'"]),
+        (f'aleph_item_hash = "{ALEPH[:10]}"\n', ["'aleph_item_hash'", "64 lower-case hex digits"]),
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\nformat = "vmdk"\n', ["'format'", "'qcow2' or 'raw'"]),
+        (
+            f'url = "https://e.example/x"\ndigest = "{SHA256}"\nlatest_url = "https://e.example/l"\n',
+            ["'latest_url' and 'checksums_url' go together"],
+        ),
+    ],
+)
+def test_malformed_entry_names_file_and_key(tmp_path: Path, body: str, needles: list[str]) -> None:
+    path = write(tmp_path, "[images.bad]\n" + body)
+    with pytest.raises(CatalogError) as info:
+        Catalog.load([path])
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    for needle in needles:
+        assert needle in message
+    assert info.value.exit_code == 3
+
+
+def test_unknown_key_hint_lists_the_known_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[images.bad]\nurl = "https://e.example/x"\ndigets = "{SHA256}"\n')
+    with pytest.raises(CatalogError, match="unknown key 'digets'") as info:
+        Catalog.load([path])
+    assert info.value.hint is not None and "digest" in info.value.hint
+
+
+def test_invalid_toml_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, '[images.x]\nurl = "https://e.example/x\n')
+    with pytest.raises(CatalogError, match="invalid TOML") as info:
+        Catalog.load([path])
+    assert str(path) in str(info.value)
+    assert "line 2" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('[image.x]\nurl = "https://e.example/x"\n', "unknown top-level key 'image'"),
+        ('images = "x"\n', "'images' must be a table"),
+        (f'[images.Bad_Name]\ndigest = "{SHA256}"\n', "[images.Bad_Name]: invalid image name"),
+        ("[images]\nx = 3\n", "[images.x]: expected a table"),
+    ],
+)
+def test_malformed_catalog_structure(tmp_path: Path, text: str, needle: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(CatalogError) as info:
+        Catalog.load([path])
+    assert str(path) in str(info.value)
+    assert needle in str(info.value)
+
+
+def test_unreadable_catalog_is_a_catalog_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(CatalogError, match="cannot read catalog") as info:
+        Catalog.load([missing])
+    assert str(missing) in str(info.value)
+
+
+def test_catalog_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[images.x]\ntitle = "caf\xe9"\n')
+    with pytest.raises(CatalogError) as info:
+        Catalog.load([path])
+    assert str(path) in str(info.value)
+    assert "UTF-8" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "suggested"),
+    [("debian-13", ["debian-12", "debian-11"]), ("jamy", ["jammy"]), ("ubuntu-22.4", ["ubuntu-22.04"])],
+)
+def test_unknown_name_suggests_the_closest(name: str, suggested: list[str]) -> None:
+    with pytest.raises(CatalogError, match=f"unknown image '{name}'") as info:
+        Catalog.load().lookup(name)
+    assert info.value.exit_code == 3
+    hint = info.value.hint or ""
+    assert hint.startswith("did you mean")
+    for candidate in suggested:
+        assert candidate in hint
+
+
+def test_unknown_name_without_close_match_lists_all() -> None:
+    with pytest.raises(CatalogError) as info:
+        Catalog.load().lookup("fedora-40")
+    assert info.value.hint is not None
+    assert "known images: bookworm, bullseye, debian-11, debian-12, jammy, ubuntu-22.04" in info.value.hint

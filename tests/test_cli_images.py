@@ -1,0 +1,170 @@
+"""`qinst images` and `qinst pull` through the real entry point: exit codes, JSON shapes, messages on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import RunQinst
+from mirror import Mirror
+
+IMAGES_KEYS = {"name", "aliases", "title", "arch", "digest", "aleph_item_hash", "cached", "size"}
+DEBIAN_12_DIGEST = (
+    "sha512:3d94c9dd66d8a283fde060b8810373b7ae04038b956ee00d553d1ae564f6fbdeaa2fd6e7404e87e53348b5a9509170f3"
+    "ea7c0731ba737590c5c4cb8d559a47f8"
+)
+
+
+def no_traceback(stderr: str) -> None:
+    assert "Traceback" not in stderr
+    assert 'File "' not in stderr
+
+
+def test_images_json(qinst: RunQinst, tmp_path: Path) -> None:
+    proc = qinst("--cache-dir", str(tmp_path), "images", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [r["name"] for r in rows] == ["debian-11", "debian-12", "ubuntu-22.04"]
+    for row in rows:
+        assert set(row) >= IMAGES_KEYS
+        assert row["cached"] is False
+        assert row["size"] is None
+        assert row["arch"] == "x86_64"
+    debian = rows[1]
+    assert debian["aliases"] == ["bookworm"]
+    assert debian["title"] == "Debian 12 (bookworm) genericcloud"
+    assert debian["digest"] == DEBIAN_12_DIGEST
+    assert debian["aleph_item_hash"] == "b6ff5c3a8205d1ca4c7c3369300eeafff498b558f71b851aa2114afd0a532717"
+    assert proc.stderr == ""
+
+
+def test_images_table(qinst: RunQinst, tmp_path: Path) -> None:
+    proc = qinst("--cache-dir", str(tmp_path), "images")
+    assert proc.returncode == 0, proc.stderr
+    header, *rows = proc.stdout.splitlines()
+    assert header.split() == ["NAME", "ALIASES", "ARCH", "CACHED", "DIGEST", "TITLE"]
+    assert [r.split()[:4] for r in rows] == [
+        ["debian-11", "bullseye", "x86_64", "no"],
+        ["debian-12", "bookworm", "x86_64", "no"],
+        ["ubuntu-22.04", "jammy", "x86_64", "no"],
+    ]
+
+
+@pytest.mark.http
+def test_images_shows_what_is_cached(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    assert qinst(*mirror.args(cache), "pull", "bookworm").returncode == 0
+    proc = qinst(*mirror.args(cache), "images", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert rows["debian-12"]["cached"] is True
+    assert rows["debian-12"]["size"] == mirror.images.pinned.size
+    assert rows["debian-12"]["digest"] == mirror.images.pinned.sha512  # the user catalog's pin
+    assert rows["debian-12"]["title"] == "Debian 12 test build"
+    assert rows["ubuntu-22.04"]["cached"] is False
+    assert rows["debian-11"]["digest"].startswith("sha512:6dc6a940")  # built-in entries stay
+    table = qinst(*mirror.args(cache), "images").stdout
+    assert "3.3 MiB" in table
+
+
+def test_user_catalog_adds_images(qinst: RunQinst, tmp_path: Path) -> None:
+    catalog = tmp_path / "extra.toml"
+    catalog.write_text(
+        f'[images.alpine-3]\naliases = ["alpine"]\narch = "aarch64"\n'
+        f'url = "https://example.org/alpine.qcow2"\ndigest = "sha256:{"a" * 64}"\n'
+    )
+    proc = qinst("--cache-dir", str(tmp_path), "images", "--json", env={"QINST_CATALOG": str(catalog)})
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert set(rows) == {"alpine-3", "debian-11", "debian-12", "ubuntu-22.04"}
+    assert (rows["alpine-3"]["aliases"], rows["alpine-3"]["arch"]) == (["alpine"], "aarch64")
+
+
+@pytest.mark.parametrize("command", ["images", "pull debian-12"])
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('[images.x]\nurl = "https://e.example/x"\ndigest = "sha256:00"\n', "[images.x]: key 'digest'"),
+        ('[images.x]\nurl = "https://e.example/x"\ndigest = "sha256:00"\nsize = 1\n', "[images.x]: unknown key 'size'"),
+        ('[images.x]\ndigest = "sha256:' + "0" * 64 + '"\n', "[images.x]: missing key 'url'"),
+        ("[images.x\n", "invalid TOML"),
+    ],
+)
+def test_malformed_catalog_exits_3(qinst: RunQinst, tmp_path: Path, command: str, text: str, needle: str) -> None:
+    catalog = tmp_path / "broken.toml"
+    catalog.write_text(text)
+    proc = qinst("--cache-dir", str(tmp_path), "--catalog", str(catalog), *command.split())
+    assert proc.returncode == 3
+    assert proc.stdout == ""
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith(f"qinst: error: {catalog}: ")
+    assert needle in first
+    no_traceback(proc.stderr)
+
+
+def test_catalog_list_from_the_environment(qinst: RunQinst, tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text("")
+    bad.write_text("[images.y]\nos = 3\n")
+    proc = qinst("--cache-dir", str(tmp_path), "images", env={"QINST_CATALOG": f"{good}{os.pathsep}{bad}"})
+    assert proc.returncode == 3
+    assert f"{bad}: [images.y]: key 'os' must be a non-empty string" in proc.stderr
+
+
+def test_missing_catalog_file(qinst: RunQinst, tmp_path: Path) -> None:
+    proc = qinst("--cache-dir", str(tmp_path), "--catalog", str(tmp_path / "nope.toml"), "images")
+    assert proc.returncode == 3
+    assert f"cannot read catalog {tmp_path / 'nope.toml'}" in proc.stderr
+    no_traceback(proc.stderr)
+
+
+@pytest.mark.parametrize(
+    ("name", "suggestion"), [("debian-13", "debian-12"), ("jamy", "jammy"), ("bokworm", "bookworm")]
+)
+def test_unknown_image_suggests_close_names(qinst: RunQinst, tmp_path: Path, name: str, suggestion: str) -> None:
+    proc = qinst("--cache-dir", str(tmp_path), "pull", name)
+    assert proc.returncode == 3
+    assert proc.stderr.splitlines()[0] == f"qinst: error: unknown image '{name}'"
+    hint = proc.stderr.splitlines()[1]
+    assert hint.startswith("hint: did you mean")
+    assert suggestion in hint
+    no_traceback(proc.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["pull", "https://example.org/x.qcow2"], "refusing to download https://example.org/x.qcow2 without a digest"),
+        (["pull", "https://example.org/x.qcow2", "--sha256", "a" * 64, "--sha512", "b" * 128], "not both"),
+        (["pull", "https://example.org/x.qcow2", "--sha512", "a" * 64], "expected 128 hex digits"),
+        (["pull", "debian-12", "--sha256", "a" * 64], "only to an http(s) URL"),
+        (["pull", "aleph:1234"], "invalid aleph item hash"),
+        (["pull", "debian-12", "--source", "ipfs"], "'ipfs' is not one of upstream, aleph"),
+        (["pull"], "Missing argument"),
+        (["pull", "debian-12", "--bogus"], "No such option"),
+        (["--mirror", "ftp://mirror.lan", "images"], "expected an http(s) URL"),
+        (["frobnicate"], "No such command"),
+    ],
+)
+def test_usage_errors_exit_2(qinst: RunQinst, tmp_path: Path, args: list[str], needle: str) -> None:
+    proc = qinst("--cache-dir", str(tmp_path), *args)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert proc.stdout == ""
+    no_traceback(proc.stderr)
+    assert not (tmp_path / "images").exists()  # nothing was fetched or created
+
+
+def test_url_latest_is_a_usage_error(qinst: RunQinst, tmp_path: Path) -> None:
+    proc = qinst("--cache-dir", str(tmp_path), "pull", "https://e.example/x.img", "--sha256", "a" * 64, "--latest")
+    assert proc.returncode == 2
+    assert "--latest apply to catalog images" in proc.stderr
+
+
+def test_missing_local_file_exits_3(qinst: RunQinst, tmp_path: Path) -> None:
+    proc = qinst("--cache-dir", str(tmp_path), "pull", "/nonexistent/disk.qcow2", "--json")
+    assert proc.returncode == 3
+    assert proc.stdout == ""
+    assert proc.stderr == "qinst: error: no such image file: /nonexistent/disk.qcow2\n"
