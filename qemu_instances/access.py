@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_instances.errors import QinstError, UsageError
@@ -68,3 +71,29 @@ def console_text(host: Host, inst: Instance) -> str:
         return ""
     except OSError as exc:
         raise QinstError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def ssh_run(inst: Instance, settings: Settings, command: Sequence[str], timeout: float = 60.0) -> SshResult:
+    """Run a command in the instance over SSH (batch mode, host key checked); never raises for its exit status."""
+    argv = ssh_argv(inst, settings, command)
+    argv[1:1] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return SshResult(255, "", f"timed out after {timeout:.0f} s", time.monotonic() - started)
+    return SshResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class SshResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0

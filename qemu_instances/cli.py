@@ -418,6 +418,56 @@ def rm(
 
 
 @app.command()
+def smoke(
+    ctx: typer.Context,
+    images: Annotated[list[str], typer.Argument(help="Images to boot-test.")],
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report here.")] = None,
+    parallel: Annotated[
+        int | None, typer.Option("--parallel", help="Boots at once (default: what cores and memory allow).")
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds each image may take to become ready.")] = 600.0,
+    artifacts: Annotated[Path | None, typer.Option("--artifacts", help="Console and cloud-init logs go here.")] = None,
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep failed instances for inspection.")] = False,
+    accel: Annotated[str, typer.Option("--accel", help="auto | kvm | tcg.")] = "auto",
+    network: Annotated[str, typer.Option("--network", help="Network for the guests (as for up).")] = "user",
+    as_json: JsonOpt = False,
+) -> None:
+    """Boot each image, check that it configured itself, and report (exit 6 if any failed)."""
+    from qemu_instances.domain import Accel, Network
+    from qemu_instances.smoke import ImageReport, SmokeOptions, junit_xml, run_smoke
+
+    if parallel is not None and parallel < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--parallel")
+    Network.parse(network)
+    opts = SmokeOptions(
+        timeout=timeout,
+        parallel=parallel,
+        artifacts=artifacts,
+        keep_failed=keep_failed,
+        accel=_choice(Accel, accel, "--accel"),
+        network=network,
+    )
+
+    def summary(report: ImageReport) -> None:
+        failed = [c for c in report.checks if c.status == "failed"]
+        if report.passed:
+            sys.stderr.write(f"PASS {report.image} ({len(report.checks)} checks, {report.seconds:.1f} s)\n")
+        else:
+            first = failed[0] if failed else None
+            why = f"{first.name}: {first.message}" if first else "no check passed"
+            kept = f" (kept: {report.instance})" if report.kept else ""
+            sys.stderr.write(f"FAIL {report.image}: {why.splitlines()[0]}{kept}\n")
+
+    reports = run_smoke(_settings(ctx), images, opts, on_done=summary)
+    if junit is not None:
+        junit.write_bytes(junit_xml(reports))
+    if as_json:
+        _print_json([r.to_json() for r in reports])
+    if not all(r.passed for r in reports):
+        raise typer.Exit(6)
+
+
+@app.command()
 def seed(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", help="Where to write the ISO.")],

@@ -72,3 +72,7 @@ class GuestFailed(QinstError):
 
 class SmokeFailed(QinstError):
     exit_code = 6
+
+
+class Interrupted(QinstError):
+    exit_code = 130

@@ -12,6 +12,7 @@ import logging
 import secrets
 import socket
 import string
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -296,8 +297,18 @@ class Launcher:
         self.settings = settings
         self.store = store or ImageStore(settings)
 
-    def up(self, req: UpRequest, progress: Callable[[int, int | None], None] | None = None) -> UpResult:
+    def up(
+        self,
+        req: UpRequest,
+        progress: Callable[[int, int | None], None] | None = None,
+        *,
+        readiness: Readiness | None = None,
+        cancel: threading.Event | None = None,
+    ) -> UpResult:
+        """Launch req's instance; `readiness` records the phases reached (also when it fails), `cancel` stops it."""
         t0 = time.monotonic()
+        self._readiness = readiness or Readiness()
+        self._cancel = cancel or threading.Event()
         timings: dict[str, float] = {}
         # Everything the user gave is checked before anything is created.
         name = validate_name(req.name) if req.name else None
@@ -420,7 +431,8 @@ class Launcher:
         if not req.wait:
             timings["total"] = round(time.monotonic() - t0, 2)
             return UpResult(instance, timings)
-        readiness = Readiness()
+        readiness = self._readiness
+        readiness.restart()
         try:
             keys_seen = self._wait(host, dom, spec, req.timeout, readiness)
         except GuestPaused:
@@ -430,7 +442,7 @@ class Launcher:
             _undefine(dom)
             spec = _with_accel(spec, Accel.TCG)
             dom = self._define_and_start(host, cleanup, spec)
-            readiness = Readiness()
+            readiness.restart()
             keys_seen = self._wait(host, dom, spec, req.timeout, readiness)
         timings.update(readiness.durations())
         timings["total"] = round(time.monotonic() - t0, 2)
@@ -462,7 +474,9 @@ class Launcher:
                 dom.create()
         except BaseException:
             _undefine(dom)
+            _remove_logs(host, spec.name, spec.console_log)
             raise
+        cleanup.add(f"logs of {spec.name}", lambda: _remove_logs(host, spec.name, spec.console_log))
         cleanup.add(f"domain {spec.name}", lambda: _undefine(dom))
         return dom
 
@@ -474,6 +488,7 @@ class Launcher:
             console=ConsoleLog(Path(spec.console_log)),
             ssh_host=_ssh_host(host, dom, spec.network),
             ssh_port=spec.ssh_port,
+            cancelled=self._cancel.is_set,
         )
         return wait_ready(probe, timeout=timeout, readiness=readiness)
 
@@ -493,13 +508,18 @@ def remove(host: Host, name: str, *, force: bool = False) -> list[str]:
     for vol in inst.metadata.volumes:
         if host.delete_volume(pool, vol):
             removed.append(f"volume {vol}")
-    if inst.metadata.console_log and host.is_local:
-        console = Path(inst.metadata.console_log)
-        # The console record and libvirt's own log of this domain (same directory).
-        for path in (console, console.with_name(f"{name}.log")):
-            with contextlib.suppress(OSError):
-                path.unlink()
+    _remove_logs(host, name, inst.metadata.console_log)
     return removed
+
+
+def _remove_logs(host: Host, name: str, console_log: str) -> None:
+    """The console record and libvirt's own log of the domain (same directory), on a local daemon."""
+    if not console_log or not host.is_local:
+        return
+    console = Path(console_log)
+    for path in (console, console.with_name(f"{name}.log")):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def stop(host: Host, name: str, *, force: bool = False, timeout: float = 60.0) -> str:

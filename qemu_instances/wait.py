@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from qemu_instances.errors import GuestFailed, GuestTimeout, QinstError
+from qemu_instances.errors import GuestFailed, GuestTimeout, Interrupted, QinstError
 from qemu_instances.proc import run
 
 KERNEL = re.compile(r"Linux version \d|Booting Linux|Kernel command line:")
@@ -82,6 +82,10 @@ class Readiness:
     started: float = field(default_factory=time.monotonic)
     phases: dict[str, float] = field(default_factory=dict)
 
+    def restart(self) -> None:
+        self.started = time.monotonic()
+        self.phases.clear()
+
     def mark(self, phase: Phase) -> None:
         self.phases.setdefault(str(phase), round(time.monotonic() - self.started, 2))
 
@@ -103,6 +107,7 @@ class Probe:
     console: ConsoleLog
     ssh_host: Callable[[], str | None]  # None while the address is not known yet
     ssh_port: int
+    cancelled: Callable[[], bool] = lambda: False  # a smoke run being stopped
 
 
 def wait_ready(
@@ -116,6 +121,8 @@ def wait_ready(
     deadline = time.monotonic() + timeout
     next_scan = 0.0
     while True:
+        if probe.cancelled():
+            raise Interrupted("stopped while waiting for the guest")
         text = probe.console.read()
         state, reason = probe.state()
         if state == "running":

