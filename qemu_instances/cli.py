@@ -597,6 +597,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as exc:
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            _fail("interrupted", 130)  # Ctrl-C inside a C call (libvirt) surfaces as a SystemError
         if debug:
             raise
         _fail(f"unexpected failure: {type(exc).__name__}: {exc}", 1, "run again with --debug for a traceback")

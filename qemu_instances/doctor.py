@@ -13,7 +13,7 @@ from pathlib import Path
 import libvirt
 
 from qemu_instances.errors import HypervisorError
-from qemu_instances.host import POOL_NAME, Host, libvirt_errors
+from qemu_instances.host import POOL_NAME, Host, libvirt_errors, tidy
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,12 @@ def kvm_boot_probe(host: Host, seconds: float = 3.0) -> tuple[bool, str]:
     ET.SubElement(root, "memory", unit="MiB").text = "32"
     os_el = ET.SubElement(root, "os")
     ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
+    ET.SubElement(root, "cpu", mode="host-passthrough")  # as `qinst up` asks for it under KVM
     ET.SubElement(root, "devices")
     try:
         dom = host.conn.createXML(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_START_AUTODESTROY)
     except libvirt.libvirtError as exc:
-        return False, f"a KVM guest does not start: {exc.get_error_message()}"
+        return False, f"a KVM guest does not start: {tidy(exc.get_error_message())}"
     try:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:

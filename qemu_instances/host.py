@@ -10,6 +10,7 @@ import fcntl
 import io
 import logging
 import os
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,8 +37,13 @@ def libvirt_errors(action: str, hint: str | None = None) -> Iterator[None]:
     try:
         yield
     except libvirt.libvirtError as exc:
-        message = exc.get_error_message() or str(exc)
-        raise HypervisorError(f"{action}: {message}", hint=hint) from exc
+        raise HypervisorError(f"{action}: {tidy(exc.get_error_message() or str(exc))}", hint=hint) from exc
+
+
+def tidy(message: str) -> str:
+    """libvirt's message on one line, without QEMU's timestamps."""
+    lines = (re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+Z ", "", line).strip() for line in message.splitlines())
+    return "; ".join(line for line in lines if line)
 
 
 def is_no_domain(exc: libvirt.libvirtError) -> bool:
