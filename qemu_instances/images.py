@@ -317,7 +317,9 @@ class ImageStore:
                 raise UsageError("--source aleph and --latest apply to catalog images, not URLs")
             assert ref.url and ref.digest
             return _Plan(ref.name, ref.url, ref.digest, "url")
-        if ref.kind is RefKind.ALEPH or source is Source.ALEPH:
+        # An entry with only an aleph item hash (no upstream url) has aleph as its only source.
+        aleph_only = entry is not None and not entry.url and entry.aleph_item_hash is not None
+        if ref.kind is RefKind.ALEPH or source is Source.ALEPH or aleph_only:
             if latest:
                 raise UsageError("--latest applies to upstream sources, not aleph")
             item = ref.aleph_hash or (entry.aleph_item_hash if entry else None)

@@ -376,6 +376,18 @@ def test_aleph_storage_item(qinst: RunQinst, mirror: Mirror, tmp_path: Path, ima
 
 
 @http
+def test_aleph_only_catalog_entry(mirror: Mirror, tmp_path: Path) -> None:
+    catalog = tmp_path / "aleph.toml"
+    catalog.write_text(f'[images.seed-vm]\nos = "debian"\naleph_item_hash = "{ALEPH_ITEM}"\n')
+    settings = Settings(cache_dir=tmp_path / "cache", catalogs=(catalog,), aleph_api=mirror.url)
+    store = ImageStore(settings, policy=FAST)
+    image = store.pull(store.resolve("seed-vm"))  # no --source aleph needed: there is no other source
+    assert (image.name, image.source, image.digest) == ("seed-vm", "aleph", Digest.parse(mirror.images.pinned.sha256))
+    with pytest.raises(UsageError, match="--latest"):
+        store.pull(store.resolve("seed-vm"), latest=True)
+
+
+@http
 def test_aleph_storage_item_with_other_bytes(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
     mirror.server.add(f"/api/v0/storage/raw/{mirror.images.pinned.sha256_hex}", mirror.images.latest.data)
     stderr = assert_clean_error(qinst(*mirror.args(tmp_path / "cache"), "pull", f"aleph:{ALEPH_ITEM}"), 3)
