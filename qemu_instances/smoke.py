@@ -366,6 +366,15 @@ def _executor(workers: int) -> Iterator[concurrent.futures.ThreadPoolExecutor]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
+_NOT_XML = re.compile(r"[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(text: str) -> str:
+    """Console text made fit for XML 1.0: terminal escape sequences and control characters removed."""
+    return _NOT_XML.sub("", _ANSI.sub("", text).replace("\r\n", "\n").replace("\x1b[K", ""))
+
+
 def _fmt(seconds: float) -> str:
     return f"{seconds:.3f}"
 
@@ -391,17 +400,18 @@ def junit_xml(reports: Sequence[ImageReport]) -> bytes:
         )
         props = ET.SubElement(suite, "properties")
         for name, value in {"instance": report.instance, **report.properties}.items():
-            ET.SubElement(props, "property", name=name, value=value)
+            ET.SubElement(props, "property", name=name, value=xml_text(value))
         for check in report.checks:
             case = ET.SubElement(
                 suite, "testcase", classname=f"smoke.{_slug(report.image)}", name=check.name, time=_fmt(check.seconds)
             )
             if check.status is Status.FAILED:
-                failure = ET.SubElement(case, "failure", message=check.message, type="SmokeCheckFailed")
-                failure.text = check.message
-                ET.SubElement(case, "system-out").text = report.console_tail()
+                message = xml_text(check.message)
+                failure = ET.SubElement(case, "failure", message=message, type="SmokeCheckFailed")
+                failure.text = message
+                ET.SubElement(case, "system-out").text = xml_text(report.console_tail())
             elif check.status is Status.SKIPPED:
-                ET.SubElement(case, "skipped", message=check.message)
+                ET.SubElement(case, "skipped", message=xml_text(check.message))
         total += len(report.checks)
         failures += len(failed)
     root.set("tests", str(total))

@@ -24,7 +24,8 @@ def _validate(xml: bytes) -> None:
 
 
 def _report(image: str, statuses: dict[str, Status]) -> ImageReport:
-    report = ImageReport(image, instance=f"smoke-{image}-ab12", console="line 1\n<&> 'quoted'\nKernel panic\n")
+    console = "line 1\n<&> 'quoted'\n\x1b[0;32m  OK  \x1b[0m] Started\x07\r\nKernel panic\x00\n"
+    report = ImageReport(image, instance=f"smoke-{image}-ab12", console=console)
     report.checks = [
         CheckResult(n, s, 1.25, "expected x, saw y" if s is Status.FAILED else "") for n, s in statuses.items()
     ]
@@ -45,7 +46,8 @@ def test_junit_report_is_valid_and_says_what_failed() -> None:
     assert suites[1].get("failures") == "1" and suites[1].get("skipped") == "1"
     failed = suites[1].find("testcase[@name='cloud-init']")
     assert failed.find("failure").get("message") == "expected x, saw y"
-    assert "<&> 'quoted'" in failed.find("system-out").text
+    out = failed.find("system-out").text
+    assert "<&> 'quoted'" in out and "  OK  ] Started\nKernel panic" in out
     assert failed.get("time") == "1.250"
     assert suites[0].find("testcase[@name='booted']").find("failure") is None
     props = {p.get("name"): p.get("value") for p in suites[0].iter("property")}
@@ -64,7 +66,7 @@ def test_smoke_good_and_broken_in_parallel(qinst: RunQinst, vm_env: dict[str, st
     junit = tmp_path / "report.xml"
     artifacts = tmp_path / "artifacts"
     run = qinst(
-        "smoke", "qinst-test", "qinst-test-broken", "--parallel", "2", "--timeout", "240",
+        "smoke", "qinst-test", "qinst-test-broken", "--parallel", "2", "--timeout", "360",
         "--junit", str(junit), "--artifacts", str(artifacts), "--json",
         env=vm_env, timeout=900,
     )  # fmt: skip
@@ -84,7 +86,7 @@ def test_smoke_good_and_broken_in_parallel(qinst: RunQinst, vm_env: dict[str, st
     assert bchecks["booted"]["status"] == "passed"
     assert bchecks["cloud-init"]["status"] == "failed"
     assert "Cloud-init v. ... finished" in bchecks["cloud-init"]["message"]
-    assert "not ready within 240 s" in bchecks["cloud-init"]["message"]
+    assert "not ready within 360 s" in bchecks["cloud-init"]["message"]
     assert bchecks["hostname"]["status"] == "skipped"
 
     lines = run.stderr.splitlines()
