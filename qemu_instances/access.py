@@ -13,6 +13,7 @@ from pathlib import Path
 from qemu_instances.errors import QinstError, UsageError
 from qemu_instances.host import Host
 from qemu_instances.instances import Instance
+from qemu_instances.remote import SshHop
 from qemu_instances.settings import Settings
 from qemu_instances.wait import KEY_LINE, known_hosts_line
 
@@ -52,6 +53,10 @@ def ssh_argv(inst: Instance, settings: Settings, command: Sequence[str] = ()) ->
         "-o", "LogLevel=ERROR",
         "-p", str(meta.ssh_port),
     ]  # fmt: skip
+    hop = SshHop.from_uri(settings.connect)
+    if hop is not None:
+        # The guest's address (a forward on the host's loopback, or a NAT address) is reached through the host.
+        argv += hop.ssh_options()
     if meta.private_key and Path(meta.private_key).exists():
         argv += ["-i", meta.private_key, "-o", "IdentitiesOnly=yes"]
     argv.append(f"{meta.user}@{meta.ssh_host}")
@@ -61,10 +66,10 @@ def ssh_argv(inst: Instance, settings: Settings, command: Sequence[str] = ()) ->
 
 
 def console_text(host: Host, inst: Instance) -> str:
-    """The serial console as recorded by virtlogd (local daemons)."""
+    """The serial console as recorded by virtlogd: a local file, or a volume of the pool on a remote host."""
     path = Path(inst.metadata.console_log)
     if not host.is_local:
-        raise UsageError("'qinst logs' reads the console log on this machine; use 'qinst console' on remote hosts")
+        return host.download_volume(host.pool(create=False), path.name).decode("utf-8", "replace")
     try:
         return path.read_text(errors="replace")
     except FileNotFoundError:

@@ -50,21 +50,40 @@ def _global(
     aleph_api: Annotated[str, typer.Option("--aleph-api", envvar="QINST_ALEPH_API", help="aleph.im API base.")] = (
         DEFAULT_ALEPH_API
     ),
+    host: Annotated[
+        str | None,
+        typer.Option("--host", envvar="QINST_HOST", help="A host of the config file's [hosts] table (up: or auto)."),
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show debug logs and tracebacks.")] = False,
 ) -> None:
+    from qemu_instances.config import host_uri, load_hosts
+    from qemu_instances.settings import default_config_dir
+
     if mirror and not mirror.startswith(("http://", "https://")):
         raise typer.BadParameter("expected an http(s) URL", param_hint="--mirror")
+    if host and connect:
+        raise typer.BadParameter("give --host or --connect, not both", param_hint="--host")
+    config_dir = default_config_dir()
+    hosts = load_hosts(config_dir)
+    if host and host != "auto":
+        connect = host_uri(hosts, host, config_dir)
     ctx.obj = Settings(
         connect=connect or default_connect_uri(),
         cache_dir=(cache_dir or default_cache_dir()).expanduser().absolute(),
+        config_dir=config_dir,
         catalogs=tuple(catalog or ()),
         mirror=mirror,
         aleph_api=aleph_api,
+        hosts=hosts,
+        host=host,
     )
 
 
-def _settings(ctx: typer.Context) -> Settings:
+def _settings(ctx: typer.Context, *, connects: bool = False) -> Settings:
+    """The global settings; `connects` for commands that talk to the chosen libvirt host."""
     settings: Settings = ctx.obj
+    if settings.host == "auto" and connects:
+        raise typer.BadParameter("'auto' places new instances: only 'qinst up' takes it", param_hint="--host")
     return settings
 
 
@@ -206,7 +225,7 @@ def prune(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Remove cached images that no instance uses, and stale partial downloads."""
     from qemu_instances.instances import prune as prune_unused
 
-    removed = prune_unused(_settings(ctx), _store(ctx))
+    removed = prune_unused(_settings(ctx, connects=True), _store(ctx))
     if as_json:
         _print_json([{"path": p, "size": s} for p, s in removed])
         return
@@ -270,11 +289,17 @@ def up(
         source=_choice(Source, source, "--source"),
         latest=latest,
     )
+    from qemu_instances.fleet import for_host, place
+
+    settings = _settings(ctx)
+    if settings.host == "auto":
+        settings = for_host(settings, place(settings, memory))
+        sys.stderr.write(f"placing {image} on host {settings.host} (the most free memory)\n")
     with _ProgressBar(f"pull {image}") as progress:
-        result = Launcher(_settings(ctx)).up(request, progress=progress)
+        result = Launcher(settings).up(request, progress=progress)
     inst, meta = result.instance, result.instance.metadata
     if as_json:
-        data = inst.to_json()
+        data = {"host": settings.host, **inst.to_json()}
         data["ready"] = result.ready
         data["timings"] = result.timings
         _print_json(data)
@@ -289,11 +314,18 @@ def up(
 
 
 @app.command("ls")
-def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def list_(
+    ctx: typer.Context,
+    all_hosts: Annotated[bool, typer.Option("--all-hosts", help="Every host of the config file, in parallel.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """List qinst's instances: name, state, image, address, age."""
     from qemu_instances.instances import list_instances, open_host
 
-    with open_host(_settings(ctx)) as host:
+    if all_hosts:
+        _list_all_hosts(ctx, as_json)
+        return
+    with open_host(_settings(ctx, connects=True)) as host:
         found = list_instances(host)
     if as_json:
         _print_json([i.to_json() for i in found])
@@ -302,6 +334,32 @@ def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         [[i.name, i.state, i.metadata.image, i.address, _age(i.metadata.created)] for i in found],
         ["NAME", "STATE", "IMAGE", "ADDRESS", "AGE"],
     )
+
+
+def _list_all_hosts(ctx: typer.Context, as_json: bool) -> None:
+    from qemu_instances.fleet import list_all
+
+    answers = list_all(_settings(ctx))
+    rows: list[dict[str, Any]] = []
+    for answer in answers:
+        if answer.error is not None:
+            sys.stderr.write(f"qinst: warning: host {answer.host} is unreachable: {answer.error}\n")
+            rows.append({"host": answer.host, "error": answer.error})
+        rows += [{"host": answer.host, **i.to_json()} for i in answer.value or []]
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(
+            [
+                [r["host"], r["name"], r["state"], r["image"], f"{r['ssh']['host'] or '-'}:{r['ssh']['port']}",
+                 _age(r["created"])]
+                for r in rows
+                if "error" not in r
+            ],
+            ["HOST", "NAME", "STATE", "IMAGE", "ADDRESS", "AGE"],
+        )  # fmt: skip
+    if all(a.error is not None for a in answers):
+        raise typer.Exit(4)
 
 
 def _age(created: str) -> str:
@@ -329,7 +387,7 @@ def ssh(
     from qemu_instances.access import ssh_argv
     from qemu_instances.instances import get_instance, open_host
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, connects=True)
     with open_host(settings) as host:
         _, inst = get_instance(host, name)
     argv = ssh_argv(inst, settings, [*(command or []), *ctx.args])
@@ -346,7 +404,7 @@ def console(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Instan
 
     from qemu_instances.instances import get_instance, open_host
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, connects=True)
     with open_host(settings) as host:
         get_instance(host, name)
     if shutil.which("virsh") is None:
@@ -360,7 +418,7 @@ def logs(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Instance 
     from qemu_instances.access import console_text
     from qemu_instances.instances import get_instance, open_host
 
-    with open_host(_settings(ctx)) as host:
+    with open_host(_settings(ctx, connects=True)) as host:
         _, inst = get_instance(host, name)
         sys.stdout.write(console_text(host, inst))
 
@@ -374,7 +432,7 @@ def stop(
     """Shut an instance down (ACPI; powered off if it does not stop within a minute)."""
     from qemu_instances import instances
 
-    with instances.open_host(_settings(ctx)) as host:
+    with instances.open_host(_settings(ctx, connects=True)) as host:
         outcome = instances.stop(host, name, force=force)
     sys.stderr.write(f"{name}: {outcome}\n")
 
@@ -389,7 +447,7 @@ def start(
     """Start a stopped instance (and wait until SSH answers with its recorded host key)."""
     from qemu_instances import instances
 
-    with instances.open_host(_settings(ctx)) as host:
+    with instances.open_host(_settings(ctx, connects=True)) as host:
         instances.start(host, name, wait=wait, timeout=timeout)
     sys.stderr.write(f"{name}: started\n")
 
@@ -404,7 +462,7 @@ def rm(
     from qemu_instances import instances
 
     failed: QinstError | None = None
-    with instances.open_host(_settings(ctx)) as host:
+    with instances.open_host(_settings(ctx, connects=True)) as host:
         for name in names:
             try:
                 removed = instances.remove(host, name, force=force)
@@ -430,6 +488,9 @@ def smoke(
     keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep failed instances for inspection.")] = False,
     accel: Annotated[str, typer.Option("--accel", help="auto | kvm | tcg.")] = "auto",
     network: Annotated[str, typer.Option("--network", help="Network for the guests (as for up).")] = "user",
+    hosts: Annotated[
+        str | None, typer.Option("--hosts", help="Spread the images over these hosts (a,b: config file names).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Boot each image, check that it configured itself, and report (exit 6 if any failed)."""
@@ -446,6 +507,7 @@ def smoke(
         keep_failed=keep_failed,
         accel=_choice(Accel, accel, "--accel"),
         network=network,
+        hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else (),
     )
 
     def summary(report: ImageReport) -> None:
@@ -458,7 +520,7 @@ def smoke(
             kept = f" (kept: {report.instance})" if report.kept else ""
             sys.stderr.write(f"FAIL {report.image}: {why.splitlines()[0]}{kept}\n")
 
-    reports = run_smoke(_settings(ctx), images, opts, on_done=summary)
+    reports = run_smoke(_settings(ctx, connects=True), images, opts, on_done=summary)
     if junit is not None:
         junit.write_bytes(junit_xml(reports))
     if as_json:
@@ -538,7 +600,7 @@ def doctor(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Check what works on this host: libvirt, KVM (really usable), TCG, pool, networks, tools."""
     from qemu_instances.doctor import run_checks
 
-    checks = run_checks(_settings(ctx).connect)
+    checks = run_checks(_settings(ctx, connects=True).connect)
     if as_json:
         _print_json([c.to_json() for c in checks])
     else:

@@ -21,11 +21,15 @@ from urllib.parse import urlsplit
 
 import libvirt
 
+from qemu_instances.digests import Digest
+from qemu_instances.download import Progress
 from qemu_instances.errors import HypervisorError
 
 log = logging.getLogger("qinst")
 T = TypeVar("T")
 POOL_NAME = "qinst"
+UPLOAD_CHUNK = 1 << 20  # bytes handed to a libvirt stream at a time
+VERIFIED = ".verified"  # suffix of the marker volume of a completed, verified upload
 
 # libvirt prints every error to stderr by default; we report them ourselves, once.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -194,16 +198,28 @@ class Host:
             vol.delete(0)
         return True
 
-    def base_volume(self, pool: Any, name: str, source: Path, size: int) -> Any:
-        """The cached image as a pool volume named `name`: a hard link on a local daemon, else an upload."""
+    def base_volume(self, pool: Any, name: str, source: Path, digest: Digest, progress: Progress | None = None) -> Any:
+        """The cached image as a pool volume named `name` (its digest).
+
+        On a local daemon it is a hard link to the cached file (no second copy). Otherwise it is uploaded once
+        through a libvirt stream, hashed while it is sent, and a marker volume `name.verified` records that the
+        upload completed and matched the digest; a volume without its marker (a broken upload) is started over.
+        """
+        size = source.stat().st_size
+        marker = name + VERIFIED
         vol = self.volume(pool, name)
         if vol is not None:
             with libvirt_errors(f"cannot read volume {name}"):
                 _, _, physical = vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)
-            if physical == size:
+            if physical == size and (self.is_local or self.volume(pool, marker) is not None):
                 return vol
-            log.warning("volume %s has the wrong size; replacing it", name)
+            if physical == size and self.volume_digest(vol, digest) == digest:
+                # Complete but unmarked (made through another connection to this host): no need to upload it.
+                self.upload_volume(pool, marker, io.BytesIO(str(digest).encode()), len(str(digest)))
+                return vol
+            log.warning("volume %s is incomplete or of the wrong size; replacing it", name)
             self.delete_volume(pool, name)
+        self.delete_volume(pool, marker)
         target = self.pool_path(pool) / name
         if self.is_local and target.parent.is_dir():
             try:
@@ -214,10 +230,25 @@ class Host:
                 with libvirt_errors("cannot refresh the storage pool"):
                     pool.refresh(0)
                     return pool.storageVolLookupByName(name)
+        hasher = digest.algorithm.new()
         with source.open("rb") as f:
-            return self.upload_volume(pool, name, f, size)
+            vol = self.upload_volume(pool, name, f, size, hasher=hasher, progress=progress)
+        if hasher.hexdigest() != digest.hex:
+            self.delete_volume(pool, name)
+            raise HypervisorError(f"the bytes sent for {name} do not match its digest {digest}")
+        self.upload_volume(pool, marker, io.BytesIO(str(digest).encode()), len(str(digest)))
+        return vol
 
-    def upload_volume(self, pool: Any, name: str, data: io.BufferedIOBase | io.BytesIO, size: int) -> Any:
+    def upload_volume(
+        self,
+        pool: Any,
+        name: str,
+        data: io.BufferedIOBase | io.BytesIO,
+        size: int,
+        *,
+        hasher: Any = None,
+        progress: Progress | None = None,
+    ) -> Any:
         """Create volume `name` of `size` bytes and stream `data` into it; on failure nothing is left."""
         root = ET.Element("volume")
         ET.SubElement(root, "name").text = name
@@ -226,11 +257,23 @@ class Host:
         ET.SubElement(target, "format", type="raw")
         with libvirt_errors(f"cannot create volume {name}"):
             vol = pool.createXML(ET.tostring(root, encoding="unicode"), 0)
+        sent = 0
+
+        def read(_stream: Any, nbytes: int, fh: io.BufferedIOBase) -> bytes:
+            nonlocal sent
+            chunk = fh.read(max(nbytes, UPLOAD_CHUNK))
+            if hasher is not None:
+                hasher.update(chunk)
+            sent += len(chunk)
+            if progress is not None:
+                progress(sent, size)
+            return chunk
+
         stream = self.conn.newStream(0)
         try:
             with libvirt_errors(f"cannot upload volume {name}"):
                 vol.upload(stream, 0, size, 0)
-                stream.sendAll(lambda _s, n, fh: fh.read(n), data)
+                stream.sendAll(read, data)
                 stream.finish()
         except BaseException:
             with contextlib.suppress(libvirt.libvirtError):
@@ -240,13 +283,34 @@ class Host:
             raise
         return vol
 
-    def overlay_volume(self, pool: Any, name: str, backing: Any, capacity: int) -> Any:
-        """A qcow2 (compat 1.1) overlay on the backing volume, at least `capacity` bytes large."""
-        with libvirt_errors("cannot read the base volume"):
-            backing_root = ET.fromstring(backing.XMLDesc(0))
-        backing_fmt = backing_root.find("target/format")
-        fmt = backing_fmt.get("type", "qcow2") if backing_fmt is not None else "qcow2"
-        virtual = int(backing_root.findtext("capacity") or 0)
+    def volume_digest(self, vol: Any, like: Digest) -> Digest:
+        """The digest of a volume's bytes, read through a libvirt stream (one pass, constant memory)."""
+        hasher = like.algorithm.new()
+        with libvirt_errors("cannot read a volume back"):
+            stream = self.conn.newStream(0)
+            vol.download(stream, 0, 0, 0)
+            stream.recvAll(lambda _s, data, h: h.update(data), hasher)
+            stream.finish()
+        return Digest(like.algorithm, hasher.hexdigest())
+
+    def download_volume(self, pool: Any, name: str, limit: int = 64 << 20) -> bytes:
+        """A (small) volume's bytes, read through a libvirt stream; its last `limit` bytes when larger."""
+        self.volume_names(pool)  # refresh: files that libvirt did not create (console logs) become volumes
+        vol = self.volume(pool, name)
+        if vol is None:
+            return b""
+        chunks: list[bytes] = []
+        with libvirt_errors(f"cannot download volume {name}"):
+            _, _, physical = vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)
+            offset = max(0, physical - limit)
+            stream = self.conn.newStream(0)
+            vol.download(stream, offset, physical - offset, 0)
+            stream.recvAll(lambda _s, data, acc: acc.append(data), chunks)
+            stream.finish()
+        return b"".join(chunks)
+
+    def overlay_volume(self, pool: Any, name: str, backing: Any, capacity: int, fmt: str, virtual: int) -> Any:
+        """A qcow2 (compat 1.1) overlay on the backing volume (of format fmt), at least `capacity` bytes large."""
         root = ET.Element("volume")
         ET.SubElement(root, "name").text = name
         ET.SubElement(root, "capacity", unit="bytes").text = str(max(capacity, virtual))

@@ -36,12 +36,27 @@ from qemu_instances.domain import (
     metadata_from_domain_xml,
     validate_name,
 )
+from qemu_instances.download import Progress
 from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, UsageError
-from qemu_instances.host import POOL_NAME, Host, libvirt_errors
-from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source
+from qemu_instances.host import POOL_NAME, VERIFIED, Host, libvirt_errors
+from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qemu_img_info
+from qemu_instances.remote import SshHop
 from qemu_instances.settings import Settings
 from qemu_instances.sshkeys import SshKey, resolve_keys
-from qemu_instances.wait import KEY_LINE, ConsoleLog, GuestPaused, Probe, Readiness, wait_for_ssh, wait_ready
+from qemu_instances.wait import (
+    KEY_LINE,
+    Console,
+    ConsoleLog,
+    ConsoleStream,
+    GuestPaused,
+    KeyCheck,
+    Probe,
+    Readiness,
+    check_host_keys,
+    check_host_keys_via,
+    wait_for_ssh,
+    wait_ready,
+)
 
 log = logging.getLogger("qinst")
 GiB = 1 << 30
@@ -131,11 +146,25 @@ def default_name(image: str) -> str:
     return f"{base[:58] or 'vm'}-{suffix}"
 
 
-def console_log_path(host: Host, name: str) -> Path:
-    """Where virtlogd records the serial console: a directory libvirt's QEMU may write."""
+def console_log_path(host: Host, pool: Any, name: str) -> Path:
+    """Where virtlogd records the serial console: libvirt's log directory on a local daemon; on a remote one,
+    the pool's directory, so that `qinst logs` can download it as a volume."""
+    if not host.is_local:
+        return host.pool_path(pool) / f"{name}-console.log"
     if host.is_system:
         return Path("/var/log/libvirt/qemu") / f"{name}-console.log"
     return Path.home() / ".cache/libvirt/qemu/log" / f"{name}-console.log"
+
+
+def open_console(host: Host, dom: Any, path: str) -> Console:
+    """The console as recorded in its file (local daemons) or as a libvirt console stream (remote ones)."""
+    return ConsoleLog(Path(path)) if host.is_local else ConsoleStream(host.conn, dom)
+
+
+def host_key_scanner(host: Host) -> KeyCheck:
+    """How to ask a guest's SSH server for its host key: directly, or through the remote libvirt host."""
+    hop = SshHop.from_uri(host.uri)
+    return check_host_keys if hop is None else check_host_keys_via(hop.ssh_options())
 
 
 def _state(dom: Any) -> tuple[str, str]:
@@ -192,7 +221,7 @@ def prune(settings: Settings, store: ImageStore) -> list[tuple[str, int]]:
         pool = host.pool(create=False) if POOL_NAME in host.pool_names() else None
         if pool is not None:
             for vol_name in host.volume_names(pool):
-                digest = Digest.from_filename(vol_name)
+                digest = Digest.from_filename(vol_name.removesuffix(VERIFIED))
                 if digest is None or str(digest) in in_use:
                     continue
                 vol = host.volume(pool, vol_name)
@@ -290,6 +319,36 @@ def _set_metadata(dom: Any, meta: Metadata) -> None:
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, meta.to_xml(), METADATA_KEY, METADATA_NS, flags)
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """`up`'s inputs, checked and resolved before anything is created."""
+
+    req: UpRequest
+    name: str
+    ref: ImageRef
+    user: str
+    keys: tuple[SshKey, ...]
+    seed: seeds.SeedSpec
+    iso: bytes
+
+
+@dataclass
+class _Run:
+    """One `up` in progress: the connection, what it made so far, its timings and observers."""
+
+    host: Host
+    cleanup: _Cleanup
+    t0: float
+    progress: Progress | None
+    readiness: Readiness
+    cancel: threading.Event
+    timeout: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def lap(self, phase: str, since: float) -> None:
+        self.timings[phase] = round(time.monotonic() - since, 2)
+
+
 class Launcher:
     """Runs `qinst up`: resolve, pull, create volumes, define, start, wait; undo everything on failure."""
 
@@ -300,95 +359,83 @@ class Launcher:
     def up(
         self,
         req: UpRequest,
-        progress: Callable[[int, int | None], None] | None = None,
+        progress: Progress | None = None,
         *,
         readiness: Readiness | None = None,
         cancel: threading.Event | None = None,
     ) -> UpResult:
         """Launch req's instance; `readiness` records the phases reached (also when it fails), `cancel` stops it."""
         t0 = time.monotonic()
-        self._readiness = readiness or Readiness()
-        self._cancel = cancel or threading.Event()
-        timings: dict[str, float] = {}
-        # Everything the user gave is checked before anything is created.
+        inputs = self._inputs(req)
+        image = self._pull(inputs.ref, req, progress)
+        with Host(self.settings.connect) as host:
+            if _lookup(host, inputs.name) is not None:
+                raise UsageError(f"an instance or domain named {inputs.name!r} already exists")
+            run = _Run(
+                host, _Cleanup(host), t0, progress, readiness or Readiness(), cancel or threading.Event(), req.timeout
+            )
+            run.lap("download", t0)
+            try:
+                return self._launch(run, inputs, image)
+            except (GuestTimeout, GuestFailed) as exc:
+                if isinstance(exc, GuestPaused):
+                    run.cleanup.run()
+                    raise
+                # The guest booted: keep it for inspection.
+                name = inputs.name
+                exc.hint = f"the instance is kept for inspection: 'qinst logs {name}'; remove it with 'qinst rm {name}'"
+                raise
+            except BaseException:
+                run.cleanup.run()
+                raise
+
+    def _inputs(self, req: UpRequest) -> _Inputs:
+        """Check everything the user gave, and build the seed, before anything is created."""
         name = validate_name(req.name) if req.name else None
         if req.cpus < 1 or req.memory_mib < 64 or req.disk_gib < 1:
             raise UsageError("--cpus must be >= 1, --memory >= 64 MiB and --disk >= 1 GiB")
         if req.ssh_port is not None and not 1 <= req.ssh_port <= 65535:
             raise UsageError(f"invalid --ssh-port {req.ssh_port}")
-        network_text = req.network
-        if network_text:
-            Network.parse(network_text)
+        if req.network:
+            Network.parse(req.network)
         ref = self.store.resolve(req.image)
         user = seeds.validate_user(req.user or (ref.entry.default_user if ref.entry else "cloud"))
-        keys = resolve_keys(list(req.ssh_keys), self.settings.config_dir)
-        user_data = _read_user_data(req.user_data)
+        keys = tuple(resolve_keys(list(req.ssh_keys), self.settings.config_dir))
         name = name or default_name(ref.name)
-        spec_seed = seeds.SeedSpec(
+        seed = seeds.SeedSpec(
             hostname=name,
             instance_id=seeds.new_instance_id(),
             user=user,
             ssh_keys=tuple(k.public for k in keys),
-            user_data=user_data,
+            user_data=_read_user_data(req.user_data),
             user_data_source=str(req.user_data) if req.user_data else None,
             extra_config=req.extra_config,
         )
-        iso = seeds.build_seed_iso(spec_seed)  # also validates the user-data
+        return _Inputs(req, name, ref, user, keys, seed, seeds.build_seed_iso(seed))  # also checks the user-data
 
-        image = self._pull(ref, req, progress)
-        timings["download"] = round(time.monotonic() - t0, 2)
-        with Host(self.settings.connect) as host:
-            if _lookup(host, name) is not None:
-                raise UsageError(f"an instance or domain named {name!r} already exists")
-            cleanup = _Cleanup(host)
-            try:
-                return self._launch(host, cleanup, req, name, ref, image, user, keys, spec_seed, iso, timings, t0)
-            except (GuestTimeout, GuestFailed) as exc:
-                if isinstance(exc, GuestPaused):
-                    cleanup.run()
-                    raise
-                # The guest booted: keep it for inspection.
-                exc.hint = f"the instance is kept for inspection: 'qinst logs {name}'; remove it with 'qinst rm {name}'"
-                raise
-            except BaseException:
-                cleanup.run()
-                raise
-
-    def _pull(self, ref: ImageRef, req: UpRequest, progress: Callable[[int, int | None], None] | None) -> CachedImage:
+    def _pull(self, ref: ImageRef, req: UpRequest, progress: Progress | None) -> CachedImage:
         if not req.latest and req.source is Source.UPSTREAM:
             cached = self.store.cached(ref)
             if cached:
                 return cached
         return self.store.pull(ref, source=req.source, latest=req.latest, progress=progress)
 
-    def _launch(
-        self,
-        host: Host,
-        cleanup: _Cleanup,
-        req: UpRequest,
-        name: str,
-        ref: ImageRef,
-        image: CachedImage,
-        user: str,
-        keys: list[SshKey],
-        spec_seed: seeds.SeedSpec,
-        iso: bytes,
-        timings: dict[str, float],
-        t0: float,
-    ) -> UpResult:
+    def _launch(self, run: _Run, inputs: _Inputs, image: CachedImage) -> UpResult:
+        host, cleanup, req, name = run.host, run.cleanup, inputs.req, inputs.name
         t_define = time.monotonic()
         network = _choose_network(host, req.network)
         pool = host.pool()
-        base = host.base_volume(pool, image.digest.filename, image.path, image.size)
+        base = host.base_volume(pool, image.digest.filename, image.path, image.digest, run.progress)
         disk_name, seed_name = f"{name}.qcow2", f"{name}-seed.iso"
-        host.overlay_volume(pool, disk_name, base, req.disk_gib * GiB)
+        virtual = int(qemu_img_info(image.path).get("virtual-size", 0))
+        host.overlay_volume(pool, disk_name, base, req.disk_gib * GiB, image.format, virtual)
         cleanup.add(f"volume {disk_name}", lambda: host.delete_volume(pool, disk_name))
-        seed_vol = host.upload_volume(pool, seed_name, io.BytesIO(iso), len(iso))
+        seed_vol = host.upload_volume(pool, seed_name, io.BytesIO(inputs.iso), len(inputs.iso))
         cleanup.add(f"volume {seed_name}", lambda: host.delete_volume(pool, seed_name))
         ssh_port = 22
         if network.kind is NetworkKind.USER:
             ssh_port = req.ssh_port or free_port()
-        console = console_log_path(host, name)
+        console = console_log_path(host, pool, name)
         with libvirt_errors("cannot read the disk volume"):
             disk_path = pool.storageVolLookupByName(disk_name).path()
             seed_path = seed_vol.path()
@@ -399,18 +446,18 @@ class Launcher:
             if not kvm.usable:
                 log.info("KVM is not usable here (%s): using TCG software emulation, which is slower", kvm.reason)
         meta = Metadata(
-            image=ref.name,
+            image=inputs.ref.name,
             digest=str(image.digest),
-            user=user,
+            user=inputs.user,
             network=str(network),
             ssh_host="127.0.0.1" if network.kind is NetworkKind.USER else "",
             ssh_port=ssh_port,
             created=_created_at(),
-            instance_id=spec_seed.instance_id,
-            private_key=_private_key(keys),
+            instance_id=inputs.seed.instance_id,
+            private_key=_private_key(list(inputs.keys)),
             console_log=str(console),
             accel=str(accel),
-            volumes=(disk_name, seed_name),
+            volumes=(disk_name, seed_name) if host.is_local else (disk_name, seed_name, console.name),
         )
         spec = InstanceSpec(
             name=name,
@@ -426,15 +473,13 @@ class Launcher:
             metadata=meta,
         )
         dom, spec = self._start(host, cleanup, spec, fallback=req.accel is Accel.AUTO)
-        timings["define"] = round(time.monotonic() - t_define, 2)
-        instance = Instance(name, "running", meta)
+        run.lap("define", t_define)
         if not req.wait:
-            timings["total"] = round(time.monotonic() - t0, 2)
-            return UpResult(instance, timings)
-        readiness = self._readiness
-        readiness.restart()
+            run.lap("total", run.t0)
+            return UpResult(Instance(name, "running", spec.metadata), run.timings)
+        run.readiness.restart()
         try:
-            keys_seen = self._wait(host, dom, spec, req.timeout, readiness)
+            keys_seen = self._wait(run, dom, spec)
         except GuestPaused:
             if req.accel is not Accel.AUTO or spec.accel is not Accel.KVM:
                 raise
@@ -442,17 +487,17 @@ class Launcher:
             _undefine(dom)
             spec = _with_accel(spec, Accel.TCG)
             dom = self._define_and_start(host, cleanup, spec)
-            readiness.restart()
-            keys_seen = self._wait(host, dom, spec, req.timeout, readiness)
-        timings.update(readiness.durations())
-        timings["total"] = round(time.monotonic() - t0, 2)
+            run.readiness.restart()
+            keys_seen = self._wait(run, dom, spec)
+        run.timings.update(run.readiness.durations())
+        run.lap("total", run.t0)
         meta = replace(
             spec.metadata,
             ssh_host=_ssh_host(host, dom, spec.network)() or "",
             host_keys="\n".join(f"{k} {b}" for k, b in keys_seen),
         )
         _set_metadata(dom, meta)
-        return UpResult(Instance(name, "running", meta), timings, ready=True)
+        return UpResult(Instance(name, "running", meta), run.timings, ready=True)
 
     def _start(self, host: Host, cleanup: _Cleanup, spec: InstanceSpec, *, fallback: bool) -> tuple[Any, InstanceSpec]:
         """Define and start; with --accel auto, a KVM guest that QEMU cannot start is started again under TCG."""
@@ -480,17 +525,19 @@ class Launcher:
         cleanup.add(f"domain {spec.name}", lambda: _undefine(dom))
         return dom
 
-    def _wait(
-        self, host: Host, dom: Any, spec: InstanceSpec, timeout: float, readiness: Readiness
-    ) -> list[tuple[str, str]]:
+    def _wait(self, run: _Run, dom: Any, spec: InstanceSpec) -> list[tuple[str, str]]:
         probe = Probe(
             state=lambda: _state(dom),
-            console=ConsoleLog(Path(spec.console_log)),
-            ssh_host=_ssh_host(host, dom, spec.network),
+            console=open_console(run.host, dom, spec.console_log),
+            ssh_host=_ssh_host(run.host, dom, spec.network),
             ssh_port=spec.ssh_port,
-            cancelled=self._cancel.is_set,
+            cancelled=run.cancel.is_set,
+            scan=host_key_scanner(run.host),
         )
-        return wait_ready(probe, timeout=timeout, readiness=readiness)
+        try:
+            return wait_ready(probe, timeout=run.timeout, readiness=run.readiness)
+        finally:
+            probe.console.close()
 
 
 def _with_accel(spec: InstanceSpec, accel: Accel) -> InstanceSpec:
@@ -505,6 +552,8 @@ def remove(host: Host, name: str, *, force: bool = False) -> list[str]:
     _undefine(dom)
     removed = [f"domain {name}"]
     pool = host.pool(create=False)
+    if not host.is_local:
+        host.volume_names(pool)  # refreshes the pool: the console log is a file virtlogd made there
     for vol in inst.metadata.volumes:
         if host.delete_volume(pool, vol):
             removed.append(f"volume {vol}")
@@ -550,7 +599,14 @@ def start(host: Host, name: str, *, wait: bool = True, timeout: float = 300.0) -
         inst = replace(inst, state="running")
     recorded = set(KEY_LINE.findall(inst.metadata.host_keys))
     if wait and recorded and inst.metadata.ssh_host:
-        wait_for_ssh(inst.metadata.ssh_host, inst.metadata.ssh_port, recorded, lambda: _state(dom), timeout)
+        wait_for_ssh(
+            inst.metadata.ssh_host,
+            inst.metadata.ssh_port,
+            recorded,
+            lambda: _state(dom),
+            timeout,
+            host_key_scanner(host),
+        )
     return inst
 
 

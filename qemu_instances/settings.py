@@ -31,3 +31,5 @@ class Settings:
     catalogs: tuple[Path, ...] = ()
     mirror: str | None = None
     aleph_api: str = DEFAULT_ALEPH_API
+    hosts: dict[str, str] = field(default_factory=dict)  # [hosts.NAME] uri = ... from the config file
+    host: str | None = None  # the host name --host chose ("auto": placement by `up`)

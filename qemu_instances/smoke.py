@@ -26,16 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from qemu_instances import instances
-from qemu_instances.access import SshResult, ssh_run
+from qemu_instances.access import SshResult, console_text, ssh_run
 from qemu_instances.domain import Accel
 from qemu_instances.errors import GuestFailed, GuestTimeout, Interrupted, QinstError
+from qemu_instances.fleet import for_host
 from qemu_instances.host import Host
 from qemu_instances.images import ImageStore
 from qemu_instances.instances import Instance, Launcher, UpRequest
 from qemu_instances.seed import load_template
 from qemu_instances.settings import Settings
 from qemu_instances.sshkeys import generate_keypair
-from qemu_instances.wait import ConsoleLog, Readiness
+from qemu_instances.wait import Readiness
 
 log = logging.getLogger("qinst")
 SMOKE_DISK_GIB = 4
@@ -113,6 +114,7 @@ class SmokeOptions:
     keep_failed: bool = False
     accel: Accel = Accel.AUTO
     network: str = "user"
+    hosts: tuple[str, ...] = ()  # spread the images over these configured hosts (round robin)
 
 
 def default_parallel(count: int, memory_mib: int = SMOKE_MEMORY_MIB) -> int:
@@ -135,11 +137,14 @@ def _slug(image: str) -> str:
 class _Runner:
     """One image's smoke run."""
 
-    def __init__(self, settings: Settings, image: str, opts: SmokeOptions, cancel: threading.Event) -> None:
+    def __init__(self, settings: Settings, image: str, opts: SmokeOptions, cancel: threading.Event, label: str) -> None:
         self.settings = settings
+        self.label = label  # the image's folder under --artifacts
         self.opts = opts
         self.cancel = cancel
         self.report = ImageReport(image, instance=f"smoke-{_slug(image)}-{secrets.token_hex(2)}")
+        if settings.host:
+            self.report.properties["host"] = settings.host
         self.store = ImageStore(settings)
 
     def run(self) -> ImageReport:
@@ -300,7 +305,7 @@ class _Runner:
     def _artifacts(self, inst: Instance) -> None:
         if self.opts.artifacts is None:
             return
-        directory = self.opts.artifacts / _slug(self.report.image)
+        directory = self.opts.artifacts / self.label
         directory.mkdir(parents=True, exist_ok=True)
         for log_file in ("/var/log/cloud-init.log", "/var/log/cloud-init-output.log"):
             out = self._ssh(inst, "sudo", "cat", log_file)
@@ -316,13 +321,13 @@ class _Runner:
             except QinstError:
                 inst = None
             if inst is not None:
-                report.console = ConsoleLog(Path(inst.metadata.console_log)).read() if host.is_local else ""
+                report.console = console_text(host, inst)
                 if report.passed or not self.opts.keep_failed:
                     instances.remove(host, report.instance, force=True)
                 else:
                     report.kept = True
         if self.opts.artifacts is not None:
-            directory = self.opts.artifacts / _slug(report.image)
+            directory = self.opts.artifacts / self.label
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "console.log").write_text(report.console)
             (directory / "timings.json").write_text(json.dumps(report.timings, indent=2) + "\n")
@@ -335,13 +340,19 @@ def run_smoke(
     on_done: Callable[[ImageReport], None] | None = None,
 ) -> list[ImageReport]:
     """Smoke-test every image (opts.parallel at once); Ctrl-C stops all boots and removes their instances."""
-    with Host(settings.connect):
-        pass  # the host must be usable at all (HypervisorError, exit 4, otherwise)
+    placed = [for_host(settings, opts.hosts[i % len(opts.hosts)]) for i in range(len(images))] if opts.hosts else []
+    for target in {s.connect for s in placed} or {settings.connect}:
+        with Host(target):
+            pass  # every host must be usable at all (HypervisorError, exit 4, otherwise)
     cancel = threading.Event()
-    parallel = opts.parallel or default_parallel(len(images))
-    reports: dict[str, ImageReport] = {}
+    parallel = opts.parallel or default_parallel(len(images)) * max(1, len(opts.hosts))
+    reports: dict[int, ImageReport] = {}
     with _executor(parallel) as pool:
-        futures = {pool.submit(_Runner(settings, image, opts, cancel).run): image for image in images}
+        labels = _labels(images)
+        futures = {
+            pool.submit(_Runner(placed[i] if placed else settings, image, opts, cancel, labels[i]).run): i
+            for i, image in enumerate(images)
+        }
         try:
             for future in concurrent.futures.as_completed(futures):
                 report = future.result()
@@ -354,7 +365,18 @@ def run_smoke(
                 f.cancel()
             concurrent.futures.wait(futures)  # each runner removes its instance on the way out
             raise
-    return [reports[image] for image in images]
+    return [reports[i] for i in range(len(images))]
+
+
+def _labels(images: Sequence[str]) -> list[str]:
+    """A folder name per image (its slug; -2, -3... when an image is given more than once)."""
+    seen: dict[str, int] = {}
+    labels = []
+    for image in images:
+        slug = _slug(image)
+        seen[slug] = seen.get(slug, 0) + 1
+        labels.append(slug if seen[slug] == 1 else f"{slug}-{seen[slug]}")
+    return labels
 
 
 @contextlib.contextmanager

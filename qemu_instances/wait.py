@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any, Protocol
 
-from qemu_instances.errors import GuestFailed, GuestTimeout, Interrupted, QinstError
+import libvirt
+
+from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, Interrupted, QinstError
 from qemu_instances.proc import run
 
 KERNEL = re.compile(r"Linux version \d|Booting Linux|Kernel command line:")
@@ -31,9 +37,26 @@ class GuestPaused(GuestFailed):
     """The domain paused by itself (under KVM here: an emulation failure)."""
 
 
+class Console(Protocol):
+    """The serial console's text so far; read() returns all of it, including what arrived since the last call."""
+
+    text: str
+
+    def read(self) -> str: ...
+
+    def tail(self, n: int = 20) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def _tail(text: str, n: int) -> str:
+    lines = [line.rstrip("\r") for line in text.splitlines() if line.strip()]
+    return "\n".join(lines[-n:])
+
+
 @dataclass
 class ConsoleLog:
-    """The serial console as recorded to a file, read incrementally."""
+    """The serial console as recorded to a file by virtlogd (local daemons), read incrementally."""
 
     path: Path
     text: str = ""
@@ -51,8 +74,46 @@ class ConsoleLog:
         return self.text
 
     def tail(self, n: int = 20) -> str:
-        lines = [line.rstrip("\r") for line in self.text.splitlines() if line.strip()]
-        return "\n".join(lines[-n:])
+        return _tail(self.text, n)
+
+    def close(self) -> None:
+        pass
+
+
+class ConsoleStream:
+    """The serial console read through libvirt (remote daemons): a non-blocking console stream."""
+
+    def __init__(self, conn: Any, dom: Any) -> None:
+        self.text = ""
+        self._stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+        try:
+            dom.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot open the serial console: {exc.get_error_message()}") from exc
+        self._open = True
+
+    def read(self) -> str:
+        while self._open:
+            try:
+                data = self._stream.recv(65536)
+            except libvirt.libvirtError:
+                self._open = False
+                break
+            if isinstance(data, int):  # -2: nothing more right now
+                break
+            if not data:  # the console closed (the domain stopped)
+                self._open = False
+                break
+            self.text += data.decode("utf-8", "replace")
+        return self.text
+
+    def tail(self, n: int = 20) -> str:
+        return _tail(self.text, n)
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.abort()
+        self._open = False
 
 
 def host_keys(console_text: str) -> list[tuple[str, str]]:
@@ -64,6 +125,50 @@ def host_keys(console_text: str) -> list[tuple[str, str]]:
 def known_hosts_line(host: str, port: int, keys: list[tuple[str, str]]) -> str:
     pattern = host if port == 22 else f"[{host}]:{port}"
     return "".join(f"{pattern} {kind} {body}\n" for kind, body in keys)
+
+
+KeyCheck = Callable[[str, int, list[tuple[str, str]]], bool | None]
+"""(host, port, expected keys) -> True: SSH offers one of them; False: it offers others; None: no answer yet."""
+
+
+def check_host_keys(host: str, port: int, keys: list[tuple[str, str]]) -> bool | None:
+    """Ask the SSH server at host:port (directly, with ssh-keyscan) whether it offers one of `keys`."""
+    offered = scan_host_keys(host, port)
+    if not offered:
+        return None
+    return bool(set(offered) & set(keys))
+
+
+def check_host_keys_via(ssh_options: list[str]) -> KeyCheck:
+    """The same check through a jump (remote hosts): ssh with a known_hosts of `keys` and no identity.
+
+    Host-key verification happens before authentication, so "Permission denied" proves the key matched.
+    """
+
+    def check(host: str, port: int, keys: list[tuple[str, str]]) -> bool | None:
+        with tempfile.NamedTemporaryFile("w", prefix="qinst-known-", suffix=".hosts") as known:
+            known.write(known_hosts_line(host, port, keys))
+            known.flush()
+            argv = [
+                "ssh", *ssh_options,
+                "-o", f"UserKnownHostsFile={known.name}", "-o", "GlobalKnownHostsFile=/dev/null",
+                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+                "-o", "PreferredAuthentications=publickey", "-o", "IdentitiesOnly=yes", "-o", "IdentityFile=/dev/null",
+                "-p", str(port), f"qinst-probe@{host}", "true",
+            ]  # fmt: skip
+            try:
+                proc = subprocess.run(
+                    argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=20, check=False
+                )
+            except subprocess.TimeoutExpired:
+                return None
+        if "Permission denied" in proc.stderr:
+            return True
+        if "Host key verification failed" in proc.stderr or "IDENTIFICATION HAS CHANGED" in proc.stderr:
+            return False
+        return None
+
+    return check
 
 
 def scan_host_keys(host: str, port: int) -> list[tuple[str, str]]:
@@ -104,10 +209,11 @@ class Probe:
     """How to look at the guest: its state, its console, its SSH address."""
 
     state: Callable[[], tuple[str, str]]  # (state, reason) e.g. ("running", "booted"), ("paused", "unknown")
-    console: ConsoleLog
+    console: Console
     ssh_host: Callable[[], str | None]  # None while the address is not known yet
     ssh_port: int
     cancelled: Callable[[], bool] = lambda: False  # a smoke run being stopped
+    scan: KeyCheck = lambda host, port, keys: check_host_keys(host, port, keys)
 
 
 def wait_ready(
@@ -150,13 +256,13 @@ def wait_ready(
             host = probe.ssh_host()
             if host and time.monotonic() >= next_scan:
                 next_scan = time.monotonic() + 1.0
-                offered = scan_host_keys(host, probe.ssh_port)
-                if offered and not set(offered) & set(keys):
+                verdict = probe.scan(host, probe.ssh_port, keys)
+                if verdict is False:
                     raise GuestFailed(
                         f"the SSH server at {host}:{probe.ssh_port} offers host keys the guest did not print "
                         "on its console: refusing it"
                     )
-                if offered:
+                if verdict:
                     readiness.mark(Phase.SSH)
                     return keys
         if time.monotonic() > deadline:
@@ -168,7 +274,12 @@ def wait_ready(
 
 
 def wait_for_ssh(
-    host: str, port: int, keys: set[tuple[str, str]], state: Callable[[], tuple[str, str]], timeout: float
+    host: str,
+    port: int,
+    keys: set[tuple[str, str]],
+    state: Callable[[], tuple[str, str]],
+    timeout: float,
+    check: KeyCheck = check_host_keys,
 ) -> None:
     """Wait until the SSH server at host:port offers one of `keys` (a restarted instance)."""
     deadline = time.monotonic() + timeout
@@ -176,10 +287,10 @@ def wait_for_ssh(
         current, reason = state()
         if current not in ("running", "paused"):
             raise GuestFailed(f"the guest stopped ({current}: {reason})")
-        offered = set(scan_host_keys(host, port))
-        if offered & keys:
+        verdict = check(host, port, sorted(keys))
+        if verdict:
             return
-        if offered:
+        if verdict is False:
             raise GuestFailed(f"the SSH server at {host}:{port} offers host keys that were not recorded: refusing it")
         time.sleep(1.0)
     raise GuestTimeout(f"SSH at {host}:{port} did not answer within {timeout:.0f} s")

@@ -1,0 +1,49 @@
+"""qinst's config file (TOML in the platform config dir): the table of libvirt hosts.
+
+[hosts.lab1]
+uri = "qemu+ssh://root@lab1.example/system"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from qemu_instances.errors import UsageError
+
+CONFIG_NAME = "config.toml"
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def load_hosts(config_dir: Path) -> dict[str, str]:
+    """Host name -> libvirt URI, from config_dir/config.toml (empty when there is no file)."""
+    path = config_dir / CONFIG_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: invalid TOML: {exc}") from exc
+    unknown = sorted(set(data) - {"hosts"})
+    if unknown:
+        raise UsageError(f"{path}: unknown key {unknown[0]!r} (hosts go under [hosts.NAME])")
+    hosts: dict[str, str] = {}
+    for name, entry in (data.get("hosts") or {}).items():
+        if not _HOST_NAME.fullmatch(name) or name == "auto":
+            raise UsageError(f"{path}: invalid host name {name!r}")
+        if not isinstance(entry, dict) or set(entry) != {"uri"} or not isinstance(entry["uri"], str):
+            raise UsageError(f'{path}: [hosts.{name}] needs exactly one key, uri = "qemu+ssh://..."')
+        hosts[name] = entry["uri"]
+    return hosts
+
+
+def host_uri(hosts: dict[str, str], name: str, config_dir: Path) -> str:
+    if name not in hosts:
+        known = ", ".join(sorted(hosts)) or f"none (add [hosts.NAME] uri = ... to {config_dir / CONFIG_NAME})"
+        raise UsageError(f"unknown host {name!r}", hint=f"known hosts: {known}")
+    return hosts[name]
