@@ -61,12 +61,10 @@ def _global(
 
     if mirror and not mirror.startswith(("http://", "https://")):
         raise typer.BadParameter("expected an http(s) URL", param_hint="--mirror")
-    if host and connect:
-        raise typer.BadParameter("give --host or --connect, not both", param_hint="--host")
     config_dir = default_config_dir()
     hosts = load_hosts(config_dir)
     if host and host != "auto":
-        connect = host_uri(hosts, host, config_dir)
+        connect = host_uri(hosts, host, config_dir)  # --host wins over --connect / QINST_CONNECT
     ctx.obj = Settings(
         connect=connect or default_connect_uri(),
         cache_dir=(cache_dir or default_cache_dir()).expanduser().absolute(),
