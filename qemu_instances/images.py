@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -417,7 +416,3 @@ class ImageStore:
                 tmp.unlink(missing_ok=True)
             removed.append((tmp, size))
         return removed
-
-
-def age_seconds(path: Path) -> float:
-    return time.time() - path.stat().st_mtime

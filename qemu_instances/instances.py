@@ -14,7 +14,7 @@ import socket
 import string
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -544,6 +544,11 @@ def _with_accel(spec: InstanceSpec, accel: Accel) -> InstanceSpec:
     return replace(spec, accel=accel, metadata=replace(spec.metadata, accel=str(accel)))
 
 
+def open_host(settings: Settings) -> Host:
+    """A connection to the chosen libvirt host (a context manager)."""
+    return Host(settings.connect)
+
+
 def remove(host: Host, name: str, *, force: bool = False) -> list[str]:
     """Remove instance `name`: its domain and every volume qinst made for it. Returns what was removed."""
     dom, inst = get_instance(host, name)
@@ -608,12 +613,3 @@ def start(host: Host, name: str, *, wait: bool = True, timeout: float = 300.0) -
             host_key_scanner(host),
         )
     return inst
-
-
-@contextlib.contextmanager
-def open_host(settings: Settings) -> Iterator[Host]:
-    host = Host(settings.connect)
-    try:
-        yield host
-    finally:
-        host.close()
