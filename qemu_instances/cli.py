@@ -23,6 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,  # a traceback with locals would print keys and user-data
+    rich_markup_mode=None,  # plain help and one-line usage errors; rich is imported only for progress bars
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -34,25 +35,40 @@ log = logging.getLogger("qinst")
 def _global(
     ctx: typer.Context,
     connect: Annotated[
-        str | None, typer.Option("--connect", envvar="QINST_CONNECT", help="libvirt URI.", show_default=False)
+        str | None,
+        typer.Option("--connect", envvar="QINST_CONNECT", metavar="URI", help="libvirt URI.", show_default=False),
     ] = None,
     cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", envvar="QINST_CACHE_DIR", help="Download cache.", show_default=False)
+        Path | None,
+        typer.Option(
+            "--cache-dir", envvar="QINST_CACHE_DIR", metavar="DIR", help="Download cache.", show_default=False
+        ),
     ] = None,
     catalog: Annotated[
         list[Path] | None,
-        typer.Option("--catalog", envvar="QINST_CATALOG", help="Extra catalog file (repeatable).", show_default=False),
+        typer.Option(
+            "--catalog",
+            envvar="QINST_CATALOG",
+            metavar="FILE",
+            help="Extra catalog file (repeatable).",
+            show_default=False,
+        ),
     ] = None,
     mirror: Annotated[
         str | None,
-        typer.Option("--mirror", envvar="QINST_MIRROR", help="Replace scheme://host of upstream URLs."),
+        typer.Option("--mirror", envvar="QINST_MIRROR", metavar="URL", help="Replace scheme://host of upstream URLs."),
     ] = None,
-    aleph_api: Annotated[str, typer.Option("--aleph-api", envvar="QINST_ALEPH_API", help="aleph.im API base.")] = (
-        DEFAULT_ALEPH_API
-    ),
+    aleph_api: Annotated[
+        str, typer.Option("--aleph-api", envvar="QINST_ALEPH_API", metavar="URL", help="aleph.im API base.")
+    ] = (DEFAULT_ALEPH_API),
     host: Annotated[
         str | None,
-        typer.Option("--host", envvar="QINST_HOST", help="A host of the config file's [hosts] table (up: or auto)."),
+        typer.Option(
+            "--host",
+            envvar="QINST_HOST",
+            metavar="NAME",
+            help="A host of the config file's [hosts] table (up: or auto).",
+        ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show debug logs and tracebacks.")] = False,
 ) -> None:
