@@ -4,11 +4,14 @@ broken image through the `qinst` entry point."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import RunQinst
-from guest import domains, volumes
+from conftest import RunQinst, qinst_argv, qinst_env
+from guest import domains, force_remove, volumes
 
 from qemu_instances.smoke import CheckResult, ImageReport, Status, junit_xml
 
@@ -108,3 +111,25 @@ def test_smoke_good_and_broken_in_parallel(qinst: RunQinst, vm_env: dict[str, st
 
     assert not {d for d in domains() if d.startswith("smoke-qinst-test")}
     assert not {v for v in volumes() if v.startswith("smoke-qinst-test")}
+
+
+@pytest.mark.vm
+@pytest.mark.libvirt
+def test_ctrl_c_stops_the_run_and_removes_its_instances(vm_env: dict[str, str]) -> None:
+    argv = [*qinst_argv(), "smoke", "qinst-test", "qinst-test", "--parallel", "2", "--timeout", "600"]
+    proc = subprocess.Popen(argv, env=qinst_env(**vm_env), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len({d for d in domains() if d.startswith("smoke-qinst-test")}) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the smoke boots never started"
+            time.sleep(0.2)
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 130, err
+        assert not {d for d in domains() if d.startswith("smoke-qinst-test")}
+        assert not {v for v in volumes() if v.startswith("smoke-qinst-test")}
+    finally:
+        proc.kill()
+        for name in {d for d in domains() if d.startswith("smoke-qinst-test")}:
+            force_remove(name)
