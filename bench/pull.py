@@ -62,7 +62,10 @@ def main() -> None:
         print(f"writing {args.size} MiB of random data to {blob}", file=sys.stderr)
         write_random_file(blob, args.size)
         digest = sha512_of(blob)
+        load_before = os.getloadavg()[0]
         results = run(args.runs, blob, digest, qinst, env, work)
+        # Other work on the host skews both sides; the load average says how quiet it was.
+        results["loadavg_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -131,7 +134,12 @@ def report(results: dict[str, object], size_mib: int) -> None:
     assert isinstance(q, dict) and isinstance(t, dict)
     ratio = results["ratio"]
     assert isinstance(ratio, float)
-    print(f"\nVerified pull of {size_mib} MiB from 127.0.0.1, {results['runs']} alternating runs each:\n")
+    load = results["loadavg_1min"]
+    assert isinstance(load, dict)
+    print(
+        f"\nVerified pull of {size_mib} MiB from 127.0.0.1, {results['runs']} alternating runs each, "
+        f"{os.cpu_count()} CPUs, load average {load['before']:.1f} before / {load['after']:.1f} after:\n"
+    )
     print("| | median | min | max | MiB/s (median) | peak RSS |")
     print("|---|---|---|---|---|---|")
     print(

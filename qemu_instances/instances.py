@@ -434,7 +434,8 @@ class Launcher:
         cleanup.add(f"volume {seed_name}", lambda: host.delete_volume(pool, seed_name))
         ssh_port = 22
         if network.kind is NetworkKind.USER:
-            ssh_port = req.ssh_port or free_port()
+            # The forward listens on the daemon's host: a port free here says nothing about a remote one.
+            ssh_port = req.ssh_port or (free_port() if host.is_local else 20000 + secrets.randbelow(30000))
         console = console_log_path(host, pool, name)
         with libvirt_errors("cannot read the disk volume"):
             disk_path = pool.storageVolLookupByName(disk_name).path()

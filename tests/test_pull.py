@@ -497,6 +497,7 @@ def test_concurrent_pulls_download_once(mirror: Mirror, tmp_path: Path) -> None:
     assert len(mirror.server.hits(DEBIAN_PINNED)) == 1  # the body was served exactly once
 
 
+@http
 def test_prune_removes_images_and_stale_partials(mirror: Mirror, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     store = store_for(mirror, cache)
