@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 from qemu_instances.errors import QinstError, UsageError
 from qemu_instances.host import Host
 from qemu_instances.instances import Instance
+from qemu_instances.proc import run
 from qemu_instances.remote import SshHop
 from qemu_instances.settings import Settings
 from qemu_instances.wait import KEY_LINE, known_hosts_line
@@ -84,11 +84,9 @@ def ssh_run(inst: Instance, settings: Settings, command: Sequence[str], timeout:
     argv[1:1] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
     started = time.monotonic()
     try:
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return SshResult(255, "", f"timed out after {timeout:.0f} s", time.monotonic() - started)
+        proc = run(argv, timeout=timeout, check=False)
+    except QinstError as exc:  # timed out
+        return SshResult(255, "", exc.message, time.monotonic() - started)
     return SshResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
 
 

@@ -25,8 +25,12 @@ def run(
     hint: str | None = None,
     timeout: float | None = None,
     input: bytes | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run argv, capture its output as text, and raise `error` with the command and its stderr on failure."""
+    """Run argv, capture its output as text, and raise `error` with the command and its stderr on failure.
+
+    With check=False a non-zero exit status is returned, not raised (a missing command or a timeout still raise).
+    """
     args = [os.fspath(a) for a in argv]
     if shutil.which(args[0]) is None and not Path(args[0]).is_absolute():
         raise error(f"{args[0]} not found", hint=hint or f"is the package that provides {args[0]} installed?")
@@ -43,7 +47,7 @@ def run(
         )
     except subprocess.TimeoutExpired as exc:
         raise error(f"{' '.join(args)} did not finish within {timeout} s", hint=hint) from exc
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         last = detail[-1] if detail else f"exit status {proc.returncode}"
         raise error(f"{' '.join(args)} failed: {last}", hint=hint)

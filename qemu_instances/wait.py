@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -157,10 +156,8 @@ def check_host_keys_via(ssh_options: list[str]) -> KeyCheck:
                 "-p", str(port), f"qinst-probe@{host}", "true",
             ]  # fmt: skip
             try:
-                proc = subprocess.run(
-                    argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=20, check=False
-                )
-            except subprocess.TimeoutExpired:
+                proc = run(argv, timeout=20, check=False)
+            except QinstError:  # timed out
                 return None
         if "Permission denied" in proc.stderr:
             return True
