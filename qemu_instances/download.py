@@ -167,16 +167,17 @@ class _Partial:
         return Digest(self.algorithm, self._hash.hexdigest())
 
 
-def _chunks(response: requests.Response) -> Iterator[bytes]:
+def _chunks(response: requests.Response, *, decode: bool) -> Iterator[bytes]:
     """The body as it arrives. read1() hands over every byte received before a connection drops (urllib3's read(n)
     discards up to n bytes then), so a resumed download starts exactly where the bytes stopped."""
     read1 = getattr(response.raw, "read1", None)
     if read1 is None:  # urllib3 < 2: requests translates its errors
         yield from response.iter_content(CHUNK)
         return
-    # Reading response.raw bypasses requests, so translate urllib3's errors here as iter_content() would.
+    # Reading response.raw bypasses requests, so translate urllib3's errors here as iter_content() would. Decode
+    # only what the server encoded: urllib3's decoding path copies every chunk once more.
     try:
-        while chunk := read1(CHUNK, decode_content=True):
+        while chunk := read1(CHUNK, decode_content=decode):
             yield chunk
     except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError) as exc:
         raise _Transient(f"connection broken: {exc}") from exc
@@ -216,23 +217,25 @@ def download_verified(
                     part.restart()
                     raise _Transient("the partial download does not fit the file on the server (HTTP 416)")
                 _check_status(response, url)
+                # A server may compress despite "identity": then lengths and ranges count compressed bytes.
+                encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
                 if part.size and response.status_code != 206:
                     log.debug("%s ignored the Range request; starting over", url)
                     part.restart()
                 elif response.status_code == 206:
                     match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
-                    if not match or int(match[1]) != part.size:
+                    if encoded or not match or int(match[1]) != part.size:
                         got = response.headers.get("Content-Range")
                         part.restart()
-                        raise _Transient(f"the server answered a Range request with Content-Range {got!r}")
+                        raise _Transient(f"unusable answer to a Range request (Content-Range {got!r}); starting over")
                 length = response.headers.get("Content-Length")
-                total = part.size + int(length) if length and length.isdigit() else None
+                total = part.size + int(length) if length and length.isdigit() and not encoded else None
                 try:
                     f = part.path.open("ab")
                 except OSError as exc:
                     raise DownloadError(f"cannot write {part.path}: {exc.strerror}") from exc
                 with f:
-                    for chunk in _chunks(response):
+                    for chunk in _chunks(response, decode=encoded):
                         part.append(f, chunk)
                         if progress:
                             progress(part.size, total)
@@ -249,7 +252,7 @@ def download_verified(
     if check is not None:
         try:
             check(part.path)
-        except BaseException:
+        except Exception:
             part.path.unlink(missing_ok=True)
             raise
     replace_durably(part.path, dest)

@@ -53,7 +53,7 @@ class Hit:
 @dataclass(frozen=True)
 class _Doc:
     body: bytes
-    content_type: str
+    headers: dict[str, str]
 
 
 class HTTPServer:
@@ -73,9 +73,10 @@ class HTTPServer:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def add(self, target: str, body: bytes, content_type: str = "application/octet-stream") -> str:
-        """Serve body at target; returns its full URL."""
-        self._docs[target] = _Doc(body, content_type)
+    def add(self, target: str, body: bytes, content_type: str = "application/octet-stream", **headers: str) -> str:
+        """Serve body at target (with extra headers: Content_Encoding="gzip"); returns its full URL."""
+        extra = {key.replace("_", "-"): value for key, value in headers.items()}
+        self._docs[target] = _Doc(body, {"Content-Type": content_type, **extra})
         return self.url + target
 
     def add_json(self, target: str, data: Any) -> str:
@@ -166,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
         data, status = doc.body, 200
-        headers = {"Content-Type": doc.content_type, "Accept-Ranges": "bytes"}
+        headers = {**doc.headers, "Accept-Ranges": "bytes"}
         match = _RANGE.match(self.headers.get("Range") or "")
         if match and not (fault and fault.ignore_range):
             start = 0 if fault and fault.wrong_range else int(match[1])

@@ -7,6 +7,7 @@ call the library with a fast retry policy, so that no test waits for the CLI's r
 from __future__ import annotations
 
 import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -310,6 +311,22 @@ def test_downloads_ask_for_identity_encoding(http_server: HTTPServer, tmp_path: 
     download_verified(url, tmp_path / "blob", digest, session=new_session(), policy=FAST)
     (hit,) = http_server.hits("/blob")
     assert hit.headers["Accept-Encoding"] == "identity"
+
+
+@http
+@pytest.mark.parametrize("cut", [None, 100_000])
+def test_content_encoding_is_decoded_before_hashing(http_server: HTTPServer, tmp_path: Path, cut: int | None) -> None:
+    # A server that compresses anyway: the digest is the file's, so the bytes kept are the decoded ones. Random
+    # data compresses to more bytes than it has, and a resume cannot use offsets into the compressed stream.
+    data = random.Random(8).randbytes(300_000)
+    url = http_server.add("/blob", gzip.compress(data), Content_Encoding="gzip")
+    if cut:
+        http_server.fault("/blob", cut_after=cut)
+    digest = Digest.parse(f"sha256:{hashlib.sha256(data).hexdigest()}")
+    assert download_verified(url, tmp_path / "blob", digest, session=new_session(), policy=FAST) == len(data)
+    assert (tmp_path / "blob").read_bytes() == data
+    statuses = [h.status for h in http_server.hits("/blob")]
+    assert statuses == ([200] if cut is None else [200, 206, 200])
 
 
 @http
