@@ -363,8 +363,10 @@ class Launcher:
         *,
         readiness: Readiness | None = None,
         cancel: threading.Event | None = None,
+        timings: dict[str, float] | None = None,
     ) -> UpResult:
-        """Launch req's instance; `readiness` records the phases reached (also when it fails), `cancel` stops it."""
+        """Launch req's instance; `readiness` and `timings` record the phases reached and their seconds (also
+        when it fails), `cancel` stops it."""
         t0 = time.monotonic()
         inputs = self._inputs(req)
         image = self._pull(inputs.ref, req, progress)
@@ -372,7 +374,14 @@ class Launcher:
             if _lookup(host, inputs.name) is not None:
                 raise UsageError(f"an instance or domain named {inputs.name!r} already exists")
             run = _Run(
-                host, _Cleanup(host), t0, progress, readiness or Readiness(), cancel or threading.Event(), req.timeout
+                host,
+                _Cleanup(host),
+                t0,
+                progress,
+                readiness or Readiness(),
+                cancel or threading.Event(),
+                req.timeout,
+                timings if timings is not None else {},
             )
             run.lap("download", t0)
             try:
