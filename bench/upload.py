@@ -45,6 +45,7 @@ def start_sshd(d: Path) -> tuple[subprocess.Popen[bytes], Path, int]:
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host\nPidFile {d}/sshd.pid\n"
         f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        "Subsystem sftp internal-sftp\n"  # scp speaks SFTP by default
     )
     kind, body = (d / "host.pub").read_text().split()[:2]
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {kind} {body}\n")

@@ -5,6 +5,7 @@ libvirt.libvirtError is translated into HypervisorError here, at this one bounda
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import io
@@ -28,7 +29,7 @@ from qemu_instances.errors import HypervisorError
 log = logging.getLogger("qinst")
 T = TypeVar("T")
 POOL_NAME = "qinst"
-UPLOAD_CHUNK = 1 << 20  # bytes handed to a libvirt stream at a time
+UPLOAD_CHUNK = 256 << 10  # bytes handed to a libvirt stream at a time (its largest message payload)
 VERIFIED = ".verified"  # suffix of the marker volume of a completed, verified upload
 
 # libvirt prints every error to stderr by default; we report them ourselves, once.
@@ -52,6 +53,33 @@ def tidy(message: str) -> str:
 
 def is_no_domain(exc: libvirt.libvirtError) -> bool:
     return bool(exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
+
+
+def _send(stream: Any, data: io.BufferedIOBase | io.BytesIO, size: int, hasher: Any, progress: Progress | None) -> None:
+    """Send data's bytes on a blocking libvirt stream, hashing them on a second thread while they travel.
+
+    hashlib and libvirt both release the GIL for big buffers, so hashing costs no wall time; sends that take
+    only part of a chunk are continued (virStream.sendAll would drop the rest).
+    """
+    sent = 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash") as pool:
+        pending: concurrent.futures.Future[None] | None = None
+        while chunk := data.read(UPLOAD_CHUNK):
+            if hasher is not None:
+                if pending is not None:
+                    pending.result()  # keep the hash's order, and at most one chunk behind
+                pending = pool.submit(hasher.update, chunk)
+            view = memoryview(chunk)
+            while view:
+                n = stream.send(view.tobytes() if len(view) < len(chunk) else chunk)
+                if n < 0:
+                    raise HypervisorError("the libvirt stream refused data")
+                view = view[n:]
+            sent += len(chunk)
+            if progress is not None:
+                progress(sent, size)
+        if pending is not None:
+            pending.result()
 
 
 @dataclass(frozen=True)
@@ -257,23 +285,11 @@ class Host:
         ET.SubElement(target, "format", type="raw")
         with libvirt_errors(f"cannot create volume {name}"):
             vol = pool.createXML(ET.tostring(root, encoding="unicode"), 0)
-        sent = 0
-
-        def read(_stream: Any, nbytes: int, fh: io.BufferedIOBase) -> bytes:
-            nonlocal sent
-            chunk = fh.read(max(nbytes, UPLOAD_CHUNK))
-            if hasher is not None:
-                hasher.update(chunk)
-            sent += len(chunk)
-            if progress is not None:
-                progress(sent, size)
-            return chunk
-
         stream = self.conn.newStream(0)
         try:
             with libvirt_errors(f"cannot upload volume {name}"):
                 vol.upload(stream, 0, size, 0)
-                stream.sendAll(read, data)
+                _send(stream, data, size, hasher, progress)
                 stream.finish()
         except BaseException:
             with contextlib.suppress(libvirt.libvirtError):
