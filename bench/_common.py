@@ -214,8 +214,7 @@ def run_timed(
     try:
         _, status, usage = os.wait4(proc.pid, 0)
     except BaseException:
-        proc.kill()
-        proc.wait()
+        _stop(proc)
         raise
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -223,6 +222,19 @@ def run_timed(
         reader.join(5)  # a grandchild that keeps the pipe open must not hang the benchmark
     out, err = chunks.get("out", b""), chunks.get("err", b"")
     return Ran(seconds, usage.ru_maxrss, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a child on Ctrl-C or SIGTERM, letting it clean up: qinst removes what it created on SIGINT."""
+    for sig, grace in ((None, 5.0), (signal.SIGINT, 30.0), (signal.SIGKILL, 10.0)):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def check(ran: Ran, what: str) -> Ran:
@@ -519,11 +531,11 @@ class Qinst:
 
 @contextmanager
 def qinst_session(
-    name: str, image: str, image_dir: Path, catalog_text: str | None = None
+    name: str, image: str, image_dir: Path, catalog_text: str | None = None, prefix: str = "bench-"
 ) -> Iterator[tuple[Qinst, Path]]:
     """A work dir, the test image's mirror served on 127.0.0.1 and pulled into a fresh cache, and on the way out
-    (also on failure or Ctrl-C) every bench-... domain and volume removed, with the image's base volume when this
-    session created it. catalog_text replaces the test image's catalog."""
+    (also on failure or Ctrl-C) every domain and volume named prefix... removed, with the image's base volume when this
+    session created it. catalog_text replaces the test image's catalog; prefix names the session's domains."""
     work = work_dir(name)
     try:
         with file_server(image_dir / "mirror") as mirror, interrupt_on_sigterm():
@@ -539,7 +551,7 @@ def qinst_session(
             try:
                 yield q, work
             finally:
-                left = remove_leftovers("bench-") + remove_leftovers("smoke-bench-")
+                left = remove_leftovers(prefix)
                 # virt-install defines a storage pool for each directory it finds a disk or its seed in.
                 for pool, path in pools().items():
                     if pool not in had_pools and (path.startswith(str(work)) or path == "/var/lib/libvirt/boot"):

@@ -527,8 +527,10 @@ def measure(q: Qinst, work: Path, peers: dict[str, dict[str, Any]], args: argpar
     if peers.get("kcli", {}).get("runs"):
         kcli = Kcli(Path(peers["kcli"]["venv"]) / "bin/kcli", work, base)
         kcli.setup(base)
-        version = quiet([str(kcli.exe), "version"], kcli.env).stdout.strip()
-        peers["kcli"]["version"] = version or peers["kcli"].get("version", "")
+        version = re.search(r"version: (\S+) commit: (\S+)", quiet([str(kcli.exe), "version"], kcli.env).stdout)
+        if version:
+            peers["kcli"]["version"] = f"{version[1]} (commit {version[2]})"
+        peers["kcli"]["status"] = "ran: see the tables above"
     idle: list[dict[str, Any]] = []
     samples: dict[str, dict[str, list[float]]] = {}
     datasources: dict[str, list[str]] = {}
@@ -732,7 +734,7 @@ def markdown(r: dict[str, Any]) -> str:
             out += ["", f"qinst returns {s['median']:.2f} s (median) after cloud-init's final console line."]
         if q.get("phases"):
             phases = ", ".join(f"{k} {v['median']:.2f} s" for k, v in q["phases"].items() if v)
-            out.append(f"qinst's own phase timings (medians, cumulative from its start): {phases}.")
+            out.append(f"qinst's own phase timings (`qinst up --json`, medians): {phases}.")
     help_ = r.get("help")
     if help_:
         out += ["", f"`qinst --help`: {help_['median']:.3f} s median ({help_['min']:.3f}-{help_['max']:.3f})."]

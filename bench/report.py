@@ -109,8 +109,9 @@ def _bars(ax: Any, labels: list[str], stats: list[dict[str, Any]], unit: str = "
     ax.set_yticks(list(y), labels)
     ax.invert_yaxis()
     ax.set_xlabel(f"{unit} (median; bars show min-max)")
-    for i, m in enumerate(med):
-        ax.text(m, i, f" {m:.2f}", va="center", ha="left", fontsize=8)
+    for i, (m, s) in enumerate(zip(med, stats, strict=True)):
+        ax.text(s["max"] * scale, i, f"  {m:.2f}", va="center", ha="left", fontsize=8)
+    ax.set_xlim(0, max(s["max"] for s in stats) * scale * 1.15)
 
 
 def plots(results: dict[str, Any], stem: Path) -> list[str]:
@@ -153,7 +154,8 @@ def plots(results: dict[str, Any], stem: Path) -> list[str]:
             ax.bar(xs, ys, width, label=label)
         ax.set_xticks([i + width for i in range(len(boots))], boots)
         ax.set_ylabel("s from the command's start (median)")
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.25)
+        ax.legend(fontsize=8, loc="upper center", ncol=len(keys))
         save(fig, "boot", "Boot to ready under TCG")
 
     commands = b.get("startup", {}).get("commands", {})

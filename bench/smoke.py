@@ -97,7 +97,8 @@ def main() -> None:
     phases: dict[str, dict[str, list[float]]] = {"parallel": {}, "sequential": {}}
     rss: list[float] = []
     idle: list[dict[str, Any]] = []
-    with qinst_session("smoke", names[0], image_dir, catalog(image_dir, names)) as (q, work):
+    session = qinst_session("smoke", names[0], image_dir, catalog(image_dir, names), prefix="smoke-bench-")
+    with session as (q, work):
         serial = iter(range(1_000_000))
 
         def artifacts() -> Path:
