@@ -20,6 +20,11 @@ from qemu_instances.proc import run
 KERNEL = re.compile(r"Linux version \d|Booting Linux|Kernel command line:")
 PANIC = re.compile(r"Kernel panic - not syncing.*")
 CLOUD_INIT_DONE = re.compile(r"Cloud-init v\. \S+ finished at [^\r\n]*")
+# A module that failed makes `cloud-init status` say error; cloud-init logs it on the console as a WARNING.
+CLOUD_INIT_FAILED = re.compile(
+    r"[^\r\n]*\[(?:WARNING|ERROR|CRITICAL)\]: (?:Failed running |Failed to run module |Running module \S+ .*failed)"
+    r"[^\r\n]*"
+)
 HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
 KEY_LINE = re.compile(r"((?:ssh|ecdsa|sk)-[\w@.-]+) ([A-Za-z0-9+/=]{32,})")
 POLL = 0.5  # seconds: readiness is noticed within a second of happening
@@ -213,9 +218,7 @@ class Probe:
     scan: KeyCheck = lambda host, port, keys: check_host_keys(host, port, keys)
 
 
-def wait_ready(
-    probe: Probe, *, timeout: float, readiness: Readiness, paused_grace: float = 0.0
-) -> list[tuple[str, str]]:
+def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[tuple[str, str]]:
     """Wait until cloud-init finished and SSH offers a host key the guest printed; return those keys.
 
     Fails fast (GuestFailed, with console lines) on a panic, a stopped or paused domain, or a key mismatch;
@@ -243,6 +246,9 @@ def wait_ready(
             readiness.mark(Phase.CLOUD_INIT)
             if "DataSourceNone" in done.group(0):
                 raise GuestFailed(f"cloud-init found no NoCloud seed: {done.group(0).strip()}")
+            failures = [m.group(0).strip() for m in CLOUD_INIT_FAILED.finditer(text)]
+            if failures:
+                raise GuestFailed("cloud-init reported errors:\n" + "\n".join(failures[-10:]))
             keys = host_keys(text)
             if not keys:
                 raise GuestFailed(
