@@ -248,10 +248,6 @@ def prune(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     sys.stderr.write(f"removed {len(removed)} item(s)\n" if removed else "nothing to prune\n")
 
 
-def _connect_hint() -> str:
-    return "is libvirtd running? ('qinst doctor' checks this host)"
-
-
 @app.command()
 def up(
     ctx: typer.Context,
@@ -283,7 +279,7 @@ def up(
     """Launch an instance and wait until it is ready."""
     from qemu_instances.domain import Accel, Firmware
     from qemu_instances.images import Source
-    from qemu_instances.instances import Launcher, UpRequest
+    from qemu_instances.launch import Launcher, UpRequest
 
     request = UpRequest(
         image=image,

@@ -32,7 +32,8 @@ from qemu_instances.errors import GuestFailed, GuestTimeout, Interrupted, QinstE
 from qemu_instances.fleet import for_host
 from qemu_instances.host import Host
 from qemu_instances.images import ImageStore
-from qemu_instances.instances import Instance, Launcher, UpRequest
+from qemu_instances.instances import Instance
+from qemu_instances.launch import Launcher, UpRequest
 from qemu_instances.seed import load_template
 from qemu_instances.settings import Settings
 from qemu_instances.sshkeys import generate_keypair
