@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -664,7 +665,7 @@ def main(argv: list[str] | None = None) -> None:
         app(args=args, prog_name="qinst")
     except QinstError as exc:
         if debug:
-            raise
+            traceback.print_exc()
         _fail(exc.message, exc.exit_code, exc.hint)
     except KeyboardInterrupt:
         _fail("interrupted", 130)

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import re
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,6 +54,17 @@ def tidy(message: str) -> str:
 
 def is_no_domain(exc: libvirt.libvirtError) -> bool:
     return bool(exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
+
+
+def _hard_link(source: Path, target: Path) -> bool:
+    """Link the cached file into the pool (no second copy); False when they are on different filesystems."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return True  # another launch linked the same verified file a moment ago
+    except OSError:
+        return False
+    return True
 
 
 def _send(stream: Any, data: io.BufferedIOBase | io.BytesIO, size: int, hasher: Any, progress: Progress | None) -> None:
@@ -249,23 +261,36 @@ class Host:
             self.delete_volume(pool, name)
         self.delete_volume(pool, marker)
         target = self.pool_path(pool) / name
-        if self.is_local and target.parent.is_dir():
-            try:
-                os.link(source, target)  # the pool shares the cache's bytes: no second copy
-            except OSError:
-                pass
-            else:
-                with libvirt_errors("cannot refresh the storage pool"):
-                    pool.refresh(0)
-                    return pool.storageVolLookupByName(name)
+        if self.is_local and target.parent.is_dir() and _hard_link(source, target):
+            with libvirt_errors("cannot refresh the storage pool"):
+                pool.refresh(0)
+                return pool.storageVolLookupByName(name)
         hasher = digest.algorithm.new()
-        with source.open("rb") as f:
-            vol = self.upload_volume(pool, name, f, size, hasher=hasher, progress=progress)
+        try:
+            with source.open("rb") as f:
+                vol = self.upload_volume(pool, name, f, size, hasher=hasher, progress=progress)
+        except HypervisorError:
+            if self.volume(pool, name) is None:
+                raise
+            return self._await_upload(pool, name, marker)  # another launch is uploading the same image
         if hasher.hexdigest() != digest.hex:
             self.delete_volume(pool, name)
             raise HypervisorError(f"the bytes sent for {name} do not match its digest {digest}")
         self.upload_volume(pool, marker, io.BytesIO(str(digest).encode()), len(str(digest)))
         return vol
+
+    def _await_upload(self, pool: Any, name: str, marker: str, timeout: float = 1800.0) -> Any:
+        """Wait for another client's upload of `name` to complete (its marker volume appears)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.volume_names(pool)
+            vol = self.volume(pool, name)
+            if vol is None:
+                raise HypervisorError(f"the concurrent upload of volume {name} failed; run the command again")
+            if self.volume(pool, marker) is not None:
+                return vol
+            time.sleep(1.0)
+        raise HypervisorError(f"volume {name} is being uploaded by another client for over {timeout:.0f} s")
 
     def upload_volume(
         self,

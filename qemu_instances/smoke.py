@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -116,6 +117,7 @@ class SmokeOptions:
     accel: Accel = Accel.AUTO
     network: str = "user"
     hosts: tuple[str, ...] = ()  # spread the images over these configured hosts (round robin)
+    cpus: int | None = None  # vCPUs per guest; default: the host's cores shared among the parallel boots
 
 
 def default_parallel(count: int, memory_mib: int = SMOKE_MEMORY_MIB) -> int:
@@ -154,10 +156,17 @@ class _Runner:
             try:
                 inst = self._launch(Path(keydir))
                 if inst is not None:
+                    t = time.monotonic()
                     self._checks(inst)
                     self._artifacts(inst)
+                    report.timings["checks"] = round(time.monotonic() - t, 2)
             finally:
+                t = time.monotonic()
                 self._finish()
+                report.timings["cleanup"] = round(time.monotonic() - t, 2)
+                if self.opts.artifacts is not None:
+                    timings = self.opts.artifacts / self.label / "timings.json"
+                    timings.write_text(json.dumps(report.timings, indent=2) + "\n")
         return report
 
     def _launch(self, keydir: Path) -> Instance | None:
@@ -178,6 +187,7 @@ class _Runner:
             image=report.image,
             name=report.instance,
             memory_mib=SMOKE_MEMORY_MIB,
+            cpus=self.opts.cpus or 1,
             disk_gib=SMOKE_DISK_GIB,
             ssh_keys=(keydir / "id_ed25519.pub",),
             network=self.opts.network,
@@ -335,7 +345,6 @@ class _Runner:
             directory = self.opts.artifacts / self.label
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "console.log").write_text(report.console)
-            (directory / "timings.json").write_text(json.dumps(report.timings, indent=2) + "\n")
 
 
 def run_smoke(
@@ -351,6 +360,10 @@ def run_smoke(
             pass  # every host must be usable at all (HypervisorError, exit 4, otherwise)
     cancel = threading.Event()
     parallel = opts.parallel or default_parallel(len(images)) * max(1, len(opts.hosts))
+    if opts.cpus is None:
+        # Guests emulated side by side are CPU-bound: more vCPUs than cores only slows every boot down.
+        per_host = -(-min(parallel, len(images)) // max(1, len(opts.hosts)))
+        opts = dataclasses.replace(opts, cpus=max(1, min(2, (os.cpu_count() or 1) // per_host)))
     reports: dict[int, ImageReport] = {}
     with _executor(parallel) as pool:
         labels = _labels(images)
