@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-import requests
-
 from qemu_instances.digests import Algorithm, Digest
-from qemu_instances.download import RetryPolicy, fetch_bytes
 from qemu_instances.errors import ImageError, UsageError
+
+if TYPE_CHECKING:
+    import requests
+
+    from qemu_instances.download import RetryPolicy
 
 _HASH = re.compile(r"[0-9a-f]{64}")
 
@@ -32,6 +35,8 @@ def validate_item_hash(item_hash: str) -> str:
 
 def resolve(item_hash: str, *, api: str, session: requests.Session, policy: RetryPolicy | None = None) -> AlephFile:
     """Fetch the STORE message for item_hash and return its file; ipfs items are refused for now."""
+    from qemu_instances.download import RetryPolicy, fetch_bytes
+
     item_hash = validate_item_hash(item_hash)
     api = api.rstrip("/")
     url = f"{api}/api/v0/messages.json?hashes={quote(item_hash)}"

@@ -18,14 +18,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import libvirt
 
 from qemu_instances.digests import Digest
-from qemu_instances.download import Progress
 from qemu_instances.errors import HypervisorError
+
+if TYPE_CHECKING:
+    from qemu_instances.download import Progress
 
 log = logging.getLogger("qinst")
 T = TypeVar("T")

@@ -14,26 +14,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from qemu_instances import aleph
 from qemu_instances.catalog import Catalog, CatalogEntry
 from qemu_instances.digests import Algorithm, Digest, algorithm_for_checksums, parse_checksums
-from qemu_instances.download import (
-    CHUNK,
-    Progress,
-    RetryPolicy,
-    download_verified,
-    fetch_bytes,
-    new_session,
-    replace_durably,
-)
 from qemu_instances.errors import DownloadError, ImageError, UsageError
 from qemu_instances.proc import run
 from qemu_instances.settings import Settings
 
+if TYPE_CHECKING:  # requests is imported only when something is downloaded: `up` of a cached image stays light
+    import requests
+
+    from qemu_instances.download import Progress, RetryPolicy
+
 log = logging.getLogger("qinst")
+CHUNK = 1 << 20
 
 
 class Source(StrEnum):
@@ -268,8 +265,22 @@ class ImageStore:
         self.settings = settings
         self.catalog = catalog if catalog is not None else Catalog.load(settings.catalogs)
         self.cache = Cache(settings.cache_dir)
-        self.policy = policy or RetryPolicy()
-        self._session = new_session()
+        self._policy = policy
+        self._requests: requests.Session | None = None
+
+    @property
+    def policy(self) -> RetryPolicy:
+        from qemu_instances.download import RetryPolicy
+
+        return self._policy or RetryPolicy()
+
+    @property
+    def _session(self) -> requests.Session:
+        if self._requests is None:
+            from qemu_instances.download import new_session
+
+            self._requests = new_session()
+        return self._requests
 
     def resolve(self, text: str, *, sha256: str | None = None, sha512: str | None = None) -> ImageRef:
         return parse_image_ref(text, self.catalog, sha256=sha256, sha512=sha512)
@@ -340,6 +351,8 @@ class ImageStore:
         assert entry.latest_url and entry.checksums_url
         sums_url = mirror_url(entry.checksums_url, self.settings.mirror)
         algorithm = algorithm_for_checksums(sums_url)
+        from qemu_instances.download import fetch_bytes
+
         text = fetch_bytes(sums_url, session=self._session, policy=self.policy).decode("utf-8", "replace")
         filename = urlsplit(entry.latest_url).path.rsplit("/", 1)[-1]
         sums = parse_checksums(text, algorithm)
@@ -360,6 +373,8 @@ class ImageStore:
                 nonlocal fmt
                 fmt = check_format(path, plan.format, plan.url)
 
+            from qemu_instances.download import download_verified
+
             size = download_verified(
                 plan.url, dest, plan.digest, session=self._session, progress=progress, policy=self.policy, check=check
             )
@@ -369,6 +384,8 @@ class ImageStore:
 
     def _import_file(self, path: Path) -> CachedImage:
         """A local image, identified by its own sha256, copied into the cache (hashing while copying)."""
+        from qemu_instances.download import replace_durably
+
         check_format(path, None, str(path))  # refuse early, before copying gigabytes
         self.cache.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self.cache.dir, prefix=".import-", suffix=".tmp")

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 
@@ -32,7 +32,6 @@ from qemu_instances.domain import (
     domain_xml,
     validate_name,
 )
-from qemu_instances.download import Progress
 from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, UsageError
 from qemu_instances.host import Host, libvirt_errors
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qemu_img_info
@@ -40,6 +39,9 @@ from qemu_instances.instances import Instance, host_key_scanner, lookup, remove_
 from qemu_instances.settings import Settings
 from qemu_instances.sshkeys import SshKey, resolve_keys
 from qemu_instances.wait import Console, ConsoleLog, ConsoleStream, GuestPaused, Probe, Readiness, wait_ready
+
+if TYPE_CHECKING:
+    from qemu_instances.download import Progress
 
 log = logging.getLogger("qinst")
 GiB = 1 << 30
