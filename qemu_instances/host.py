@@ -233,11 +233,16 @@ class Host:
             raise HypervisorError(f"cannot look up volume {name}: {exc.get_error_message()}") from exc
 
     def delete_volume(self, pool: Any, name: str) -> bool:
+        """Delete volume `name`; False when there is none (also when another client deleted it meanwhile)."""
         vol = self.volume(pool, name)
         if vol is None:
             return False
-        with libvirt_errors(f"cannot delete volume {name}"):
+        try:
             vol.delete(0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return False
+            raise HypervisorError(f"cannot delete volume {name}: {tidy(exc.get_error_message() or str(exc))}") from exc
         return True
 
     def base_volume(self, pool: Any, name: str, source: Path, digest: Digest, progress: Progress | None = None) -> Any:
@@ -261,12 +266,12 @@ class Host:
                 return vol
             log.warning("volume %s is incomplete or of the wrong size; replacing it", name)
             self.delete_volume(pool, name)
-        self.delete_volume(pool, marker)
         target = self.pool_path(pool) / name
         if self.is_local and target.parent.is_dir() and _hard_link(source, target):
             with libvirt_errors("cannot refresh the storage pool"):
                 pool.refresh(0)
                 return pool.storageVolLookupByName(name)
+        self.delete_volume(pool, marker)  # a marker without its volume is stale
         hasher = digest.algorithm.new()
         try:
             with source.open("rb") as f:
