@@ -45,6 +45,7 @@ def kvm_boot_probe(host: Host, seconds: float = 3.0) -> tuple[bool, str]:
     try:
         dom = host.conn.createXML(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_START_AUTODESTROY)
     except libvirt.libvirtError as exc:
+        _remove_probe_log(host, name)
         return False, f"a KVM guest does not start: {tidy(exc.get_error_message())}"
     try:
         deadline = time.monotonic() + seconds
@@ -57,9 +58,14 @@ def kvm_boot_probe(host: Host, seconds: float = 3.0) -> tuple[bool, str]:
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             dom.destroy()
-        if host.is_local and host.is_system:  # libvirt's log of the probe domain
-            with contextlib.suppress(OSError):
-                (Path("/var/log/libvirt/qemu") / f"{name}.log").unlink()
+        _remove_probe_log(host, name)
+
+
+def _remove_probe_log(host: Host, name: str) -> None:
+    """libvirt's log of the probe domain: the probe leaves nothing behind."""
+    if host.is_local and host.is_system:
+        with contextlib.suppress(OSError):
+            (Path("/var/log/libvirt/qemu") / f"{name}.log").unlink()
 
 
 def run_checks(uri: str) -> list[Check]:

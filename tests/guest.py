@@ -113,6 +113,7 @@ def vm_env(test_image: TestImage, tmp_path_factory: pytest.TempPathFactory) -> I
     for path in (cache / "images").glob("sha512-*"):
         if not path.name.endswith(".json"):
             virsh("vol-delete", "--pool", "qinst", path.name)
+            virsh("vol-delete", "--pool", "qinst", path.name + ".verified")  # left by remote launches
 
 
 @pytest.fixture
