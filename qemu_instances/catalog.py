@@ -5,17 +5,20 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from collections.abc import Iterable, Iterator
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from qemu_instances.digests import Digest
-from qemu_instances.errors import CatalogError
+from qemu_instances.errors import CatalogError, ImageError
 
 BUILTIN = "built-in catalog"
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}", re.ASCII)
 _DEFAULT_USERS = {
     "debian": "debian",
     "ubuntu": "ubuntu",
@@ -24,8 +27,128 @@ _DEFAULT_USERS = {
     "rocky": "rocky",
     "almalinux": "almalinux",
 }
-_STR_KEYS = {"title", "os", "release", "arch", "format", "url", "latest_url", "checksums_url", "default_user"}
-_KNOWN_KEYS = _STR_KEYS | {"aliases", "digest", "aleph_item_hash"}
+
+
+def printable(text: str) -> str:
+    """text without control characters and terminal escapes (C0, C1, DEL, bidi and other format characters)."""
+    return "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cf"))
+
+
+def http_url(text: str) -> str:
+    """An http(s) URL with a host, or ValueError saying what is wrong."""
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc})") from exc
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError("must be an http(s) URL with a host")
+    if any(ch.isspace() or unicodedata.category(ch) == "Cc" for ch in text):
+        raise ValueError("must not contain spaces or control characters")
+    return text
+
+
+# Validators take the raw TOML value and return the entry's value, or raise ValueError with what is wrong.
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _display(value: Any) -> str:
+    text = printable(_text(value)).strip()
+    if not text:
+        raise ValueError("must hold printable text")
+    return text
+
+
+def _url(value: Any) -> str:
+    return http_url(_text(value))
+
+
+def _format(value: Any) -> str:
+    if value not in ("qcow2", "raw"):
+        raise ValueError("must be 'qcow2' or 'raw' (qinst boots only those)")
+    return str(value)
+
+
+def _aliases(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(a, str) and _NAME.fullmatch(a) for a in value):
+        raise ValueError("must be a list of image names (lower-case letters, digits, '.', '_', '-')")
+    return tuple(value)
+
+
+def _digest(value: Any) -> Digest:
+    if not isinstance(value, str):
+        raise ValueError("must be a string like 'sha512:<hex>'")
+    try:
+        return Digest.parse(value, error=CatalogError)
+    except CatalogError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _aleph_hash(value: Any) -> str:
+    if not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
+        raise ValueError("must be 64 lower-case hex digits")
+    return value
+
+
+def _user(value: Any) -> str:
+    if not isinstance(value, str) or not _USER.fullmatch(value):
+        raise ValueError("must be a user name (lower-case letters, digits, '_', '-', starting with a letter)")
+    if value == "root":
+        raise ValueError("must not be root (cloud images lock root; qinst logs in as an unprivileged user)")
+    return value
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError("must be a positive number of bytes")
+    return value
+
+
+def _keys(value: Any) -> str:
+    text = _text(value)
+    from qemu_instances.signatures import keyring_path
+
+    try:
+        keyring_path(text)
+    except ImageError as exc:
+        raise ValueError(str(exc)) from exc
+    return text
+
+
+@dataclass(frozen=True)
+class _Field:
+    key: str
+    check: Callable[[Any], Any]
+    doc: str
+
+
+# The keys of an entry, in the order `qinst images --json` and the README describe them.
+_FIELDS = {
+    f.key: f
+    for f in (
+        _Field("title", _display, "shown by `qinst images` (control characters are stripped)"),
+        _Field("aliases", _aliases, "other names"),
+        _Field("os", _display, "debian, ubuntu, ...: picks the default login user"),
+        _Field("release", _display, "the release's version"),
+        _Field("arch", _display, "x86_64 (the default)"),
+        _Field("format", _format, "qcow2 or raw"),
+        _Field("url", _url, "the pinned build"),
+        _Field("digest", _digest, "the pin: sha256:<hex> or sha512:<hex>"),
+        _Field("size", _size, "the pinned file's size in bytes: a longer download stops at once"),
+        _Field("latest_url", _url, "the newest build (--latest, and the fallback when the pin is gone)"),
+        _Field("checksums_url", _url, "SHA256SUMS or SHA512SUMS listing latest_url's file"),
+        _Field("checksums_signature_url", _url, "a detached OpenPGP signature of checksums_url"),
+        _Field("signing_keys", _keys, "a keyring shipped with qinst (ubuntu-cloud-images) or a keyring file"),
+        _Field("aleph_item_hash", _aleph_hash, "the aleph.im STORE message of the image"),
+        _Field("default_user", _user, "the login user (not root)"),
+    )
+}
+# Keys that only make sense together.
+_PAIRS = (("latest_url", "checksums_url"), ("checksums_signature_url", "signing_keys"))
 
 
 @dataclass(frozen=True)
@@ -44,6 +167,21 @@ class CatalogEntry:
     aleph_item_hash: str | None = None
     default_user: str = "cloud"
     origin: str = BUILTIN
+    size: int | None = None
+    checksums_signature_url: str | None = None
+    signing_keys: str | None = None
+
+    @property
+    def signed(self) -> bool:
+        """Whether the latest channel's checksum file carries a signature checked against a pinned keyring."""
+        return bool(self.checksums_signature_url and self.signing_keys)
+
+    @property
+    def latest_trust(self) -> str | None:
+        """How the latest channel is verified: "signed", "unsigned" (TLS to the upstream host only), or None."""
+        if not (self.latest_url and self.checksums_url):
+            return None
+        return "signed" if self.signed else "unsigned"
 
 
 def _entry(name: str, raw: Any, origin: str) -> CatalogEntry:
@@ -52,53 +190,36 @@ def _entry(name: str, raw: Any, origin: str) -> CatalogEntry:
         raise CatalogError(f"{where}: invalid image name (use lower-case letters, digits, '.', '_', '-')")
     if not isinstance(raw, dict):
         raise CatalogError(f"{where}: expected a table of keys")
-    unknown = sorted(set(raw) - _KNOWN_KEYS)
+    unknown = sorted(set(raw) - set(_FIELDS))
     if unknown:
-        raise CatalogError(f"{where}: unknown key {unknown[0]!r}", hint=f"known keys: {', '.join(sorted(_KNOWN_KEYS))}")
-    for key in _STR_KEYS & set(raw):
-        if not isinstance(raw[key], str) or not raw[key]:
-            raise CatalogError(f"{where}: key {key!r} must be a non-empty string")
-    if raw.get("format", "qcow2") not in ("qcow2", "raw"):
-        raise CatalogError(f"{where}: key 'format' must be 'qcow2' or 'raw' (qinst boots only those)")
-    aliases = raw.get("aliases", [])
-    if not isinstance(aliases, list) or not all(isinstance(a, str) and _NAME.fullmatch(a) for a in aliases):
-        raise CatalogError(f"{where}: key 'aliases' must be a list of image names")
-    for key in ("url", "latest_url", "checksums_url"):
-        if key in raw and not raw[key].startswith(("https://", "http://")):
-            raise CatalogError(f"{where}: key {key!r} must be an http(s) URL")
-    digest = None
-    if "digest" in raw:
-        if not isinstance(raw["digest"], str):
-            raise CatalogError(f"{where}: key 'digest' must be a string like 'sha512:<hex>'")
+        raise CatalogError(f"{where}: unknown key {unknown[0]!r}", hint=f"known keys: {', '.join(_FIELDS)}")
+    raw = dict(raw)
+    keys = raw.get("signing_keys")
+    if isinstance(keys, str) and "/" in keys and origin != BUILTIN:
+        # A keyring path in a user catalog is relative to that catalog file.
+        raw["signing_keys"] = str(Path(origin).parent / Path(keys).expanduser())
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
         try:
-            digest = Digest.parse(raw["digest"], error=CatalogError)
-        except CatalogError as exc:
-            raise CatalogError(f"{where}: key 'digest': {exc}") from exc
-    aleph = raw.get("aleph_item_hash")
-    if aleph is not None and not (isinstance(aleph, str) and re.fullmatch(r"[0-9a-f]{64}", aleph)):
-        raise CatalogError(f"{where}: key 'aleph_item_hash' must be 64 lower-case hex digits")
-    has_upstream = "url" in raw and digest is not None
-    if not has_upstream and aleph is None:
-        missing = "digest" if "url" in raw else "url"
+            values[key] = _FIELDS[key].check(value)
+        except ValueError as exc:
+            raise CatalogError(f"{where}: key {key!r} {exc}") from exc
+    if not ("url" in values and "digest" in values) and "aleph_item_hash" not in values:
+        missing = "digest" if "url" in values else "url"
         raise CatalogError(f"{where}: missing key {missing!r} (an entry needs url and digest, or aleph_item_hash)")
-    if ("latest_url" in raw) != ("checksums_url" in raw):
-        raise CatalogError(f"{where}: 'latest_url' and 'checksums_url' go together")
-    os_name = raw.get("os")
+    for a, b in _PAIRS:
+        if (a in values) != (b in values):
+            raise CatalogError(f"{where}: {a!r} and {b!r} go together")
+    if "checksums_signature_url" in values and "checksums_url" not in values:
+        raise CatalogError(f"{where}: 'checksums_signature_url' signs 'checksums_url', which is missing")
+    values.setdefault("default_user", _DEFAULT_USERS.get(values.get("os", ""), "cloud"))
     return CatalogEntry(
         name=name,
-        title=raw.get("title", name),
-        url=raw.get("url"),
-        digest=digest,
-        aliases=tuple(aliases),
-        os=os_name,
-        release=raw.get("release"),
-        arch=raw.get("arch", "x86_64"),
-        format=raw.get("format"),
-        latest_url=raw.get("latest_url"),
-        checksums_url=raw.get("checksums_url"),
-        aleph_item_hash=aleph,
-        default_user=raw.get("default_user", _DEFAULT_USERS.get(os_name or "", "cloud")),
+        title=values.pop("title", name),
+        url=values.pop("url", None),
+        digest=values.pop("digest", None),
         origin=origin,
+        **values,
     )
 
 

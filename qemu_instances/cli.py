@@ -182,6 +182,8 @@ def images(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                 "release": entry.release,
                 "arch": entry.arch,
                 "digest": str(entry.digest) if entry.digest else None,
+                "trust": "pinned" if entry.digest else None,  # the pinned build: verified against the digest
+                "latest_trust": entry.latest_trust,  # the latest channel: "signed", "unsigned" or None
                 "aleph_item_hash": entry.aleph_item_hash,
                 "cached": cached is not None,
                 "size": cached.size if cached else None,
@@ -200,12 +202,21 @@ def images(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                 r["arch"],
                 _size(r["size"]) if r["cached"] else "no",
                 (r["digest"] or "-")[:19],
+                _trust(r["trust"], r["latest_trust"]),
                 r["title"],
             ]
             for r in rows
         ],
-        ["NAME", "ALIASES", "ARCH", "CACHED", "DIGEST", "TITLE"],
+        ["NAME", "ALIASES", "ARCH", "CACHED", "DIGEST", "TRUST", "TITLE"],
     )
+
+
+def _trust(pinned: str | None, latest: str | None) -> str:
+    """The TRUST column: how the pinned build and the latest channel are verified, e.g. "pinned,latest:unsigned"."""
+    parts = [pinned] if pinned else []
+    if latest:
+        parts.append(f"latest:{latest}")
+    return ",".join(parts) or "-"
 
 
 @app.command()

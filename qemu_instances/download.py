@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
 import re
+import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
@@ -52,6 +56,10 @@ class _Transient(Exception):
     """A failure worth retrying (connection cut, 5xx, timeout)."""
 
 
+class _TooLong(Exception):
+    """The body is longer than the file can be: not retried, and the partial file is dropped."""
+
+
 def _check_status(response: requests.Response, url: str) -> None:
     if response.status_code in _TRANSIENT_STATUS:
         raise _Transient(f"HTTP {response.status_code}")
@@ -59,6 +67,36 @@ def _check_status(response: requests.Response, url: str) -> None:
         raise DownloadError(
             f"cannot download {url}: HTTP {response.status_code} {response.reason}", status=response.status_code
         )
+
+
+_NETWORK_HINT = "use --mirror URL, --source aleph, or a local image file"
+
+
+def _network_error(url: str, exc: Exception) -> str:
+    """One human line for a connection failure, instead of urllib3's repr of a pool and its retries."""
+    host = urlsplit(url).hostname or url
+    # requests wraps urllib3's MaxRetryError, whose .reason is the real failure (NameResolutionError, ...).
+    chain: list[BaseException] = []
+    todo: list[object] = [exc]
+    while todo and len(chain) < 20:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or current in chain:
+            continue
+        chain.append(current)
+        todo += [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args[:1]]
+    kinds = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain)
+    if "NameResolutionError" in kinds or isinstance(exc, socket.gaierror) or "Name or service not known" in text:
+        return f"cannot resolve {host} (no network or DNS?)"
+    if isinstance(exc, requests.Timeout) or "timed out" in text.lower():
+        return f"{host} did not answer in time"
+    if "ConnectionRefusedError" in kinds or "Connection refused" in text:
+        return f"cannot connect to {host}: connection refused"
+    if isinstance(exc, requests.exceptions.SSLError) or "SSLError" in kinds:
+        return f"TLS failure talking to {host} (certificate not trusted?)"
+    if isinstance(exc, requests.ConnectionError):
+        return f"cannot connect to {host} (no network?)"
+    return f"connection to {host} broken: {type(exc).__name__}"
 
 
 def _with_retries(
@@ -74,7 +112,12 @@ def _with_retries(
             failures = 1 if done() > seen else failures + 1
             seen = done()
             if failures >= policy.attempts:
-                raise DownloadError(f"cannot download {url}: {exc} (gave up after {failures} attempts)") from exc
+                if isinstance(exc, _Transient):
+                    raise DownloadError(f"cannot download {url}: {exc} (gave up after {failures} attempts)") from exc
+                raise DownloadError(
+                    f"cannot download {url}: {_network_error(url, exc)} (gave up after {failures} attempts)",
+                    hint=_NETWORK_HINT,
+                ) from exc
             delay = min(policy.backoff * 2 ** (failures - 1), policy.max_backoff)
             log.debug("download of %s failed (%s); retrying in %.1f s", url, exc, delay)
             time.sleep(delay)
@@ -123,12 +166,15 @@ class _Partial:
     def __enter__(self) -> _Partial:
         self._thread.start()
         try:
-            if self.path.exists():
-                # A download interrupted earlier: hash what is there so we can resume after it.
-                with self.path.open("rb") as f:
-                    while chunk := f.read(CHUNK):
-                        self._queue.put(chunk)
-                        self.size += len(chunk)
+            try:
+                f = self.open(os.O_RDONLY)
+            except FileNotFoundError:
+                return self
+            # A download interrupted earlier: hash what is there so we can resume after it.
+            with f:
+                while chunk := f.read(CHUNK):
+                    self._queue.put(chunk)
+                    self.size += len(chunk)
         except BaseException:
             self.__exit__()
             raise
@@ -147,6 +193,24 @@ class _Partial:
                 self._hash.update(chunk)
             finally:
                 self._queue.task_done()
+
+    def open(self, flags: int) -> BinaryIO:
+        """The partial file, never through a symlink (O_NOFOLLOW): a planted link must not be appended to."""
+        try:
+            fd = os.open(self.path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise DownloadError(
+                    f"refusing to write {self.path}: it is a symbolic link, not qinst's partial download",
+                    hint="remove it (qinst prune does)",
+                ) from exc
+            raise DownloadError(f"cannot open {self.path}: {exc.strerror}") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise DownloadError(f"refusing to write {self.path}: not a regular file", hint="remove it")
+        return os.fdopen(fd, "rb" if flags == os.O_RDONLY else "ab")
 
     def append(self, f: BinaryIO, chunk: bytes) -> None:
         try:
@@ -194,11 +258,14 @@ def download_verified(
     progress: Progress | None = None,
     policy: RetryPolicy = RetryPolicy(),
     check: Callable[[Path], None] | None = None,
+    size: int | None = None,
 ) -> int:
     """Download url to dest, verifying digest; dest appears only when complete and verified. Returns the size.
 
     The bytes go to a hidden sibling ".<name>.part" that a later call resumes; the caller holds the lock.
     check(path), if given, inspects the verified file before it takes its name; if it raises, nothing is kept.
+    size, if given, is the file's expected size: a body that goes past it (or past its Content-Length) stops at
+    once, and nothing is kept.
     """
     with _Partial(dest.with_name(f".{dest.name}.part"), digest.algorithm) as part:
         total: int | None = None
@@ -230,12 +297,14 @@ def download_verified(
                         raise _Transient(f"unusable answer to a Range request (Content-Range {got!r}); starting over")
                 length = response.headers.get("Content-Length")
                 total = part.size + int(length) if length and length.isdigit() and not encoded else None
-                try:
-                    f = part.path.open("ab")
-                except OSError as exc:
-                    raise DownloadError(f"cannot write {part.path}: {exc.strerror}") from exc
-                with f:
+                if size is not None and total is not None and total > size:
+                    raise _TooLong(f"{url} announces {total} bytes, more than the expected {size}")
+                bounds = [x for x in (size, total) if x is not None]
+                limit = min(bounds) if bounds else None
+                with part.open(os.O_WRONLY | os.O_APPEND | os.O_CREAT) as f:
                     for chunk in _chunks(response, decode=encoded):
+                        if limit is not None and part.size + len(chunk) > limit:
+                            raise _TooLong(f"{url} sent more than the expected {limit} bytes; stopped")
                         part.append(f, chunk)
                         if progress:
                             progress(part.size, total)
@@ -243,7 +312,11 @@ def download_verified(
                     raise _Transient(f"connection closed after {part.size} of {total} bytes")
 
         # On DownloadError the partial file stays, and the next pull resumes it.
-        _with_retries(url, policy, attempt, done=lambda: part.size)
+        try:
+            _with_retries(url, policy, attempt, done=lambda: part.size)
+        except _TooLong as exc:
+            part.restart()
+            raise DownloadError(str(exc), hint="nothing was cached; the server does not serve the pinned file") from exc
         actual = part.digest()
         size = part.size
     if actual != digest:

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from qemu_instances import aleph
-from qemu_instances.catalog import Catalog, CatalogEntry
+from qemu_instances.catalog import Catalog, CatalogEntry, http_url, printable
 from qemu_instances.digests import Algorithm, Digest, algorithm_for_checksums, parse_checksums
-from qemu_instances.errors import DownloadError, ImageError, UsageError
+from qemu_instances.errors import DigestMismatch, DownloadError, ImageError, UsageError
 from qemu_instances.proc import run
 from qemu_instances.settings import Settings
 
@@ -101,6 +102,10 @@ def parse_image_ref(text: str, catalog: Catalog, *, sha256: str | None = None, s
     elif sha512:
         digest = Digest.of(Algorithm.SHA512, sha512, error=UsageError)
     if text.startswith(("http://", "https://")):
+        try:
+            http_url(text)
+        except ValueError as exc:
+            raise UsageError(f"bad image URL {text!r}: {exc}") from exc
         if digest is None:
             raise UsageError(
                 f"refusing to download {text} without a digest",
@@ -144,8 +149,16 @@ def check_format(path: Path, expected: str | None, origin: str) -> str:
     fmt = str(info.get("format"))
     if fmt not in ("qcow2", "raw"):
         raise ImageError(f"{origin}: unsupported image format {fmt!r} (qinst takes qcow2 or raw)")
-    if info.get("backing-filename"):
-        raise ImageError(f"{origin}: refusing an image with a backing file ({info['backing-filename']})")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        backing = info.get("backing-filename") or info.get("full-backing-filename")
+        raise ImageError(f"{origin}: refusing an image with a backing file ({backing})")
+    specific = info.get("format-specific") or {}
+    data = specific.get("data") if isinstance(specific, dict) else None
+    if isinstance(data, dict) and data.get("data-file"):
+        # The guest would read and write whatever host file the image names.
+        raise ImageError(f"{origin}: refusing a qcow2 image with an external data file ({data['data-file']})")
+    if info.get("encrypted") or (isinstance(data, dict) and data.get("encrypt")):
+        raise ImageError(f"{origin}: refusing an encrypted image (qinst boots images without a key)")
     if expected and fmt != expected:
         raise ImageError(f"{origin}: expected a {expected} image, qemu-img says {fmt}")
     return fmt
@@ -160,22 +173,43 @@ class Cache:
     def path(self, digest: Digest) -> Path:
         return self.dir / digest.filename
 
+    def ensure(self) -> None:
+        """Create the cache directory, private to the user (0700): images and partial downloads live there."""
+        try:
+            self.dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.dir.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot create the cache directory {self.dir}: {exc.strerror}", hint="pass a writable --cache-dir"
+            ) from exc
+
     def get(self, digest: Digest) -> CachedImage | None:
         path = self.path(digest)
-        if not path.is_file():
+        try:
+            st = path.lstat()
+        except OSError:
             return None
+        if not stat.S_ISREG(st.st_mode):
+            return None  # a symlink or anything else planted under an image's name is not an image
         try:
             record = json.loads(path.with_name(path.name + ".json").read_text())
         except (OSError, ValueError):
             record = {}
+        if not isinstance(record, dict):
+            record = {}  # a corrupt record ([] or a number) is ignored: the image itself is verified by its name
+
+        def field(key: str, default: str | None) -> str | None:
+            value = record.get(key)
+            return value if isinstance(value, str) else default
+
         return CachedImage(
-            name=record.get("name", digest.filename[:19]),
+            name=printable(field("name", None) or "")[:64] or digest.filename[:19],
             digest=digest,
             path=path,
-            size=path.stat().st_size,
-            source=record.get("source", "unknown"),
-            format=record.get("format", "unknown"),
-            url=record.get("url"),
+            size=st.st_size,
+            source=printable(field("source", "unknown") or "unknown"),
+            format=printable(field("format", "unknown") or "unknown"),
+            url=field("url", None),
         )
 
     def entries(self) -> list[CachedImage]:
@@ -187,7 +221,7 @@ class Cache:
     @contextmanager
     def lock(self, digest: Digest) -> Iterator[None]:
         """Hold the per-image lock: concurrent pulls of one image wait here and then find it cached."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ensure()
         with (self.dir / f".{digest.filename}.lock").open("a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -213,6 +247,9 @@ class Cache:
             return []
         stale = []
         for p in self.dir.iterdir():
+            if p.is_symlink():
+                stale.append(p)  # qinst makes no links: a planted or dangling one goes (the link, not its target)
+                continue
             if p.name.endswith(".json") and not p.name.startswith("."):
                 image = p.with_name(p.name.removesuffix(".json"))
                 if (
@@ -254,6 +291,7 @@ class _Plan:
     digest: Digest
     source: str
     format: str | None = None
+    size: int | None = None  # the expected size, when the catalog gives it: a longer body stops at once
 
 
 class ImageStore:
@@ -304,6 +342,8 @@ class ImageStore:
                 raise UsageError("--source aleph and --latest apply to catalog images, not local files")
             assert ref.path is not None
             return self._import_file(ref.path)
+        if latest and source is Source.UPSTREAM and ref.kind is RefKind.CATALOG:
+            return self._fetch_latest(ref, progress)
         plan = self._plan(ref, source, latest)
         try:
             return self._fetch(plan, progress)
@@ -312,13 +352,36 @@ class ImageStore:
             gone = exc.status in (404, 410) and source is Source.UPSTREAM and not latest
             if not (gone and entry and entry.latest_url and entry.checksums_url):
                 raise
+            where = "on the mirror" if self.settings.mirror else "upstream"
+            try:
+                plan = self._plan(ref, source, latest=True)  # reads the checksum file only if it can be trusted
+            except ImageError as trust:
+                raise ImageError(
+                    f"the pinned build of {entry.name} is gone {where} ({exc}), and the latest build cannot be "
+                    f"verified: {trust}",
+                    hint=trust.hint or "pull a local image file, or --source aleph",
+                ) from trust
             log.warning(
-                "the pinned build of %s is gone upstream (%s); using the latest build, verified against %s",
+                "the pinned build of %s is gone %s (%s); using the latest build, verified against %s",
                 entry.name,
+                where,
                 exc,
-                mirror_url(entry.checksums_url, self.settings.mirror),
+                self._checksums_url(entry),
             )
-            return self._fetch(self._plan(ref, source, latest=True), progress)
+            return self._fetch_latest(ref, progress, plan)
+
+    def _fetch_latest(self, ref: ImageRef, progress: Progress | None, plan: _Plan | None = None) -> CachedImage:
+        """The latest build. Its directory is a moving link upstream: when a new build lands during the download,
+        the bytes match neither digest; re-read the checksum file once and fetch the new build if it changed."""
+        plan = plan or self._plan(ref, Source.UPSTREAM, latest=True)
+        try:
+            return self._fetch(plan, progress)
+        except DigestMismatch:
+            again = self._plan(ref, Source.UPSTREAM, latest=True)
+            if again.digest == plan.digest:
+                raise
+            log.warning("a new build of %s was published during the download; fetching it", plan.name)
+            return self._fetch(again, progress)
 
     def _plan(self, ref: ImageRef, source: Source, latest: bool) -> _Plan:
         entry = ref.entry
@@ -345,19 +408,53 @@ class ImageStore:
             return _Plan(entry.name, url, self._latest_digest(entry), "upstream-latest", entry.format)
         if not (entry.url and entry.digest):
             raise ImageError(f"image {entry.name} has no upstream url", hint="use --source aleph")
-        return _Plan(entry.name, mirror_url(entry.url, self.settings.mirror), entry.digest, "upstream", entry.format)
+        url = mirror_url(entry.url, self.settings.mirror)
+        return _Plan(entry.name, url, entry.digest, "upstream", entry.format, entry.size)
+
+    def _checksums_url(self, entry: CatalogEntry) -> str:
+        """Where the checksum file is read: through the mirror only when its signature is checked, else upstream."""
+        assert entry.checksums_url
+        return mirror_url(entry.checksums_url, self.settings.mirror) if entry.signed else entry.checksums_url
+
+    def _checksums(self, entry: CatalogEntry) -> str:
+        """The latest channel's checksum file, trusted: signed and verified, or read from the entry's own host."""
+        assert entry.checksums_url
+        from qemu_instances.download import fetch_bytes
+
+        url = self._checksums_url(entry)
+        try:
+            data = fetch_bytes(url, session=self._session, policy=self.policy)
+        except DownloadError as exc:
+            if entry.signed or not self.settings.mirror:
+                raise
+            host = urlsplit(url).hostname
+            raise DownloadError(
+                f"{exc} (an unsigned checksum file is read only from its upstream host {host}, never through a mirror)",
+                hint="pull without --mirror when the upstream host is reachable, or pull a local image file",
+                status=exc.status,
+            ) from exc
+        if entry.signed:
+            from qemu_instances.signatures import keyring_path, verify_detached
+
+            assert entry.checksums_signature_url and entry.signing_keys
+            sig_url = mirror_url(entry.checksums_signature_url, self.settings.mirror)
+            try:
+                signature = fetch_bytes(sig_url, session=self._session, policy=self.policy, limit=1 << 20)
+            except DownloadError as exc:
+                raise ImageError(f"cannot fetch the signature of {url}: {exc}", hint=exc.hint) from exc
+            signer = verify_detached(data, signature, keyring_path(entry.signing_keys), what=url)
+            log.debug("%s: good signature by %s", url, signer)
+        return data.decode("utf-8", "replace")
 
     def _latest_digest(self, entry: CatalogEntry) -> Digest:
         assert entry.latest_url and entry.checksums_url
-        sums_url = mirror_url(entry.checksums_url, self.settings.mirror)
-        algorithm = algorithm_for_checksums(sums_url)
-        from qemu_instances.download import fetch_bytes
-
-        text = fetch_bytes(sums_url, session=self._session, policy=self.policy).decode("utf-8", "replace")
+        url = self._checksums_url(entry)
+        algorithm = algorithm_for_checksums(url)
+        text = self._checksums(entry)
         filename = urlsplit(entry.latest_url).path.rsplit("/", 1)[-1]
         sums = parse_checksums(text, algorithm)
         if filename not in sums:
-            raise ImageError(f"{sums_url} lists no {algorithm} digest for {filename}")
+            raise ImageError(f"{url} lists no {algorithm} digest for {filename}")
         return sums[filename]
 
     def _fetch(self, plan: _Plan, progress: Progress | None) -> CachedImage:
@@ -376,7 +473,14 @@ class ImageStore:
             from qemu_instances.download import download_verified
 
             size = download_verified(
-                plan.url, dest, plan.digest, session=self._session, progress=progress, policy=self.policy, check=check
+                plan.url,
+                dest,
+                plan.digest,
+                session=self._session,
+                progress=progress,
+                policy=self.policy,
+                check=check,
+                size=plan.size,
             )
             image = CachedImage(plan.name, plan.digest, dest, size, plan.source, fmt, plan.url)
             self.cache.record(image)
@@ -387,7 +491,7 @@ class ImageStore:
         from qemu_instances.download import replace_durably
 
         check_format(path, None, str(path))  # refuse early, before copying gigabytes
-        self.cache.dir.mkdir(parents=True, exist_ok=True)
+        self.cache.ensure()
         fd, tmp_name = tempfile.mkstemp(dir=self.cache.dir, prefix=".import-", suffix=".tmp")
         tmp = Path(tmp_name)
         try:
@@ -426,10 +530,16 @@ class ImageStore:
                 self.cache.remove(image.digest)
             removed.append((image.path, image.size))
         for tmp in self.cache.stale_temporaries():
-            size = tmp.stat().st_size
-            if tmp.is_dir():
-                shutil.rmtree(tmp)
-            else:
-                tmp.unlink(missing_ok=True)
-            removed.append((tmp, size))
+            try:
+                st = tmp.lstat()
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink(missing_ok=True)  # a symlink is removed itself, never followed
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", tmp, exc.strerror)
+                continue
+            removed.append((tmp, st.st_size if stat.S_ISREG(st.st_mode) else 0))
         return removed

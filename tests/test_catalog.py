@@ -19,7 +19,8 @@ DEBIAN_12_PIN = (
     "sha512:3d94c9dd66d8a283fde060b8810373b7ae04038b956ee00d553d1ae564f6fbdeaa2fd6e7404e87e53348b5a9509170f3"
     "ea7c0731ba737590c5c4cb8d559a47f8"
 )
-UBUNTU_2204_PIN = "sha256:952bc5bb4349897a409559c26fdec006a2744b103e005af6df8693cfab515bc2"
+# The jammy pin is the digest that Canonical's signed SHA256SUMS of release-20260722 carries (tests/data/ubuntu).
+UBUNTU_2204_PIN = "sha256:757908b2fd6d5b1431bb45070fc1f56cbf017d4025568d292ece37d9cc75e812"
 
 
 def write(tmp_path: Path, text: str, name: str = "user.toml") -> Path:
@@ -30,7 +31,7 @@ def write(tmp_path: Path, text: str, name: str = "user.toml") -> Path:
 
 def test_builtin_catalog() -> None:
     catalog = Catalog.load()
-    assert [e.name for e in catalog] == ["debian-11", "debian-12", "ubuntu-22.04"]
+    assert [e.name for e in catalog] == ["debian-11", "debian-12", "debian-13", "ubuntu-22.04", "ubuntu-24.04"]
     debian = catalog.lookup("debian-12")
     assert debian.digest == Digest.parse(DEBIAN_12_PIN)
     assert debian.url is not None and debian.url.endswith("/debian-12-genericcloud-amd64-20260923-2610.qcow2")
@@ -72,7 +73,14 @@ digest = "{SHA256}"
 """,
     )
     catalog = Catalog.load([user])
-    assert {e.name for e in catalog} == {"debian-11", "debian-12", "ubuntu-22.04", "alpine-3"}
+    assert {e.name for e in catalog} == {
+        "debian-11",
+        "debian-12",
+        "debian-13",
+        "ubuntu-22.04",
+        "ubuntu-24.04",
+        "alpine-3",
+    }
     debian = catalog.lookup("debian-12")
     # The override replaces the whole entry: nothing of the built-in one leaks through.
     assert debian.url == "https://mirror.example/debian-12.qcow2"
@@ -125,7 +133,54 @@ aleph_item_hash = "{"0" * 64}"
 @pytest.mark.parametrize(
     ("body", "needles"),
     [
-        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\nsize = 3\n', ["[images.bad]", "unknown key 'size'"]),
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\nsizes = 3\n', ["[images.bad]", "unknown key 'sizes'"]),
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\nsize = 0\n', ["'size'", "positive number of bytes"]),
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\nsize = true\n', ["'size'", "positive number"]),
+        (f'url = ""\ndigest = "{SHA256}"\n', ["'url'", "non-empty string"]),
+        (f'url = "https://"\ndigest = "{SHA256}"\n', ["'url'", "with a host"]),
+        (f'url = "http://[::1"\ndigest = "{SHA256}"\n', ["'url'", "not a valid URL"]),
+        (f'url = "https://e.example/a b"\ndigest = "{SHA256}"\n', ["'url'", "spaces"]),
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\naliases = ["Bad Alias"]\n', ["'aliases'"]),
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\naliases = [""]\n', ["'aliases'"]),
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\ndefault_user = "root"\n', ["'default_user'", "root"]),
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\ndefault_user = "a b"\n', ["'default_user'"]),
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\ntitle = "\\u001b"\n', ["'title'", "printable"]),
+        (
+            f'url = "https://e.example/x"\ndigest = "{SHA256}"\nlatest_url = "ftp://e.example/l"\n'
+            'checksums_url = "https://e.example/SHA256SUMS"\n',
+            ["'latest_url'", "http(s) URL"],
+        ),
+        (
+            f'url = "https://e.example/x"\ndigest = "{SHA256}"\nlatest_url = "https://e.example/l"\n'
+            'checksums_url = "file:///etc/SHA256SUMS"\n',
+            ["'checksums_url'", "http(s) URL"],
+        ),
+        (
+            f'url = "https://e.example/x"\ndigest = "{SHA256}"\nlatest_url = "https://e.example/l"\n'
+            'checksums_url = ""\n',
+            ["'checksums_url'", "non-empty"],
+        ),
+        (
+            f'url = "https://e.example/x"\ndigest = "{SHA256}"\nchecksums_signature_url = "https://e.example/s"\n',
+            ["'checksums_signature_url' and 'signing_keys' go together"],
+        ),
+        (
+            f'url = "https://e.example/x"\ndigest = "{SHA256}"\nchecksums_signature_url = "https://e.example/s"\n'
+            'signing_keys = "ubuntu-cloud-images"\n',
+            ["'checksums_signature_url' signs 'checksums_url'"],
+        ),
+        (
+            f'url = "https://e.example/x"\ndigest = "{SHA256}"\nlatest_url = "https://e.example/l"\n'
+            'checksums_url = "https://e.example/SHA256SUMS"\n'
+            'checksums_signature_url = "https://e.example/SHA256SUMS.gpg"\nsigning_keys = "no-such-keyring"\n',
+            ["'signing_keys'", "no keyring named 'no-such-keyring'", "ubuntu-cloud-images"],
+        ),
+        (
+            f'url = "https://e.example/x"\ndigest = "{SHA256}"\nlatest_url = "https://e.example/l"\n'
+            'checksums_url = "https://e.example/SHA256SUMS"\n'
+            'checksums_signature_url = "https://e.example/SHA256SUMS.gpg"\nsigning_keys = "./missing.gpg"\n',
+            ["'signing_keys'", "missing.gpg is not a file"],
+        ),
         ('url = "https://e.example/x"\ndigest = "sha512:1234"\n', ["[images.bad]", "'digest'", "128 hex digits"]),
         ('url = "https://e.example/x"\ndigest = "md5:00"\n', ["'digest'", "sha256:<hex> or sha512:<hex>"]),
         ('url = "https://e.example/x"\ndigest = 12\n', ["'digest'", "must be a string"]),
@@ -204,7 +259,7 @@ def test_catalog_that_is_not_utf8(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "suggested"),
-    [("debian-13", ["debian-12", "debian-11"]), ("jamy", ["jammy"]), ("ubuntu-22.4", ["ubuntu-22.04"])],
+    [("debian-14", ["debian-13", "debian-12"]), ("jamy", ["jammy"]), ("ubuntu-22.4", ["ubuntu-22.04"])],
 )
 def test_unknown_name_suggests_the_closest(name: str, suggested: list[str]) -> None:
     with pytest.raises(CatalogError, match=f"unknown image '{name}'") as info:
@@ -220,4 +275,56 @@ def test_unknown_name_without_close_match_lists_all() -> None:
     with pytest.raises(CatalogError) as info:
         Catalog.load().lookup("fedora-40")
     assert info.value.hint is not None
-    assert "known images: bookworm, bullseye, debian-11, debian-12, jammy, ubuntu-22.04" in info.value.hint
+    known = "bookworm, bullseye, debian-11, debian-12, debian-13, jammy, noble, trixie, ubuntu-22.04, ubuntu-24.04"
+    assert f"known images: {known}" in info.value.hint
+
+
+def test_current_releases_and_signed_latest_channels() -> None:
+    catalog = Catalog.load()
+    trixie = catalog.lookup("trixie")
+    assert trixie.name == "debian-13"
+    assert trixie.url == (
+        "https://cloud.debian.org/images/cloud/trixie/20260712-2537/debian-13-genericcloud-amd64-20260712-2537.qcow2"
+    )
+    assert str(trixie.digest).startswith("sha512:7ae53e9dbee282bfc16f289dec483dde3a8598769c38a267948310f7a2a52c66")
+    assert trixie.checksums_url == "https://cloud.debian.org/images/cloud/trixie/latest/SHA512SUMS"
+    assert (trixie.signed, trixie.latest_trust, trixie.default_user) == (False, "unsigned", "debian")
+    noble = catalog.lookup("noble")
+    assert noble.name == "ubuntu-24.04"
+    assert noble.digest == Digest.parse("sha256:ffe6203da54deeb6db5d2a98a83f9ec8e55f149d3f7ba622e1abe5fa966ee3d6")
+    assert noble.url is not None and "/releases/noble/release-20260705/" in noble.url
+    for entry in (noble, catalog.lookup("jammy")):
+        assert entry.signed and entry.latest_trust == "signed"
+        assert entry.signing_keys == "ubuntu-cloud-images"
+        assert entry.checksums_signature_url == f"{entry.checksums_url}.gpg"
+    assert catalog.lookup("jammy").url == (
+        "https://cloud-images.ubuntu.com/releases/jammy/release-20260722/ubuntu-22.04-server-cloudimg-amd64.img"
+    )
+    # The seed's aleph item hashes are unchanged.
+    assert catalog.lookup("jammy").aleph_item_hash == "4a0f62da42f4478544616519e6f5d58adb1096e069b392b151d47c3609492d0c"
+
+
+def test_titles_lose_control_characters_and_escapes(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f'[images.x]\nurl = "https://e.example/x"\ndigest = "{SHA256}"\n'
+        'title = "Evil\\u001b[2J\\u001b]0;owned\\u0007 title\\u009b\\u202e"\nos = "li\\u0000nux"\n',
+    )
+    entry = Catalog.load([path]).lookup("x")
+    assert entry.title == "Evil[2J]0;owned title"
+    assert entry.os == "linux"
+
+
+def test_size_and_a_keyring_path_relative_to_the_catalog(tmp_path: Path) -> None:
+    keyring = Path(__file__).parent / "data" / "ubuntu" / "ubuntu-cloudimage-keyring.gpg"
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "k.gpg").write_bytes(keyring.read_bytes())
+    path = write(
+        tmp_path,
+        f'[images.x]\nurl = "https://e.example/x"\ndigest = "{SHA256}"\nsize = 1234\n'
+        'latest_url = "https://e.example/l"\nchecksums_url = "https://e.example/SHA256SUMS"\n'
+        'checksums_signature_url = "https://e.example/SHA256SUMS.gpg"\nsigning_keys = "keys/k.gpg"\n',
+    )
+    entry = Catalog.load([path]).lookup("x")
+    assert entry.size == 1234
+    assert entry.signing_keys == str(tmp_path / "keys" / "k.gpg")

@@ -26,7 +26,7 @@ def test_images_json(qinst: RunQinst, tmp_path: Path) -> None:
     proc = qinst("--cache-dir", str(tmp_path), "images", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert [r["name"] for r in rows] == ["debian-11", "debian-12", "ubuntu-22.04"]
+    assert [r["name"] for r in rows] == ["debian-11", "debian-12", "debian-13", "ubuntu-22.04", "ubuntu-24.04"]
     for row in rows:
         assert set(row) >= IMAGES_KEYS
         assert row["cached"] is False
@@ -37,6 +37,14 @@ def test_images_json(qinst: RunQinst, tmp_path: Path) -> None:
     assert debian["title"] == "Debian 12 (bookworm) genericcloud"
     assert debian["digest"] == DEBIAN_12_DIGEST
     assert debian["aleph_item_hash"] == "b6ff5c3a8205d1ca4c7c3369300eeafff498b558f71b851aa2114afd0a532717"
+    # Debian publishes no signature for cloud images; Ubuntu signs its SHA256SUMS.
+    assert {r["name"]: (r["trust"], r["latest_trust"]) for r in rows} == {
+        "debian-11": ("pinned", "unsigned"),
+        "debian-12": ("pinned", "unsigned"),
+        "debian-13": ("pinned", "unsigned"),
+        "ubuntu-22.04": ("pinned", "signed"),
+        "ubuntu-24.04": ("pinned", "signed"),
+    }
     assert proc.stderr == ""
 
 
@@ -44,11 +52,13 @@ def test_images_table(qinst: RunQinst, tmp_path: Path) -> None:
     proc = qinst("--cache-dir", str(tmp_path), "images")
     assert proc.returncode == 0, proc.stderr
     header, *rows = proc.stdout.splitlines()
-    assert header.split() == ["NAME", "ALIASES", "ARCH", "CACHED", "DIGEST", "TITLE"]
-    assert [r.split()[:4] for r in rows] == [
-        ["debian-11", "bullseye", "x86_64", "no"],
-        ["debian-12", "bookworm", "x86_64", "no"],
-        ["ubuntu-22.04", "jammy", "x86_64", "no"],
+    assert header.split() == ["NAME", "ALIASES", "ARCH", "CACHED", "DIGEST", "TRUST", "TITLE"]
+    assert [r.split()[:4] + r.split()[5:6] for r in rows] == [
+        ["debian-11", "bullseye", "x86_64", "no", "pinned,latest:unsigned"],
+        ["debian-12", "bookworm", "x86_64", "no", "pinned,latest:unsigned"],
+        ["debian-13", "trixie", "x86_64", "no", "pinned,latest:unsigned"],
+        ["ubuntu-22.04", "jammy", "x86_64", "no", "pinned,latest:signed"],
+        ["ubuntu-24.04", "noble", "x86_64", "no", "pinned,latest:signed"],
     ]
 
 
@@ -78,7 +88,7 @@ def test_user_catalog_adds_images(qinst: RunQinst, tmp_path: Path) -> None:
     proc = qinst("--cache-dir", str(tmp_path), "images", "--json", env={"QINST_CATALOG": str(catalog)})
     assert proc.returncode == 0, proc.stderr
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
-    assert set(rows) == {"alpine-3", "debian-11", "debian-12", "ubuntu-22.04"}
+    assert set(rows) == {"alpine-3", "debian-11", "debian-12", "debian-13", "ubuntu-22.04", "ubuntu-24.04"}
     assert (rows["alpine-3"]["aliases"], rows["alpine-3"]["arch"]) == (["alpine"], "aarch64")
 
 
@@ -87,7 +97,10 @@ def test_user_catalog_adds_images(qinst: RunQinst, tmp_path: Path) -> None:
     ("text", "needle"),
     [
         ('[images.x]\nurl = "https://e.example/x"\ndigest = "sha256:00"\n', "[images.x]: key 'digest'"),
-        ('[images.x]\nurl = "https://e.example/x"\ndigest = "sha256:00"\nsize = 1\n', "[images.x]: unknown key 'size'"),
+        (
+            '[images.x]\nurl = "https://e.example/x"\ndigest = "sha256:00"\nsizes = 1\n',
+            "[images.x]: unknown key 'sizes'",
+        ),
         ('[images.x]\ndigest = "sha256:' + "0" * 64 + '"\n', "[images.x]: missing key 'url'"),
         ("[images.x\n", "invalid TOML"),
     ],
@@ -121,7 +134,7 @@ def test_missing_catalog_file(qinst: RunQinst, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "suggestion"), [("debian-13", "debian-12"), ("jamy", "jammy"), ("bokworm", "bookworm")]
+    ("name", "suggestion"), [("debian-14", "debian-13"), ("jamy", "jammy"), ("bokworm", "bookworm")]
 )
 def test_unknown_image_suggests_close_names(qinst: RunQinst, tmp_path: Path, name: str, suggestion: str) -> None:
     proc = qinst("--cache-dir", str(tmp_path), "pull", name)

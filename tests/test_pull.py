@@ -52,6 +52,15 @@ def store_for(mirror: Mirror, cache: Path, policy: RetryPolicy = FAST) -> ImageS
     return ImageStore(settings, policy=policy)
 
 
+def upstream_store(upstream: Path, cache: Path, policy: RetryPolicy = FAST) -> ImageStore:
+    """A store whose catalog's upstream hosts are the local server (no mirror)."""
+    return ImageStore(Settings(cache_dir=cache, catalogs=(upstream,)), policy=policy)
+
+
+def upstream_args(upstream: Path, cache: Path) -> list[str]:
+    return ["--catalog", str(upstream), "--cache-dir", str(cache)]
+
+
 def cache_files(cache: Path) -> list[str]:
     """What the cache directory holds, lock files aside (they stay, empty, by design)."""
     images = cache / "images"
@@ -331,36 +340,44 @@ def test_content_encoding_is_decoded_before_hashing(http_server: HTTPServer, tmp
 
 @http
 @pytest.mark.parametrize(("name", "image_attr"), [("debian-12", "latest"), ("jammy", "ubuntu")])
-def test_latest(qinst: RunQinst, mirror: Mirror, tmp_path: Path, name: str, image_attr: str) -> None:
+def test_latest(qinst: RunQinst, mirror: Mirror, upstream: Path, tmp_path: Path, name: str, image_attr: str) -> None:
     image: Image = getattr(mirror.images, image_attr)
     digest = image.sha512 if name == "debian-12" else image.sha256  # SHA512SUMS vs SHA256SUMS
-    data = pull_json(qinst, mirror, tmp_path / "cache", name, "--latest")
+    proc = qinst(*upstream_args(upstream, tmp_path / "cache"), "pull", name, "--latest", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
     assert data["source"] == "upstream-latest"
     assert_cached(data, image, digest)
     sums = DEBIAN_SUMS if name == "debian-12" else UBUNTU_SUMS
     assert len(mirror.server.hits(sums)) == 1
+    # Ubuntu's checksum file is signed (and checked); Debian's is not and has no signature to fetch.
+    assert len(mirror.server.hits(sums + ".gpg")) == (1 if name == "jammy" else 0)
 
 
 @http
-def test_latest_checksum_file_without_the_image(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
+def test_latest_checksum_file_without_the_image(
+    qinst: RunQinst, mirror: Mirror, upstream: Path, tmp_path: Path
+) -> None:
     mirror.server.add(DEBIAN_SUMS, f"{'a' * 128}  debian-12-genericcloud-arm64.qcow2\n".encode())
-    stderr = assert_clean_error(qinst(*mirror.args(tmp_path / "cache"), "pull", "debian-12", "--latest"), 3)
+    stderr = assert_clean_error(qinst(*upstream_args(upstream, tmp_path / "cache"), "pull", "debian-12", "--latest"), 3)
     assert f"{mirror.url}{DEBIAN_SUMS} lists no sha512 digest for debian-12-genericcloud-amd64.qcow2" in stderr
     assert not mirror.server.hits(DEBIAN_LATEST)
 
 
 @http
-def test_latest_checksum_mismatch(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
+def test_latest_checksum_mismatch(qinst: RunQinst, mirror: Mirror, upstream: Path, tmp_path: Path) -> None:
     mirror.server.add(DEBIAN_LATEST, mirror.images.pinned.data)  # the SUMS file still names the latest build
-    stderr = assert_clean_error(qinst(*mirror.args(tmp_path / "cache"), "pull", "debian-12", "--latest"), 3)
+    stderr = assert_clean_error(qinst(*upstream_args(upstream, tmp_path / "cache"), "pull", "debian-12", "--latest"), 3)
     assert f"expected {mirror.images.latest.sha512}" in stderr
     assert cache_files(tmp_path / "cache") == []
 
 
 @http
-def test_pinned_build_gone_falls_back_to_latest(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
+def test_pinned_build_gone_falls_back_to_latest(
+    qinst: RunQinst, mirror: Mirror, upstream: Path, tmp_path: Path
+) -> None:
     mirror.server.remove(DEBIAN_PINNED)
-    proc = qinst(*mirror.args(tmp_path / "cache"), "pull", "debian-12", "--json")
+    proc = qinst(*upstream_args(upstream, tmp_path / "cache"), "pull", "debian-12", "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["source"] == "upstream-latest"
@@ -515,10 +532,11 @@ def test_concurrent_pulls_download_once(mirror: Mirror, tmp_path: Path) -> None:
 
 
 @http
-def test_prune_removes_images_and_stale_partials(mirror: Mirror, tmp_path: Path) -> None:
+def test_prune_removes_images_and_stale_partials(mirror: Mirror, upstream: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     store = store_for(mirror, cache)
-    kept = store.pull(store.resolve("debian-12"), latest=True)
+    direct = upstream_store(upstream, cache)
+    kept = direct.pull(direct.resolve("debian-12"), latest=True)
     gone = store.pull(store.resolve("debian-12"))
     stale = cache / "images" / f".sha256-{'1' * 64}.part"
     stale.write_bytes(b"x" * 1000)

@@ -1,0 +1,68 @@
+"""A throw-away OpenPGP key made with gpg for the tests, and a catalog whose upstream hosts are the local server.
+
+The key lives in its own temporary GNUPGHOME (its agent is stopped at the end); its public keyring is exported in
+binary form, as qinst's `signing_keys` takes it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirror import DEBIAN_HOST, UBUNTU_HOST, UBUNTU_SUMS, Mirror
+
+
+@dataclass(frozen=True)
+class TestKey:
+    home: Path
+    keyring: Path  # the binary public keyring (gpg --export)
+    fingerprint: str
+
+    def _gpg(self, *args: str, data: bytes | None = None) -> bytes:
+        env = {**os.environ, "GNUPGHOME": str(self.home)}
+        proc = subprocess.run(
+            ["gpg", "--batch", "--no-tty", "--pinentry-mode", "loopback", "--passphrase", "", *args],
+            input=data,
+            capture_output=True,
+            env=env,
+            check=True,
+        )
+        return proc.stdout
+
+    def sign(self, data: bytes) -> bytes:
+        """An ASCII-armored detached signature over data (like Ubuntu's SHA256SUMS.gpg)."""
+        return self._gpg("--armor", "--detach-sign", "--output", "-", data=data)
+
+    def stop(self) -> None:
+        subprocess.run(["gpgconf", "--kill", "all"], env={**os.environ, "GNUPGHOME": str(self.home)}, check=False)
+
+
+def make_key(home: Path, uid: str) -> TestKey:
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = TestKey(home, home / "keyring.gpg", "")
+    key._gpg("--quick-gen-key", uid, "ed25519", "sign", "never")
+    listing = key._gpg("--with-colons", "--list-keys", uid).decode()
+    fingerprint = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+    key.keyring.write_bytes(key._gpg("--export", fingerprint))
+    return TestKey(home, key.keyring, fingerprint)
+
+
+def upstream_catalog(mirror: Mirror, workdir: Path, key: TestKey | None = None) -> Path:
+    """The mirror's catalog with its upstream hosts moved to the local server itself: checksum files read from
+    there are the entry's own upstream. With key, the Ubuntu entry's SHA256SUMS is signed by it (served beside)."""
+    text = mirror.catalog.read_text().replace(DEBIAN_HOST, mirror.url).replace(UBUNTU_HOST, mirror.url)
+    if key is not None:
+        sums = mirror.server._docs[UBUNTU_SUMS].body
+        mirror.server.add(UBUNTU_SUMS + ".gpg", key.sign(sums), "text/plain")
+        text = text.replace(
+            f'checksums_url = "{mirror.url}{UBUNTU_SUMS}"',
+            f'checksums_url = "{mirror.url}{UBUNTU_SUMS}"\n'
+            f'checksums_signature_url = "{mirror.url}{UBUNTU_SUMS}.gpg"\n'
+            f'signing_keys = "{key.keyring}"',
+        )
+        assert "signing_keys" in text
+    path = workdir / "upstream.toml"
+    path.write_text(text)
+    return path
