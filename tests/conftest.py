@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from httpserver import HTTPServer, serving
 from mirror import Images, Mirror, build_mirror, make_images
-from signing import TestKey, make_key, upstream_catalog
+from signing import SigningKey, make_key, upstream_catalog
 
 RunQinst = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -71,7 +71,7 @@ def mirror(http_server: HTTPServer, test_images: Images, tmp_path: Path) -> Mirr
 
 
 @pytest.fixture(scope="session")
-def test_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestKey]:
+def test_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
     """A throw-away OpenPGP signing key (ed25519) and its binary public keyring."""
     key = make_key(tmp_path_factory.mktemp("gpg"), "qinst test signing key <test@qinst.invalid>")
     yield key
@@ -79,7 +79,7 @@ def test_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestKey]:
 
 
 @pytest.fixture(scope="session")
-def other_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestKey]:
+def other_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
     """A second key: its signatures must not pass for test_key's keyring or Ubuntu's."""
     key = make_key(tmp_path_factory.mktemp("gpg"), "someone else <other@qinst.invalid>")
     yield key
@@ -87,6 +87,6 @@ def other_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestKey]:
 
 
 @pytest.fixture
-def upstream(mirror: Mirror, test_key: TestKey, tmp_path: Path) -> Path:
+def upstream(mirror: Mirror, test_key: SigningKey, tmp_path: Path) -> Path:
     """A catalog whose upstream hosts are the mirror's server itself (no --mirror needed), Ubuntu signed by test_key."""
     return upstream_catalog(mirror, tmp_path, test_key)

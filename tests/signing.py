@@ -15,7 +15,7 @@ from mirror import DEBIAN_HOST, UBUNTU_HOST, UBUNTU_SUMS, Mirror
 
 
 @dataclass(frozen=True)
-class TestKey:
+class SigningKey:
     home: Path
     keyring: Path  # the binary public keyring (gpg --export)
     fingerprint: str
@@ -39,17 +39,17 @@ class TestKey:
         subprocess.run(["gpgconf", "--kill", "all"], env={**os.environ, "GNUPGHOME": str(self.home)}, check=False)
 
 
-def make_key(home: Path, uid: str) -> TestKey:
+def make_key(home: Path, uid: str) -> SigningKey:
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key = TestKey(home, home / "keyring.gpg", "")
+    key = SigningKey(home, home / "keyring.gpg", "")
     key._gpg("--quick-gen-key", uid, "ed25519", "sign", "never")
     listing = key._gpg("--with-colons", "--list-keys", uid).decode()
     fingerprint = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
     key.keyring.write_bytes(key._gpg("--export", fingerprint))
-    return TestKey(home, key.keyring, fingerprint)
+    return SigningKey(home, key.keyring, fingerprint)
 
 
-def upstream_catalog(mirror: Mirror, workdir: Path, key: TestKey | None = None) -> Path:
+def upstream_catalog(mirror: Mirror, workdir: Path, key: SigningKey | None = None) -> Path:
     """The mirror's catalog with its upstream hosts moved to the local server itself: checksum files read from
     there are the entry's own upstream. With key, the Ubuntu entry's SHA256SUMS is signed by it (served beside)."""
     text = mirror.catalog.read_text().replace(DEBIAN_HOST, mirror.url).replace(UBUNTU_HOST, mirror.url)

@@ -1,0 +1,163 @@
+"""A mirror never chooses the bytes: an unsigned checksum file is read only from the entry's own upstream host, so a
+mirror that hides the pinned build and serves its own SHA512SUMS and image gets nothing cached (issue 10, section 2).
+
+Two local servers: `mirror` (the mirror fixture) and `upstream` (the entry's own host, a second 127.0.0.1 server).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import urllib3
+from conftest import RunQinst
+from httpserver import HTTPServer, serving
+from mirror import DEBIAN_HOST, DEBIAN_LATEST, DEBIAN_PINNED, DEBIAN_SUMS, Mirror
+
+from qemu_instances.download import RetryPolicy, _network_error, fetch_bytes, new_session
+from qemu_instances.errors import DigestMismatch, DownloadError
+from qemu_instances.images import ImageStore
+from qemu_instances.settings import Settings
+
+pytestmark = pytest.mark.http
+FAST = RetryPolicy(backoff=0.01, max_backoff=0.02, timeout=(5.0, 5.0))
+
+
+@pytest.fixture
+def origin() -> Iterator[HTTPServer]:
+    """The entry's own upstream host (cloud.debian.org's stand-in)."""
+    with serving() as server:
+        yield server
+
+
+def catalog_on(mirror: Mirror, origin: HTTPServer, tmp_path: Path) -> Path:
+    path = tmp_path / "origin.toml"
+    path.write_text(mirror.catalog.read_text().replace(DEBIAN_HOST, origin.url))
+    return path
+
+
+def cached(cache: Path) -> list[str]:
+    images = cache / "images"
+    return sorted(p.name for p in images.iterdir() if not p.name.endswith(".lock")) if images.is_dir() else []
+
+
+def pull(qinst: RunQinst, mirror: Mirror, catalog: Path, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return qinst("--mirror", mirror.url, "--catalog", str(catalog), "--cache-dir", str(cache), "pull", *args)
+
+
+def hide_pin_and_substitute(mirror: Mirror) -> bytes:
+    """The attack: 404 for the pinned path; the mirror's own latest image and a SHA512SUMS that names it."""
+    mirror.server.remove(DEBIAN_PINNED)
+    substitute = mirror.images.ubuntu
+    mirror.server.add(DEBIAN_LATEST, substitute.data)
+    mirror.server.add(DEBIAN_SUMS, f"{substitute.sha512_hex}  debian-12-genericcloud-amd64.qcow2\n".encode())
+    return substitute.data
+
+
+def test_mirror_hiding_the_pin_cannot_choose_the_bytes(
+    qinst: RunQinst, mirror: Mirror, origin: HTTPServer, tmp_path: Path
+) -> None:
+    hide_pin_and_substitute(mirror)  # and the upstream host has no checksum file to give
+    cache = tmp_path / "cache"
+    proc = pull(qinst, mirror, catalog_on(mirror, origin, tmp_path), cache, "debian-12")
+    assert proc.returncode == 3, proc.stderr
+    error, hint = proc.stderr.splitlines()[:2]
+    assert error.startswith("qinst: error: the pinned build of debian-12 is gone on the mirror")
+    assert "HTTP 404" in error and "latest build cannot be verified" in error
+    assert "never through a mirror" in error and f"{origin.url}{DEBIAN_SUMS}" in error
+    assert hint.startswith("hint: ")
+    assert not mirror.server.hits(DEBIAN_SUMS)  # the mirror's checksum file is never read...
+    assert not mirror.server.hits(DEBIAN_LATEST)  # ...nor its substitute image requested
+    assert origin.hits(DEBIAN_SUMS)
+    assert cached(cache) == []
+
+
+def test_mirror_substitute_is_checked_against_the_upstream_checksum_file(
+    qinst: RunQinst, mirror: Mirror, origin: HTTPServer, tmp_path: Path
+) -> None:
+    hide_pin_and_substitute(mirror)
+    genuine = mirror.images.latest
+    origin.add(DEBIAN_SUMS, f"{genuine.sha512_hex}  debian-12-genericcloud-amd64.qcow2\n".encode())
+    cache = tmp_path / "cache"
+    proc = pull(qinst, mirror, catalog_on(mirror, origin, tmp_path), cache, "debian-12")
+    assert proc.returncode == 3, proc.stderr
+    assert f"expected {genuine.sha512}" in proc.stderr
+    assert not mirror.server.hits(DEBIAN_SUMS)
+    assert cached(cache) == []
+
+
+def test_latest_through_a_mirror_reads_the_unsigned_checksum_file_upstream(
+    qinst: RunQinst, mirror: Mirror, origin: HTTPServer, tmp_path: Path
+) -> None:
+    genuine = mirror.images.latest
+    origin.add(DEBIAN_SUMS, f"{genuine.sha512_hex}  debian-12-genericcloud-amd64.qcow2\n".encode())
+    cache = tmp_path / "cache"
+    proc = pull(qinst, mirror, catalog_on(mirror, origin, tmp_path), cache, "debian-12", "--latest", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["digest"] == genuine.sha512
+    assert [h.target for h in origin.hits()] == [DEBIAN_SUMS]  # only the checksum file from upstream
+    assert len(mirror.server.hits(DEBIAN_LATEST)) == 1  # the bytes from the mirror, verified
+    assert not mirror.server.hits(DEBIAN_SUMS)
+
+
+def test_a_new_latest_build_landing_mid_download_is_fetched(mirror: Mirror, upstream: Path, tmp_path: Path) -> None:
+    # The latest directory is a moving link: the checksum file and image change while qinst downloads.
+    old, new = mirror.images.latest, mirror.images.pinned
+    store = ImageStore(Settings(cache_dir=tmp_path / "cache", catalogs=(upstream,)), policy=FAST)
+    moved = []
+
+    def progress(done: int, total: int | None) -> None:
+        if not moved:
+            moved.append(done)
+            mirror.server.add(DEBIAN_SUMS, f"{new.sha512_hex}  debian-12-genericcloud-amd64.qcow2\n".encode())
+            mirror.server.add(DEBIAN_LATEST, new.data)
+
+    # The connection drops after 1 MB of the old build; the resumed request gets the rest of the new one.
+    mirror.server.fault(DEBIAN_LATEST, cut_after=1_000_000)
+    image = store.pull(store.resolve("debian-12"), latest=True, progress=progress)
+    assert moved and image.path.read_bytes() == new.data
+    assert str(image.digest) == new.sha512
+    assert len(mirror.server.hits(DEBIAN_SUMS)) == 2
+    assert [h.range for h in mirror.server.hits(DEBIAN_LATEST)] == [None, "bytes=1000000-", None]
+    assert old.sha512 != new.sha512
+
+
+def test_a_latest_mismatch_that_is_not_a_new_build_still_fails(mirror: Mirror, upstream: Path, tmp_path: Path) -> None:
+    mirror.server.add(DEBIAN_LATEST, mirror.images.pinned.data)
+    store = ImageStore(Settings(cache_dir=tmp_path / "cache", catalogs=(upstream,)), policy=FAST)
+    with pytest.raises(DigestMismatch):
+        store.pull(store.resolve("debian-12"), latest=True)
+    assert cached(tmp_path / "cache") == []
+
+
+# Network failures read as one human line.
+
+
+def test_connection_refused_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        url = f"http://127.0.0.1:{port}/SHA512SUMS"
+        with pytest.raises(DownloadError) as info:
+            fetch_bytes(url, session=new_session(), policy=RetryPolicy(attempts=2, backoff=0.01))
+    message = str(info.value)
+    assert (
+        message == f"cannot download {url}: cannot connect to 127.0.0.1: connection refused (gave up after 2 attempts)"
+    )
+    assert info.value.hint and "--mirror" in info.value.hint and "--source aleph" in info.value.hint
+
+
+def test_name_resolution_failure_is_one_line() -> None:
+    # urllib3's own exception chain for an unresolvable host, as requests raises it (built offline: no DNS query).
+    pool = urllib3.HTTPSConnectionPool("cloud.debian.org", 443)
+    conn = urllib3.connection.HTTPSConnection("cloud.debian.org", 443)
+    reason = urllib3.exceptions.NameResolutionError("cloud.debian.org", conn, socket.gaierror(-2, "Name unknown"))
+    exc = requests.ConnectionError(urllib3.exceptions.MaxRetryError(pool, "/x", reason))
+    url = "https://cloud.debian.org/images/cloud/bookworm/latest/SHA512SUMS"
+    assert _network_error(url, exc) == "cannot resolve cloud.debian.org (no network or DNS?)"
+    assert "HTTPSConnectionPool" in str(exc)  # what the user used to see

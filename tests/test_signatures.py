@@ -1,0 +1,200 @@
+"""Signed checksum files: gpgv against a pinned keyring, with Canonical's real signed SHA256SUMS pairs (tests/data,
+see tests/data/SOURCE.md) and throw-away keys made by gpg; then the same through `qinst pull --latest`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import RunQinst
+from httpserver import HTTPServer
+from mirror import UBUNTU_LATEST, UBUNTU_SUMS, Mirror
+from signing import SigningKey
+
+from qemu_instances.errors import ImageError
+from qemu_instances.signatures import keyring_fingerprints, keyring_path, shipped_keyrings, verify_detached
+
+DATA = Path(__file__).parent / "data" / "ubuntu"
+UEC_KEY = "D2EB44626FDDC30B513D5BB71A5D6C4C7DB87C81"  # UEC Image Automatic Signing Key: signs SHA256SUMS
+BUILDER_KEY = "4A3CE3CD565D7EB5C810E2B97FF3F408476CF100"  # Ubuntu Cloud Image Builder: signs simplestreams
+PAIRS = ["noble-current-20260926", "jammy-22.04-release-20260722"]
+
+
+def cached(cache: Path) -> list[str]:
+    """What the cache holds, lock files aside."""
+    images = cache / "images"
+    return sorted(p.name for p in images.iterdir() if not p.name.endswith(".lock")) if images.is_dir() else []
+
+
+def pair(name: str) -> tuple[bytes, bytes]:
+    return (DATA / name / "SHA256SUMS").read_bytes(), (DATA / name / "SHA256SUMS.gpg").read_bytes()
+
+
+def test_the_shipped_keyring_holds_both_ubuntu_keys() -> None:
+    assert "ubuntu-cloud-images" in shipped_keyrings()
+    shipped = keyring_path("ubuntu-cloud-images")
+    assert keyring_fingerprints(shipped) == {UEC_KEY, BUILDER_KEY}
+    assert shipped.read_bytes() == (DATA / "ubuntu-cloudimage-keyring.gpg").read_bytes()
+
+
+def test_fingerprints_agree_with_gpg(test_key: SigningKey) -> None:
+    assert keyring_fingerprints(test_key.keyring) == {test_key.fingerprint}
+    assert keyring_fingerprints(DATA / "ubuntu-cloudimage-keyring_2013.11.11.gpg") == {BUILDER_KEY}
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_real_signed_pairs_verify(name: str) -> None:
+    sums, sig = pair(name)
+    assert verify_detached(sums, sig, keyring_path("ubuntu-cloud-images"), what=name) == UEC_KEY
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_one_byte_changed_is_refused(name: str) -> None:
+    sums, sig = pair(name)
+    line = sums.index(b"-server-cloudimg-amd64.img")
+    start = sums.rindex(b"\n", 0, line) + 1  # the digest of the amd64 image: one hex digit changed
+    changed = sums[:start] + (b"0" if sums[start : start + 1] != b"0" else b"1") + sums[start + 1 :]
+    with pytest.raises(ImageError, match=r"signature check failed .*BAD signature"):
+        verify_detached(changed, sig, keyring_path("ubuntu-cloud-images"), what=name)
+
+
+def test_a_keyring_without_the_signing_key_is_refused() -> None:
+    sums, sig = pair(PAIRS[0])
+    with pytest.raises(ImageError, match=r"signature check failed .*not in the keyring"):
+        verify_detached(sums, sig, DATA / "ubuntu-cloudimage-keyring_2013.11.11.gpg", what="noble")
+
+
+def test_a_signature_by_another_key_is_refused(other_key: SigningKey) -> None:
+    sums, _ = pair(PAIRS[0])
+    with pytest.raises(ImageError, match=r"signature check failed .*not in the keyring"):
+        verify_detached(sums, other_key.sign(sums), keyring_path("ubuntu-cloud-images"), what="noble")
+
+
+def test_own_key_good_and_bad(test_key: SigningKey, other_key: SigningKey) -> None:
+    data = b"0" * 64 + b" *image.img\n"
+    assert verify_detached(data, test_key.sign(data), test_key.keyring, what="x") == test_key.fingerprint
+    with pytest.raises(ImageError, match=r"signature"):
+        verify_detached(data, test_key.sign(data), other_key.keyring, what="x")
+    with pytest.raises(ImageError, match=r"signature"):
+        verify_detached(data + b"\n", test_key.sign(data), test_key.keyring, what="x")
+
+
+@pytest.mark.parametrize("signature", [b"", b"not a signature\n", b"-----BEGIN PGP SIGNATURE-----\n\nxx\n"])
+def test_garbage_signatures_are_refused(test_key: SigningKey, signature: bytes) -> None:
+    with pytest.raises(ImageError, match=r"signature check failed"):
+        verify_detached(b"data\n", signature, test_key.keyring, what="x")
+
+
+def test_an_armored_or_broken_keyring_is_refused(tmp_path: Path) -> None:
+    sums, sig = pair(PAIRS[0])
+    with pytest.raises(ImageError, match=r"cannot read keyring .*binary keyring"):
+        verify_detached(sums, sig, DATA / "uec-image-automatic-signing-key.asc", what="noble")
+
+
+def test_gpgv_ignores_the_users_keyrings(test_key: SigningKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A GNUPGHOME whose trustedkeys hold the other key must not make that key's signatures pass.
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    (home / "trustedkeys.gpg").write_bytes(test_key.keyring.read_bytes())
+    monkeypatch.setenv("GNUPGHOME", str(home))
+    data = b"data\n"
+    with pytest.raises(ImageError, match=r"not in the keyring"):
+        verify_detached(data, test_key.sign(data), DATA / "ubuntu-cloudimage-keyring_2013.11.11.gpg", what="x")
+
+
+# Through `qinst pull --latest`: the signature is checked before any image byte is requested.
+
+
+def real_noble_catalog(server: HTTPServer, tmp_path: Path, sums: bytes, sig: bytes) -> Path:
+    """A catalog whose latest channel is the real signed noble pair, served from 127.0.0.1, with the shipped keys."""
+    server.add("/noble/current/SHA256SUMS", sums, "text/plain")
+    server.add("/noble/current/SHA256SUMS.gpg", sig, "text/plain")
+    server.add("/noble/current/noble-server-cloudimg-amd64.img", b"not the real image")
+    catalog = tmp_path / "noble.toml"
+    catalog.write_text(
+        f"""[images.noble-test]
+url = "{server.url}/noble/pinned.img"
+digest = "sha256:{"0" * 64}"
+latest_url = "{server.url}/noble/current/noble-server-cloudimg-amd64.img"
+checksums_url = "{server.url}/noble/current/SHA256SUMS"
+checksums_signature_url = "{server.url}/noble/current/SHA256SUMS.gpg"
+signing_keys = "ubuntu-cloud-images"
+"""
+    )
+    return catalog
+
+
+@pytest.mark.http
+def test_pull_latest_with_the_real_signed_pair(qinst: RunQinst, http_server: HTTPServer, tmp_path: Path) -> None:
+    catalog = real_noble_catalog(http_server, tmp_path, *pair(PAIRS[0]))
+    proc = qinst("--catalog", str(catalog), "--cache-dir", str(tmp_path / "c"), "pull", "noble-test", "--latest")
+    # The signature verified, so the image was requested; its bytes are not Canonical's, so nothing is cached.
+    assert proc.returncode == 3, proc.stderr
+    assert "digest mismatch" in proc.stderr
+    assert "expected sha256:6a81c37564db9b1ee84e141922625e1d7c5b389b99bb3c572e0243607d5bb4d2" in proc.stderr
+    assert http_server.hits("/noble/current/noble-server-cloudimg-amd64.img")
+    assert cached(tmp_path / "c") == []
+
+
+@pytest.mark.http
+def test_pull_latest_with_a_changed_real_checksum_file(
+    qinst: RunQinst, http_server: HTTPServer, tmp_path: Path
+) -> None:
+    sums, sig = pair(PAIRS[0])
+    forged = sums.replace(b"6a81c37564db9b1ee84e141922625e1d7c5b389b99bb3c572e0243607d5bb4d2", b"f" * 64)
+    assert forged != sums
+    catalog = real_noble_catalog(http_server, tmp_path, forged, sig)
+    proc = qinst("--catalog", str(catalog), "--cache-dir", str(tmp_path / "c"), "pull", "noble-test", "--latest")
+    assert proc.returncode == 3, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("qinst: error: signature check failed for ") and "BAD signature" in first
+    assert not http_server.hits("/noble/current/noble-server-cloudimg-amd64.img")  # the image was never requested
+
+
+@pytest.mark.http
+@pytest.mark.parametrize("attack", ["other-key", "no-signature", "changed-sums"])
+def test_signed_latest_fails_closed(
+    qinst: RunQinst, mirror: Mirror, upstream: Path, other_key: SigningKey, tmp_path: Path, attack: str
+) -> None:
+    sums = mirror.server._docs[UBUNTU_SUMS].body
+    if attack == "other-key":
+        mirror.server.add(UBUNTU_SUMS + ".gpg", other_key.sign(sums))
+    elif attack == "no-signature":
+        mirror.server.remove(UBUNTU_SUMS + ".gpg")
+    else:
+        mirror.server.add(UBUNTU_SUMS, sums.replace(b"*ubuntu", b"*ubuntu", 1) + b"\n")
+    cache = tmp_path / "cache"
+    proc = qinst("--catalog", str(upstream), "--cache-dir", str(cache), "pull", "jammy", "--latest")
+    assert proc.returncode == 3, proc.stderr
+    assert "signature" in proc.stderr.splitlines()[0]
+    assert "Traceback" not in proc.stderr
+    assert not mirror.server.hits(UBUNTU_LATEST)
+    assert cached(cache) == []
+
+
+@pytest.mark.http
+def test_signed_checksum_file_may_come_through_a_mirror(
+    qinst: RunQinst, mirror: Mirror, upstream: Path, test_key: SigningKey, tmp_path: Path
+) -> None:
+    # The Ubuntu entry's upstream is a host nobody serves: only the mirror has the files, and it is trusted for the
+    # signed checksum file because the signature is checked against the pinned keyring.
+    text = upstream.read_text().replace(mirror.url, "https://cloud-images.ubuntu.invalid")
+    catalog = tmp_path / "signed-upstream.toml"
+    catalog.write_text(text)
+    cache = tmp_path / "cache"
+    proc = qinst("--mirror", mirror.url, "--catalog", str(catalog), "--cache-dir", str(cache), "pull", "jammy")
+    # The pinned build (sha256:333...) is not on the mirror: the fallback is the signed latest channel.
+    assert proc.returncode == 0, proc.stderr
+    assert "the pinned build of ubuntu-22.04 is gone on the mirror" in proc.stderr
+    assert [h.target for h in mirror.server.hits() if "SHA256SUMS" in h.target] == [UBUNTU_SUMS, UBUNTU_SUMS + ".gpg"]
+    proc = qinst("--catalog", str(catalog), "--cache-dir", str(cache), "images", "--json")
+    row = next(r for r in json.loads(proc.stdout) if r["name"] == "ubuntu-22.04")
+    assert row["latest_trust"] == "signed"
+
+
+def test_gpgv_is_what_checks(tmp_path: Path) -> None:
+    # The check runs Debian's gpgv (not gpg): the test machine must have it, as scripts/setup.sh installs it.
+    out = subprocess.run(["gpgv", "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("gpgv (GnuPG)")
