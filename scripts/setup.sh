@@ -9,9 +9,9 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc
-          python3-venv python3-dev openssh-client ovmf)
+          python3-venv python3-dev openssh-client ovmf gpgv)
 test_packages=(mmdebstrap extlinux syslinux-common e2fsprogs fdisk util-linux xorriso genisoimage
-               cloud-image-utils cloud-init openssh-server curl)
+               cloud-image-utils cloud-init openssh-server curl gnupg)
 [ "$want_test" = 1 ] && packages+=("${test_packages[@]}")
 
 missing=()
