@@ -103,6 +103,14 @@ def test_user_catalog_adds_images(qinst: RunQinst, tmp_path: Path) -> None:
         ),
         ('[images.x]\ndigest = "sha256:' + "0" * 64 + '"\n', "[images.x]: missing key 'url'"),
         ("[images.x\n", "invalid TOML"),
+        (
+            '[images.x]\nurl = "https://e.example/x"\ndigest = "sha256:' + "0" * 64 + '"\ndefault_user = "root"\n',
+            "[images.x]: key 'default_user' must not be root",
+        ),
+        (
+            '[images.x]\nurl = "https://e.example/x"\ndigest = "sha256:' + "0" * 64 + '"\nlatest_url = ""\n',
+            "[images.x]: key 'latest_url' must be a non-empty string",
+        ),
     ],
 )
 def test_malformed_catalog_exits_3(qinst: RunQinst, tmp_path: Path, command: str, text: str, needle: str) -> None:
@@ -181,3 +189,20 @@ def test_missing_local_file_exits_3(qinst: RunQinst, tmp_path: Path) -> None:
     assert proc.returncode == 3
     assert proc.stdout == ""
     assert proc.stderr == "qinst: error: no such image file: /nonexistent/disk.qcow2\n"
+
+
+def test_titles_are_printed_without_terminal_escapes(qinst: RunQinst, tmp_path: Path) -> None:
+    catalog = tmp_path / "evil.toml"
+    catalog.write_text(
+        '[images.evil]\nurl = "https://e.example/x"\ndigest = "sha256:' + "0" * 64 + '"\n'
+        'title = "Evil \\u001b]0;pwned\\u0007\\u001b[31mred\\u009b2J\\u202eend"\n'
+    )
+    for args in (["images"], ["images", "--json"]):
+        proc = qinst("--cache-dir", str(tmp_path), "--catalog", str(catalog), *args)
+        assert proc.returncode == 0, proc.stderr
+        assert not any((ord(ch) < 32 and ch != "\n") or 0x7F <= ord(ch) < 0xA0 or ch == "\u202e" for ch in proc.stdout)
+        assert "Evil ]0;pwned[31mred2Jend" in (
+            proc.stdout
+            if args == ["images"]
+            else next(r["title"] for r in json.loads(proc.stdout) if r["name"] == "evil")
+        )
