@@ -233,7 +233,10 @@ class Cache:
         data = {"name": image.name, "source": image.source, "format": image.format, "url": image.url}
         target = image.path.with_name(image.path.name + ".json")
         tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
+        tmp.unlink(missing_ok=True)  # never write through a link planted under the temporary name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=1))
         os.replace(tmp, target)
 
     def remove(self, digest: Digest) -> None:

@@ -330,3 +330,17 @@ def test_kill_9_mid_download_then_pull_again(qinst: RunQinst, mirror: Mirror, tm
     assert last.returncode == 0, last.stderr
     assert mirror.server.hits(DEBIAN_PINNED)[-1].range is None  # from byte 0
     assert final.read_bytes() == image.data
+
+
+def test_a_planted_record_link_is_not_written_through(qinst: RunQinst, tmp_path: Path) -> None:
+    image = make_qcow2(tmp_path / "r.qcow2", 1, seed=26)
+    cache = tmp_path / "cache"
+    (cache / "images").mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (cache / "images" / f".sha256-{image.sha256_hex}.json.tmp").symlink_to(victim)
+    proc = qinst("--cache-dir", str(cache), "pull", str(image.file), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_text() == "precious"
+    record = json.loads((cache / "images" / f"sha256-{image.sha256_hex}.json").read_text())
+    assert record["source"] == "file"
