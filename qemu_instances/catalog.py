@@ -203,7 +203,7 @@ def _entry(name: str, raw: Any, origin: str) -> CatalogEntry:
         try:
             values[key] = _FIELDS[key].check(value)
         except ValueError as exc:
-            raise CatalogError(f"{where}: key {key!r} {exc}") from exc
+            raise CatalogError(f"{where}: key {key!r}: {exc}") from exc
     if not ("url" in values and "digest" in values) and "aleph_item_hash" not in values:
         missing = "digest" if "url" in values else "url"
         raise CatalogError(f"{where}: missing key {missing!r} (an entry needs url and digest, or aleph_item_hash)")

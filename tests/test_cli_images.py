@@ -105,11 +105,11 @@ def test_user_catalog_adds_images(qinst: RunQinst, tmp_path: Path) -> None:
         ("[images.x\n", "invalid TOML"),
         (
             '[images.x]\nurl = "https://e.example/x"\ndigest = "sha256:' + "0" * 64 + '"\ndefault_user = "root"\n',
-            "[images.x]: key 'default_user' must not be root",
+            "[images.x]: key 'default_user': must not be root",
         ),
         (
             '[images.x]\nurl = "https://e.example/x"\ndigest = "sha256:' + "0" * 64 + '"\nlatest_url = ""\n',
-            "[images.x]: key 'latest_url' must be a non-empty string",
+            "[images.x]: key 'latest_url': must be a non-empty string",
         ),
     ],
 )
@@ -131,7 +131,7 @@ def test_catalog_list_from_the_environment(qinst: RunQinst, tmp_path: Path) -> N
     bad.write_text("[images.y]\nos = 3\n")
     proc = qinst("--cache-dir", str(tmp_path), "images", env={"QINST_CATALOG": f"{good}{os.pathsep}{bad}"})
     assert proc.returncode == 3
-    assert f"{bad}: [images.y]: key 'os' must be a non-empty string" in proc.stderr
+    assert f"{bad}: [images.y]: key 'os': must be a non-empty string" in proc.stderr
 
 
 def test_missing_catalog_file(qinst: RunQinst, tmp_path: Path) -> None:
