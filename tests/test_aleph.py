@@ -129,18 +129,30 @@ def test_gateway_fallback(qinst: RunQinst, mirror: Mirror, tmp_path: Path, stora
     assert [h.status for h in mirror.server.hits(raw_target(cid))] == [int(storage)]
 
 
-def test_message_stored_off_chain_by_cid(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
-    # A message whose content is on IPFS: its hash is the CID of that content, which qinst fetches and recomputes.
+@pytest.mark.parametrize("kind", ["ipfs", "storage"])
+def test_message_stored_off_chain(qinst: RunQinst, mirror: Mirror, tmp_path: Path, kind: str) -> None:
+    # A message whose content is kept off-chain: its hash is the CID (ipfs) or the sha256 (storage) of that content,
+    # which qinst fetches and recomputes before reading it.
     from testsupport.aleph import file_cid
 
     content = json.dumps(store_content(mirror.images.pinned.sha256_hex, "storage")).encode()
-    item = file_cid(content, 0)
-    message = {**inline_message({}), "item_hash": item, "item_type": "ipfs", "item_content": None, "content": {}}
+    item = file_cid(content, 0) if kind == "ipfs" else hashlib.sha256(content).hexdigest()
+    message = {**inline_message({}), "item_hash": item, "item_type": kind, "item_content": None, "content": {}}
     mirror.aleph.add_message(message)
     mirror.server.add(raw_target(item), content)
     data = pulled(pull(qinst, mirror, tmp_path / "cache", f"aleph:{item}", "--json"))
     assert (data["source"], data["digest"]) == ("aleph-storage", mirror.images.pinned.sha256)
     assert targets(mirror) == [messages_target(item), raw_target(item), raw_target(mirror.images.pinned.sha256_hex)]
+
+
+def test_message_stored_off_chain_with_other_content(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
+    content = json.dumps(store_content(mirror.images.pinned.sha256_hex, "storage")).encode()
+    item = hashlib.sha256(content).hexdigest()
+    mirror.aleph.add_message({**inline_message({}), "item_hash": item, "item_type": "storage", "item_content": None})
+    mirror.server.add(raw_target(item), content.replace(b"1700000000", b"1700000001"))
+    stderr = refused(pull(qinst, mirror, tmp_path / "cache", f"aleph:{item}"))
+    assert f"aleph message {item} does not match its hash: its stored content hashes to" in stderr
+    assert raw_target(mirror.images.pinned.sha256_hex) not in targets(mirror)
 
 
 def test_forged_content_field_is_ignored(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
