@@ -4,7 +4,11 @@ Both fetch the same random file from one local server (a separate process using 
 (qinst, two-step, qinst, ...), and the cache is emptied before every qinst run. qinst hashes while the bytes
 arrive, so it should take at most 0.8 of the two-step's time, with a peak RSS under 100 MiB whatever the size.
 
-    .venv/bin/python bench/pull.py [--size MiB] [--runs N] [--json FILE]
+--ipfs measures instead an aleph ipfs item (`qinst pull aleph:<item>`, the file's UnixFS CID recomputed while it
+downloads, the message from testsupport/aleph.py) against a plain verified pull of the same bytes
+(`qinst pull URL --sha256 HEX`): at most 1.15 times as long, peak RSS under 100 MiB.
+
+    .venv/bin/python bench/pull.py [--size MiB] [--runs N] [--json FILE] [--ipfs]
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from pathlib import Path
 
 from _common import Summary, file_server, timed, write_random_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: testsupport, qemu_instances
+
 GOAL_RATIO = 0.8
+GOAL_IPFS_RATIO = 1.15
 GOAL_RSS_MIB = 100
 
 
@@ -47,7 +54,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs of each side (default 3)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--workdir", type=Path, help="where to put the file, the cache and curl's output")
+    parser.add_argument("--ipfs", action="store_true", help="an aleph ipfs item against a plain verified pull")
     args = parser.parse_args()
+    if args.ipfs:
+        main_ipfs(args)
+        return
     for tool in ("curl", "sha512sum"):
         if not shutil.which(tool):
             sys.exit(f"{tool} not found (apt-get install curl coreutils)")
@@ -72,6 +83,93 @@ def main() -> None:
 
     results["size_mib"] = args.size
     report(results, args.size)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def cid_and_sha256(path: Path) -> tuple[str, str]:
+    """The file's CIDv0 (Kubo's defaults, as the aleph items are) and sha256, to publish the item."""
+    from qemu_instances.unixfs import UnixfsHasher
+    from testsupport.aleph import CIDV0
+
+    unixfs, sha256 = UnixfsHasher(CIDV0), hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            unixfs.update(chunk)
+            sha256.update(chunk)
+    return unixfs.hexdigest(), sha256.hexdigest()
+
+
+def main_ipfs(args: argparse.Namespace) -> None:
+    from testsupport.aleph import inline_message, message_documents, store_content
+
+    qinst = qinst_command()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QINST_")}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1"
+    work = Path(tempfile.mkdtemp(prefix="qinst-bench-", dir=args.workdir))
+    try:
+        served = work / "srv"
+        blob = served / "image.raw"
+        served.mkdir()
+        print(f"writing {args.size} MiB of random data to {blob}", file=sys.stderr)
+        write_random_file(blob, args.size)
+        cid, sha256 = cid_and_sha256(blob)
+        # The aleph API as files: the message documents by target, and storage/raw/<cid> (same inode).
+        message = inline_message(store_content(cid, "ipfs"))
+        for target, data in message_documents(message).items():
+            path = served / target.lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data))
+        raw = served / "api/v0/storage/raw" / cid
+        raw.parent.mkdir(parents=True)
+        os.link(blob, raw)
+        load_before = os.getloadavg()[0]
+        ipfs_times: list[float] = []
+        plain_times: list[float] = []
+        rss: list[int] = []
+        cpu: dict[str, list[float]] = {"ipfs": [], "plain": []}
+        with file_server(served) as base:
+            ipfs_argv = [qinst, "--aleph-api", base, "--ipfs-gateway", base]
+            for i in range(args.runs):
+                cache = work / f"cache-{i}"
+                got = timed([*ipfs_argv, "--cache-dir", cache, "pull", f"aleph:{message['item_hash']}", "--json"], env)
+                assert json.loads(got.stdout)["digest"] == f"cid:{cid}", got.stdout
+                ipfs_times.append(got.seconds)
+                cpu["ipfs"].append(got.cpu_seconds)
+                rss.append(got.max_rss_kib)
+                shutil.rmtree(cache)
+                plain = timed([qinst, "--cache-dir", cache, "pull", f"{base}/image.raw", "--sha256", sha256], env)
+                plain_times.append(plain.seconds)
+                cpu["plain"].append(plain.cpu_seconds)
+                rss.append(plain.max_rss_kib)
+                shutil.rmtree(cache)
+                print(f"run {i + 1}: ipfs item {got.seconds:.2f} s, plain {plain.seconds:.2f} s", file=sys.stderr)
+        load_after = os.getloadavg()[0]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    i, p = Summary.of(ipfs_times), Summary.of(plain_times)
+    results = {
+        "size_mib": args.size,
+        "runs": args.runs,
+        "cid": cid,
+        "ipfs_item": {"seconds": ipfs_times, "median": i.median, "cpu_seconds_median": statistics.median(cpu["ipfs"])},
+        "plain_sha256": {
+            "seconds": plain_times,
+            "median": p.median,
+            "cpu_seconds_median": statistics.median(cpu["plain"]),
+        },
+        "peak_rss_mib": max(rss) / 1024,
+        "ratio": i.median / p.median,
+        "goal": {"ratio": GOAL_IPFS_RATIO, "peak_rss_mib": GOAL_RSS_MIB},
+        "loadavg_1min": {"before": load_before, "after": load_after},
+    }
+    print(
+        f"\naleph ipfs item ({cid[:12]}..., CID recomputed) vs `pull URL --sha256` of the same {args.size} MiB "
+        f"from 127.0.0.1, {args.runs} alternating runs, {os.cpu_count()} CPUs, load {load_before:.1f}/{load_after:.1f}:"
+        f"\nmedian {i.median:.2f} s vs {p.median:.2f} s: ratio {results['ratio']:.2f} (goal <= {GOAL_IPFS_RATIO}); "
+        f"CPU {statistics.median(cpu['ipfs']):.2f} s vs {statistics.median(cpu['plain']):.2f} s; "
+        f"peak RSS {results['peak_rss_mib']:.0f} MiB (goal < {GOAL_RSS_MIB})"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

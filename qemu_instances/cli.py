@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from qemu_instances.errors import QinstError
-from qemu_instances.settings import DEFAULT_ALEPH_API, Settings, default_cache_dir, default_connect_uri
+from qemu_instances.settings import (
+    DEFAULT_ALEPH_API,
+    DEFAULT_IPFS_GATEWAY,
+    Settings,
+    default_cache_dir,
+    default_connect_uri,
+)
 
 if TYPE_CHECKING:
     from qemu_instances.download import Progress
@@ -62,6 +68,12 @@ def _global(
     aleph_api: Annotated[
         str, typer.Option("--aleph-api", envvar="QINST_ALEPH_API", metavar="URL", help="aleph.im API base.")
     ] = (DEFAULT_ALEPH_API),
+    ipfs_gateway: Annotated[
+        str,
+        typer.Option(
+            "--ipfs-gateway", envvar="QINST_IPFS_GATEWAY", metavar="URL", help="IPFS gateway for aleph ipfs items."
+        ),
+    ] = (DEFAULT_IPFS_GATEWAY),
     host: Annotated[
         str | None,
         typer.Option(
@@ -89,6 +101,7 @@ def _global(
         catalogs=tuple(catalog or ()),
         mirror=mirror,
         aleph_api=aleph_api,
+        ipfs_gateway=ipfs_gateway,
         hosts=hosts,
         host=host,
     )
@@ -173,6 +186,8 @@ def images(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     rows: list[dict[str, Any]] = []
     for entry in store.catalog:
         cached = store.cached(ImageRef(RefKind.CATALOG, entry.name, entry=entry))
+        if cached is None and entry.aleph_item_hash:
+            cached = store.cached_aleph(entry.aleph_item_hash)  # aleph's own build: another file, its own pin
         rows.append(
             {
                 "name": entry.name,
@@ -187,6 +202,7 @@ def images(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                 "aleph_item_hash": entry.aleph_item_hash,
                 "cached": cached is not None,
                 "size": cached.size if cached else None,
+                "source": cached.source if cached else None,  # where the cached file came from
                 "path": str(cached.path) if cached else None,
                 "catalog": entry.origin,
             }
@@ -200,7 +216,7 @@ def images(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                 r["name"],
                 ",".join(r["aliases"]) or "-",
                 r["arch"],
-                _size(r["size"]) if r["cached"] else "no",
+                f"{_size(r['size'])} ({r['source']})" if r["cached"] else "no",
                 (r["digest"] or "-")[:19],
                 _trust(r["trust"], r["latest_trust"]),
                 r["title"],

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from qemu_instances.errors import ImageError, UsageError
 
@@ -14,6 +15,7 @@ from qemu_instances.errors import ImageError, UsageError
 class Algorithm(StrEnum):
     SHA256 = "sha256"
     SHA512 = "sha512"
+    CID = "cid"  # an IPFS CID (aleph ipfs items): the `hex` of such a Digest is the CID's canonical text
 
     @property
     def hex_length(self) -> int:
@@ -32,12 +34,19 @@ class Digest:
     def parse(cls, text: str, *, error: type[ImageError] | type[UsageError] = ImageError) -> Digest:
         """Parse "sha512:<hex>" (the algorithm prefix is required)."""
         algo, sep, value = text.strip().partition(":")
-        if not sep or algo.lower() not in set(Algorithm):
+        if not sep or algo.lower() not in (Algorithm.SHA256, Algorithm.SHA512):
             raise error(f"unsupported digest {text!r}: expected sha256:<hex> or sha512:<hex>")
         return cls.of(Algorithm(algo.lower()), value, error=error)
 
     @classmethod
     def of(cls, algorithm: Algorithm, value: str, *, error: type[ImageError] | type[UsageError] = ImageError) -> Digest:
+        if algorithm is Algorithm.CID:
+            from qemu_instances.cid import parse
+
+            try:
+                return cls(algorithm, str(parse(value.strip())))
+            except ImageError as exc:
+                raise error(str(exc)) from exc
         value = value.strip().lower()
         if not re.fullmatch(rf"[0-9a-f]{{{algorithm.hex_length}}}", value):
             raise error(f"invalid {algorithm} digest {value!r}: expected {algorithm.hex_length} hex digits")
@@ -58,6 +67,15 @@ class Digest:
 
     def __str__(self) -> str:
         return f"{self.algorithm}:{self.hex}"
+
+    def hasher(self) -> Any:
+        """A fresh hashlib-like object (update, hexdigest) whose hexdigest() is comparable with self.hex."""
+        if self.algorithm is Algorithm.CID:
+            from qemu_instances.cid import parse
+            from qemu_instances.unixfs import UnixfsHasher
+
+            return UnixfsHasher(parse(self.hex))
+        return self.algorithm.new()
 
 
 def hash_file(path: Path, algorithm: Algorithm, chunk_size: int = 1 << 20) -> Digest:

@@ -21,7 +21,7 @@ import requests
 import urllib3
 
 from qemu_instances import __version__
-from qemu_instances.digests import Algorithm, Digest
+from qemu_instances.digests import Digest
 from qemu_instances.errors import DigestMismatch, DownloadError
 
 log = logging.getLogger("qinst")
@@ -155,11 +155,12 @@ class _Partial:
     GIL, and sha512 costs about as much CPU as everything else in a download together.
     """
 
-    def __init__(self, path: Path, algorithm: Algorithm) -> None:
+    def __init__(self, path: Path, expected: Digest) -> None:
         self.path = path
-        self.algorithm = algorithm
+        self.algorithm = expected.algorithm
         self.size = 0
-        self._hash = algorithm.new()
+        self._new_hash = expected.hasher  # a hashlib object, or a UnixfsHasher for a CID
+        self._hash = self._new_hash()
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_HASH_QUEUE)
         self._thread = threading.Thread(target=self._hash_chunks, name="qinst-hash", daemon=True)
 
@@ -223,7 +224,7 @@ class _Partial:
     def restart(self) -> None:
         self._queue.join()
         self.path.unlink(missing_ok=True)
-        self._hash = self.algorithm.new()
+        self._hash = self._new_hash()
         self.size = 0
 
     def digest(self) -> Digest:
@@ -267,7 +268,7 @@ def download_verified(
     size, if given, is the file's expected size: a body that goes past it (or past its Content-Length) stops at
     once, and nothing is kept.
     """
-    with _Partial(dest.with_name(f".{dest.name}.part"), digest.algorithm) as part:
+    with _Partial(dest.with_name(f".{dest.name}.part"), digest) as part:
         total: int | None = None
 
         def attempt() -> None:
@@ -287,7 +288,9 @@ def download_verified(
                 # A server may compress despite "identity": then lengths and ranges count compressed bytes.
                 encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
                 if part.size and response.status_code != 206:
-                    log.debug("%s ignored the Range request; starting over", url)
+                    log.warning(
+                        "%s cannot resume a download (it ignores Range); downloading it again from the start", url
+                    )
                     part.restart()
                 elif response.status_code == 206:
                     match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))

@@ -272,7 +272,7 @@ class Host:
                 pool.refresh(0)
                 return pool.storageVolLookupByName(name)
         self.delete_volume(pool, marker)  # a marker without its volume is stale
-        hasher = digest.algorithm.new()
+        hasher = digest.hasher()
         try:
             with source.open("rb") as f:
                 vol = self.upload_volume(pool, name, f, size, hasher=hasher, progress=progress)
@@ -333,7 +333,7 @@ class Host:
 
     def volume_digest(self, vol: Any, like: Digest) -> Digest:
         """The digest of a volume's bytes, read through a libvirt stream (one pass, constant memory)."""
-        hasher = like.algorithm.new()
+        hasher = like.hasher()
         with libvirt_errors("cannot read a volume back"):
             stream = self.conn.newStream(0)
             vol.download(stream, 0, 0, 0)

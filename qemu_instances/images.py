@@ -10,7 +10,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -80,6 +80,7 @@ class CachedImage:
     source: str
     format: str
     url: str | None = None
+    aleph_item_hash: str | None = None  # the aleph STORE message this file was pulled through
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -210,6 +211,7 @@ class Cache:
             source=printable(field("source", "unknown") or "unknown"),
             format=printable(field("format", "unknown") or "unknown"),
             url=field("url", None),
+            aleph_item_hash=field("aleph_item_hash", None),
         )
 
     def entries(self) -> list[CachedImage]:
@@ -231,6 +233,8 @@ class Cache:
 
     def record(self, image: CachedImage) -> None:
         data = {"name": image.name, "source": image.source, "format": image.format, "url": image.url}
+        if image.aleph_item_hash:
+            data["aleph_item_hash"] = image.aleph_item_hash
         target = image.path.with_name(image.path.name + ".json")
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.unlink(missing_ok=True)  # never write through a link planted under the temporary name
@@ -295,6 +299,8 @@ class _Plan:
     source: str
     format: str | None = None
     size: int | None = None  # the expected size, when the catalog gives it: a longer body stops at once
+    fallbacks: tuple[str, ...] = ()  # tried in order when the server answers 404/413 (aleph: the IPFS gateway)
+    aleph_item_hash: str | None = None
 
 
 class ImageStore:
@@ -330,6 +336,10 @@ class ImageStore:
         """The cached file for ref's pinned digest, if any (no network)."""
         digest = ref.digest or (ref.entry.digest if ref.entry else None)
         return self.cache.get(digest) if digest else None
+
+    def cached_aleph(self, item_hash: str) -> CachedImage | None:
+        """A cached file pulled through aleph message item_hash (its own pin, not the upstream digest)."""
+        return next((c for c in self.cache.entries() if c.aleph_item_hash == item_hash), None)
 
     def pull(
         self,
@@ -401,8 +411,23 @@ class ImageStore:
             item = ref.aleph_hash or (entry.aleph_item_hash if entry else None)
             if not item:
                 raise ImageError(f"image {ref.name} has no aleph item hash in its catalog entry")
-            found = aleph.resolve(item, api=self.settings.aleph_api, session=self._session, policy=self.policy)
-            return _Plan(ref.name, found.url, found.digest, "aleph", entry.format if entry else None)
+            found = aleph.resolve(
+                item,
+                api=self.settings.aleph_api,
+                gateway=self.settings.ipfs_gateway,
+                session=self._session,
+                policy=self.policy,
+            )
+            fmt = entry.format if entry else None
+            return _Plan(
+                ref.name,
+                found.url,
+                found.digest,
+                found.source,
+                fmt,
+                fallbacks=found.urls[1:],
+                aleph_item_hash=found.item_hash,
+            )
         assert entry is not None
         if latest:
             if not (entry.latest_url and entry.checksums_url):
@@ -473,21 +498,45 @@ class ImageStore:
                 nonlocal fmt
                 fmt = check_format(path, plan.format, plan.url)
 
-            from qemu_instances.download import download_verified
-
-            size = download_verified(
-                plan.url,
-                dest,
-                plan.digest,
-                session=self._session,
-                progress=progress,
-                policy=self.policy,
-                check=check,
-                size=plan.size,
-            )
-            image = CachedImage(plan.name, plan.digest, dest, size, plan.source, fmt, plan.url)
+            url, size = self._download(plan, dest, progress, check)
+            image = CachedImage(plan.name, plan.digest, dest, size, plan.source, fmt, url, plan.aleph_item_hash)
             self.cache.record(image)
             return image
+
+    def _download(
+        self, plan: _Plan, dest: Path, progress: Progress | None, check: Callable[[Path], None]
+    ) -> tuple[str, int]:
+        """Download plan's file from its URL, or from its fallbacks in turn on 404/413; return (url, size)."""
+        from qemu_instances.download import download_verified
+
+        urls = (plan.url, *plan.fallbacks)
+        for i, url in enumerate(urls):
+            try:
+                size = download_verified(
+                    url,
+                    dest,
+                    plan.digest,
+                    session=self._session,
+                    progress=progress,
+                    policy=self.policy,
+                    check=check,
+                    size=plan.size,
+                )
+                return url, size
+            except DigestMismatch as exc:
+                if plan.digest.algorithm is not Algorithm.CID:
+                    raise
+                actual = exc.actual.removeprefix("cid:")
+                raise ImageError(
+                    f"CID mismatch for {url}: expected {plan.digest.hex}, the bytes received give {actual}",
+                    hint="nothing was cached: the server sent other bytes, or the file was not imported with Kubo's "
+                    "defaults (256 KiB chunks, balanced layout, 174 links), the only import qinst can recompute",
+                ) from exc
+            except DownloadError as exc:
+                if exc.status not in (404, 413) or i == len(urls) - 1:
+                    raise
+                log.info("%s answered HTTP %s; trying %s", url, exc.status, urls[i + 1])
+        raise AssertionError("no URL to download from")
 
     def _import_file(self, path: Path) -> CachedImage:
         """A local image, identified by its own sha256, copied into the cache (hashing while copying)."""
@@ -517,7 +566,7 @@ class ImageStore:
                     if found:
                         return found
                     replace_durably(tmp, self.cache.path(digest))
-                    image = CachedImage(path.stem, digest, self.cache.path(digest), size, "file", fmt)
+                    image = CachedImage(path.stem, digest, self.cache.path(digest), size, "local", fmt)
                     self.cache.record(image)
                     return image
         finally:

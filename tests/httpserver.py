@@ -167,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
         data, status = doc.body, 200
-        headers = {**doc.headers, "Accept-Ranges": "bytes"}
+        headers = {"Accept-Ranges": "bytes", **doc.headers}
         match = _RANGE.match(self.headers.get("Range") or "")
         if match and not (fault and fault.ignore_range):
             start = 0 if fault and fault.wrong_range else int(match[1])

@@ -1,4 +1,5 @@
-"""A local mirror of the upstream image sites (same paths) and a fake aleph.im API, served by tests/httpserver.py.
+"""A local mirror of the upstream image sites (same paths) and the aleph.im API double (testsupport/aleph.py),
+served by tests/httpserver.py.
 
 The images are real qcow2 files of a few MiB made by `qemu-img convert` from random bytes; a user catalog written
 next to them pins their digests under the built-in names, so `qinst --mirror URL --catalog FILE pull debian-12`
@@ -8,13 +9,14 @@ exercises exactly the code path of a real pull.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from httpserver import HTTPServer
+
+from testsupport.aleph import AlephDouble
 
 DEBIAN_PINNED = "/images/cloud/bookworm/20260923-2610/debian-12-genericcloud-amd64-20260923-2610.qcow2"
 DEBIAN_LATEST = "/images/cloud/bookworm/latest/debian-12-genericcloud-amd64.qcow2"
@@ -24,10 +26,6 @@ UBUNTU_LATEST = "/releases/jammy/release/ubuntu-22.04-server-cloudimg-amd64.img"
 UBUNTU_SUMS = "/releases/jammy/release/SHA256SUMS"
 DEBIAN_HOST = "https://cloud.debian.org"
 UBUNTU_HOST = "https://cloud-images.ubuntu.com"
-
-ALEPH_ITEM = hashlib.sha256(b"qinst test STORE message (storage)").hexdigest()
-ALEPH_IPFS_ITEM = hashlib.sha256(b"qinst test STORE message (ipfs)").hexdigest()
-ALEPH_CID = "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
 
 
 @dataclass(frozen=True)
@@ -91,6 +89,10 @@ class Mirror:
     server: HTTPServer
     images: Images
     catalog: Path  # a user catalog pinning the images under the built-in names
+    aleph: AlephDouble
+    aleph_item: str  # a STORE message (storage item) of the pinned Debian image: debian-12's aleph_item_hash
+    aleph_ipfs_item: str  # a STORE message (ipfs item, CIDv0) of the Ubuntu image: ubuntu-22.04's aleph_item_hash
+    aleph_cid: str  # the Ubuntu image's CID
 
     @property
     def url(self) -> str:
@@ -103,30 +105,13 @@ class Mirror:
             self.url,
             "--aleph-api",
             self.url,
+            "--ipfs-gateway",
+            self.url,
             "--catalog",
             str(self.catalog),
             "--cache-dir",
             str(cache_dir),
         ]
-
-
-def aleph_message(item_hash: str, file_hash: str, item_type: str) -> dict[str, object]:
-    """A STORE message as api/v0/messages.json returns it."""
-    content = {"address": "0x" + "ab" * 20, "item_type": item_type, "item_hash": file_hash, "time": 1700000000.0}
-    return {
-        "item_hash": item_hash,
-        "type": "STORE",
-        "chain": "ETH",
-        "sender": content["address"],
-        "channel": "TEST",
-        "item_type": "inline",
-        "item_content": json.dumps(content),
-        "content": content,
-    }
-
-
-def messages_target(item_hash: str) -> str:
-    return f"/api/v0/messages.json?hashes={item_hash}"
 
 
 def build_mirror(server: HTTPServer, images: Images, workdir: Path) -> Mirror:
@@ -152,15 +137,9 @@ def build_mirror(server: HTTPServer, images: Images, workdir: Path) -> Mirror:
         ).encode(),
         "text/plain",
     )
-    server.add_json(
-        messages_target(ALEPH_ITEM),
-        {"messages": [aleph_message(ALEPH_ITEM, images.pinned.sha256_hex, "storage")], "pagination_total": 1},
-    )
-    server.add_json(
-        messages_target(ALEPH_IPFS_ITEM),
-        {"messages": [aleph_message(ALEPH_IPFS_ITEM, ALEPH_CID, "ipfs")], "pagination_total": 1},
-    )
-    server.add(f"/api/v0/storage/raw/{images.pinned.sha256_hex}", images.pinned.data)
+    aleph = AlephDouble(server)
+    aleph_item, _ = aleph.store(images.pinned.data)
+    aleph_ipfs_item, aleph_cid = aleph.store(images.ubuntu.data, item_type="ipfs")
 
     catalog = workdir / "catalog.toml"
     catalog.write_text(
@@ -174,7 +153,7 @@ url = "{DEBIAN_HOST}{DEBIAN_PINNED}"
 digest = "{images.pinned.sha512}"
 latest_url = "{DEBIAN_HOST}{DEBIAN_LATEST}"
 checksums_url = "{DEBIAN_HOST}{DEBIAN_SUMS}"
-aleph_item_hash = "{ALEPH_ITEM}"
+aleph_item_hash = "{aleph_item}"
 
 [images."ubuntu-22.04"]
 title = "Ubuntu 22.04 test build"
@@ -184,7 +163,7 @@ url = "{UBUNTU_HOST}{UBUNTU_PINNED}"
 digest = "sha256:{"3" * 64}"
 latest_url = "{UBUNTU_HOST}{UBUNTU_LATEST}"
 checksums_url = "{UBUNTU_HOST}{UBUNTU_SUMS}"
-aleph_item_hash = "{ALEPH_IPFS_ITEM}"
+aleph_item_hash = "{aleph_ipfs_item}"
 """
     )
-    return Mirror(server, images, catalog)
+    return Mirror(server, images, catalog, aleph, aleph_item, aleph_ipfs_item, aleph_cid)

@@ -343,4 +343,4 @@ def test_a_planted_record_link_is_not_written_through(qinst: RunQinst, tmp_path:
     assert proc.returncode == 0, proc.stderr
     assert victim.read_text() == "precious"
     record = json.loads((cache / "images" / f"sha256-{image.sha256_hex}.json").read_text())
-    assert record["source"] == "file"
+    assert record["source"] == "local"

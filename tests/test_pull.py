@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import subprocess
 from pathlib import Path
 
@@ -20,8 +19,6 @@ import pytest
 from conftest import RunQinst, qinst_argv, qinst_env
 from httpserver import HTTPServer
 from mirror import (
-    ALEPH_IPFS_ITEM,
-    ALEPH_ITEM,
     DEBIAN_HOST,
     DEBIAN_LATEST,
     DEBIAN_PINNED,
@@ -30,16 +27,14 @@ from mirror import (
     UBUNTU_SUMS,
     Image,
     Mirror,
-    aleph_message,
     describe,
     make_qcow2,
-    messages_target,
 )
 
 from qemu_instances.catalog import Catalog
 from qemu_instances.digests import Digest
 from qemu_instances.download import RetryPolicy, download_verified, new_session
-from qemu_instances.errors import DownloadError, ImageError, UsageError
+from qemu_instances.errors import DownloadError, UsageError
 from qemu_instances.images import ImageStore, Source
 from qemu_instances.settings import Settings
 
@@ -399,71 +394,6 @@ def test_pinned_build_gone_without_latest_channel(qinst: RunQinst, mirror: Mirro
 
 
 @http
-@pytest.mark.parametrize("image", ["debian-12", f"aleph:{ALEPH_ITEM}"])
-def test_aleph_storage_item(qinst: RunQinst, mirror: Mirror, tmp_path: Path, image: str) -> None:
-    args = ["--source", "aleph"] if image == "debian-12" else []
-    data = pull_json(qinst, mirror, tmp_path / "cache", image, *args)
-    assert data["source"] == "aleph"
-    assert_cached(data, mirror.images.pinned, mirror.images.pinned.sha256)  # verified by the sha256 file hash
-    targets = [h.target for h in mirror.server.hits()]
-    assert targets == [messages_target(ALEPH_ITEM), f"/api/v0/storage/raw/{mirror.images.pinned.sha256_hex}"]
-
-
-@http
-def test_aleph_only_catalog_entry(mirror: Mirror, tmp_path: Path) -> None:
-    catalog = tmp_path / "aleph.toml"
-    catalog.write_text(f'[images.seed-vm]\nos = "debian"\naleph_item_hash = "{ALEPH_ITEM}"\n')
-    settings = Settings(cache_dir=tmp_path / "cache", catalogs=(catalog,), aleph_api=mirror.url)
-    store = ImageStore(settings, policy=FAST)
-    image = store.pull(store.resolve("seed-vm"))  # no --source aleph needed: there is no other source
-    assert (image.name, image.source, image.digest) == ("seed-vm", "aleph", Digest.parse(mirror.images.pinned.sha256))
-    with pytest.raises(UsageError, match="--latest"):
-        store.pull(store.resolve("seed-vm"), latest=True)
-
-
-@http
-def test_aleph_storage_item_with_other_bytes(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
-    mirror.server.add(f"/api/v0/storage/raw/{mirror.images.pinned.sha256_hex}", mirror.images.latest.data)
-    stderr = assert_clean_error(qinst(*mirror.args(tmp_path / "cache"), "pull", f"aleph:{ALEPH_ITEM}"), 3)
-    assert f"expected {mirror.images.pinned.sha256}" in stderr
-    assert cache_files(tmp_path / "cache") == []
-
-
-@http
-def test_aleph_ipfs_item_is_refused(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
-    proc = qinst(*mirror.args(tmp_path / "cache"), "pull", "ubuntu-22.04", "--source", "aleph")
-    stderr = assert_clean_error(proc, 3)
-    assert f"aleph item {ALEPH_IPFS_ITEM} is stored on IPFS" in stderr
-    assert "hint: use --source upstream" in stderr
-    assert [h.target for h in mirror.server.hits()] == [messages_target(ALEPH_IPFS_ITEM)]
-
-
-ITEM = "7" * 64
-
-
-@http
-@pytest.mark.parametrize(
-    ("answer", "needle"),
-    [
-        ({"messages": []}, "not found"),
-        # An API that ignored the hashes= filter and answered with another message.
-        ({"messages": [aleph_message("9" * 64, "8" * 64, "storage")]}, "not found"),
-        ({"messages": [{**aleph_message(ITEM, "8" * 64, "storage"), "type": "POST"}]}, "is a POST message"),
-        ({"messages": [{**aleph_message(ITEM, "8" * 64, "storage"), "content": "x"}]}, "unsupported content"),
-        ({"messages": [aleph_message(ITEM, "Qm123", "storage")]}, "unsupported content"),
-        ({"messages": {"0": "x"}}, "unexpected answer"),
-        ({"error": "nope"}, "unexpected answer"),
-    ],
-)
-def test_aleph_bad_answers(mirror: Mirror, tmp_path: Path, answer: dict[str, object], needle: str) -> None:
-    mirror.server.add_json(messages_target(ITEM), answer)
-    store = store_for(mirror, tmp_path / "cache")
-    with pytest.raises(ImageError, match=needle):
-        store.pull(store.resolve(f"aleph:{ITEM}"))
-    assert not [h for h in mirror.server.hits() if "/storage/raw/" in h.target]
-
-
-@http
 def test_connection_refused_is_retried_then_reported(tmp_path: Path) -> None:
     # Port 9 (discard) is closed on 127.0.0.1: every attempt is refused at once.
     url = "http://127.0.0.1:9/x.qcow2"
@@ -473,13 +403,6 @@ def test_connection_refused_is_retried_then_reported(tmp_path: Path) -> None:
     assert str(info.value).startswith(f"cannot download {url}: ")
     assert "gave up after 5 attempts" in str(info.value)
     assert info.value.exit_code == 3
-
-
-@http
-def test_aleph_api_unreachable_is_an_image_error(tmp_path: Path) -> None:
-    store = ImageStore(Settings(cache_dir=tmp_path, aleph_api="http://127.0.0.1:9"), policy=RetryPolicy(attempts=1))
-    with pytest.raises(DownloadError, match=re.escape("127.0.0.1:9")):
-        store.pull(store.resolve(f"aleph:{ALEPH_ITEM}"), source=Source.ALEPH)
 
 
 @http
@@ -607,7 +530,7 @@ def test_pull_local_qcow2(qinst: RunQinst, local_qcow2: Image, tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["name"] == "disk"
-    assert data["source"] == "file"
+    assert data["source"] == "local"
     assert_cached(data, local_qcow2, local_qcow2.sha256)
     assert (tmp_path / "disk.qcow2").exists()  # copied, not moved
     assert cache_files(tmp_path / "cache") == [
