@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from qemu_instances import cid as cids
 from qemu_instances.digests import Digest
 from qemu_instances.errors import CatalogError, ImageError
 
@@ -89,9 +90,15 @@ def _digest(value: Any) -> Digest:
 
 
 def _aleph_hash(value: Any) -> str:
-    if not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
-        raise ValueError("must be 64 lower-case hex digits")
-    return value
+    """An aleph message hash: 64 lower-case hex digits (sha256), or a CID (Qm..., bafy...) as aleph.py accepts."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value):
+        return value
+    if isinstance(value, str) and value[:2] in ("Qm", "ba"):
+        try:
+            return str(cids.parse(value))
+        except ImageError:
+            pass
+    raise ValueError("must be 64 lower-case hex digits or a CID (Qm..., bafy...)")
 
 
 def _user(value: Any) -> str:

@@ -190,7 +190,8 @@ aleph_item_hash = "{"0" * 64}"
         (f'url = "ftp://e.example/x"\ndigest = "{SHA256}"\n', ["'url'", "http(s) URL"]),
         (f'url = "https://e.example/x"\ndigest = "{SHA256}"\ntitle = 3\n', ["'title'", "non-empty string"]),
         (f'url = "https://e.example/x"\ndigest = "{SHA256}"\naliases = "x"\n', ["'aliases'"]),
-        (f'aleph_item_hash = "{ALEPH[:10]}"\n', ["'aleph_item_hash'", "64 lower-case hex digits"]),
+        (f'aleph_item_hash = "{ALEPH[:10]}"\n', ["'aleph_item_hash'", "64 lower-case hex digits or a CID"]),
+        ('aleph_item_hash = "QmNotACid"\n', ["'aleph_item_hash'", "or a CID"]),
         (f'url = "https://e.example/x"\ndigest = "{SHA256}"\nformat = "vmdk"\n', ["'format'", "'qcow2' or 'raw'"]),
         (
             f'url = "https://e.example/x"\ndigest = "{SHA256}"\nlatest_url = "https://e.example/l"\n',
@@ -328,3 +329,10 @@ def test_size_and_a_keyring_path_relative_to_the_catalog(tmp_path: Path) -> None
     entry = Catalog.load([path]).lookup("x")
     assert entry.size == 1234
     assert entry.signing_keys == str(tmp_path / "keys" / "k.gpg")
+
+
+def test_an_aleph_item_hash_may_be_a_cid(tmp_path: Path) -> None:
+    """aleph message hashes are sha256 hex or CIDs (`qinst pull aleph:<CID>` accepts both; so does a catalog)."""
+    v0 = "QmbFMke1KXqnYyBBWxB74N4c5SBnJMVAiMNRcGu6x1AwQH"  # the CIDv0 of an empty file (Kubo's default import)
+    path = write(tmp_path, f'[images.a]\naleph_item_hash = "{v0}"\n')
+    assert Catalog.load([path]).get("a").aleph_item_hash == v0
