@@ -18,7 +18,7 @@ import pytest
 from conftest import RunQinst
 from guest import domains, force_remove, unique_name, volumes
 
-from qemu_instances.remote import SshHop
+from qemu_instances.ssh import SshHop
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
 POOL_DIR = Path("/var/lib/libvirt/images/qinst")
@@ -78,7 +78,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
 def test_hop_from_uri() -> None:
     hop = SshHop.from_uri("qemu+ssh://admin@lab1.example:2222/system?keyfile=/k/id&command=/usr/bin/ssh")
     assert hop == SshHop("lab1.example", "admin", 2222, "/k/id", "/usr/bin/ssh")
-    assert hop.proxy_command() == ("/usr/bin/ssh -p 2222 -l admin -i /k/id -o BatchMode=yes -W %h:%p lab1.example")
+    assert hop.proxy_command() == ("/usr/bin/ssh -p 2222 -l admin -i /k/id -o BatchMode=yes -W %h:%p -- lab1.example")
     assert SshHop.from_uri("qemu:///system") is None
     assert SshHop.from_uri("qemu+tcp://host/system") is None
 

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import pytest
 
 from qemu_instances.errors import GuestFailed, GuestTimeout, Interrupted
+from qemu_instances.ssh import known_hosts_line
 from qemu_instances.wait import (
     GuestPaused,
     Probe,
     Readiness,
     host_keys,
-    known_hosts_line,
     wait_ready,
 )
 
