@@ -510,14 +510,18 @@ class Domain:
         with _ignoring(libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
             if self._dom.isActive():
                 self._dom.destroy()
-        flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-        try:
-            self._dom.undefineFlags(flags)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+        managed = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        for flags in (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | managed, managed):  # the second: drivers without NVRAM
+            try:
+                self._dom.undefineFlags(flags)
                 return
-            with libvirt_errors("cannot undefine the domain"):
-                raise
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return
+                if exc.get_error_code() == libvirt.VIR_ERR_INVALID_ARG and flags != managed:
+                    continue
+                with libvirt_errors("cannot undefine the domain"):
+                    raise
 
     def set_metadata(self, xml: str, key: str, namespace: str) -> None:
         """Record `xml` as the domain's metadata element in `namespace`, in its config (and live, when running)."""

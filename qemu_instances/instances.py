@@ -134,16 +134,15 @@ def _instance(dom: Domain) -> Instance | None:
     state = dom.state()[0]
     try:
         meta = metadata_from_domain_xml(xml)
-    except (ET.ParseError, ValueError, TypeError) as exc:
-        return Instance(name, state, _UNKNOWN, invalid=f"unreadable metadata: {type(exc).__name__}")
-    if meta is None:
-        return None
-    try:
-        validate_metadata(name, meta)
+        if meta is None:
+            return None
+        return Instance(name, state, validate_metadata(name, meta))
     except UsageError as exc:
-        log.debug("instance %r: invalid metadata: %s", name, exc.message)
-        return Instance(name, state, _UNKNOWN, invalid=exc.message)
-    return Instance(name, state, meta)
+        reason = exc.message
+    except (ET.ParseError, ValueError, TypeError) as exc:
+        reason = f"unreadable metadata: {str(exc)[:100]!r}"
+    log.debug("instance %r: invalid metadata: %s", name, reason)
+    return Instance(name, state, _UNKNOWN, invalid=reason)
 
 
 def list_instances(host: Host) -> list[Instance]:
@@ -220,12 +219,13 @@ def remove(host: Host, name: str, *, force: bool = False) -> list[str]:
         validate_name(name)
     except UsageError:
         return removed  # nothing can be derived from a name qinst would not have given: only the domain goes
-    pool = host.pool(create=False)
-    if not host.is_local:
-        host.volume_names(pool)  # refreshes the pool: the console log is a file virtlogd made there
-    for vol in owned_volumes(host, name):
-        if host.delete_volume(pool, vol):
-            removed.append(f"volume {vol}")
+    if POOL_NAME in host.pool_names():
+        pool = host.pool(create=False)
+        if not host.is_local:
+            host.volume_names(pool)  # refreshes the pool: the console log is a file virtlogd made there
+        for vol in owned_volumes(host, name):
+            if host.delete_volume(pool, vol):
+                removed.append(f"volume {vol}")
     remove_logs(host, name)
     return removed
 

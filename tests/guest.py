@@ -8,10 +8,8 @@ forward on 127.0.0.1: no test traffic leaves loopback.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import secrets
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -21,8 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from testsupport.virsh import URI, domains, remove_domain, unique_name, virsh, volumes
+
+__all__ = ["domains", "force_remove", "unique_name", "virsh", "volumes"]  # the test modules import them from here
+
 ROOT = Path(__file__).resolve().parents[1]
-URI = "qemu:///system"
 
 
 @dataclass(frozen=True)
@@ -49,32 +50,9 @@ def _image_dir() -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def virsh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True, check=False)
-
-
-def domains() -> set[str]:
-    return {line.strip() for line in virsh("list", "--all", "--name").stdout.splitlines() if line.strip()}
-
-
-def volumes(pool: str = "qinst") -> set[str]:
-    out = virsh("vol-list", pool).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
-
-
-def unique_name(prefix: str = "t") -> str:
-    return f"qinst-{prefix}-{secrets.token_hex(3)}"
-
-
 def force_remove(name: str) -> None:
     """Remove a test domain and its volumes whatever state it is in (test teardown only)."""
-    virsh("destroy", name)
-    virsh("undefine", "--nvram", name)
-    for vol in (f"{name}.qcow2", f"{name}-seed.iso"):
-        virsh("vol-delete", "--pool", "qinst", vol)
-    for log in (f"{name}.log", f"{name}-console.log"):
-        with contextlib.suppress(OSError):
-            (Path("/var/log/libvirt/qemu") / log).unlink()
+    remove_domain(name)
 
 
 @pytest.fixture(scope="session")
