@@ -8,17 +8,15 @@ forward on 127.0.0.1: no test traffic leaves loopback.
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from testsupport.fileserver import file_server
 from testsupport.virsh import URI, domains, remove_domain, unique_name, virsh, volumes
 
 __all__ = ["domains", "force_remove", "unique_name", "virsh", "volumes"]  # the test modules import them from here
@@ -31,11 +29,6 @@ class TestImage:
     dir: Path
     catalog: Path
     mirror_url: str
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 def _image_dir() -> Path:
@@ -59,15 +52,8 @@ def force_remove(name: str) -> None:
 def test_image() -> Iterator[TestImage]:
     """The test image's mirror served on 127.0.0.1, and its catalog."""
     directory = _image_dir()
-    handler = functools.partial(_QuietHandler, directory=str(directory / "mirror"))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield TestImage(directory, directory / "catalog.toml", f"http://127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with file_server(directory / "mirror") as url:
+        yield TestImage(directory, directory / "catalog.toml", url)
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,9 @@ from pathlib import Path
 
 
 def qinst_argv() -> list[str]:
-    """The installed `qinst` next to this interpreter (the real entry point), else the one on PATH."""
+    """The installed `qinst` next to this interpreter (the real entry point), else `python -m qemu_instances`."""
     beside = Path(sys.executable).with_name("qinst")
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("qinst")
-    return [found] if found else [sys.executable, "-m", "qemu_instances"]
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "qemu_instances"]
 
 
 def qinst_env(config_home: Path | None = None, **extra: str) -> dict[str, str]:
@@ -25,3 +22,12 @@ def qinst_env(config_home: Path | None = None, **extra: str) -> dict[str, str]:
     if config_home is not None:
         env["XDG_CONFIG_HOME"] = str(config_home)  # qinst's own key pair and known_hosts stay in the work dir
     return {**env, **extra}
+
+
+def qinst_command() -> str:
+    """The qinst of the Python in use (the project's virtualenv), else the one on PATH; exits when there is none."""
+    beside = Path(sys.executable).with_name("qinst")
+    found = str(beside) if beside.exists() else shutil.which("qinst")
+    if not found:
+        sys.exit("qinst not found: run with the project's virtualenv python (.venv/bin/python bench/...)")
+    return found

@@ -40,7 +40,7 @@ def serving_sshd(d: Path) -> Iterator[Sshd]:
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host\nPidFile {d}/sshd.pid\n"
         f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        "AllowTcpForwarding yes\n"
+        "AllowTcpForwarding yes\nSubsystem sftp internal-sftp\n"  # scp speaks SFTP by default
     )
     kind, body = (d / "host.pub").read_text().split()[:2]
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {kind} {body}\n")

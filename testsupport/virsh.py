@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
 import subprocess
 from pathlib import Path
@@ -43,3 +44,38 @@ def remove_domain(name: str, files: tuple[Path, ...] = ()) -> None:
     for path in [*files, *LOG_DIR.glob(f"{name}.log*"), LOG_DIR / f"{name}-console.log"]:
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def destroy(name: str) -> None:
+    """Power a domain off (keep it defined); quietly nothing when it is not running."""
+    virsh("destroy", name)
+
+
+def pools() -> dict[str, str]:
+    """Every storage pool (active or not) and its target path."""
+    found = {}
+    for name in virsh("pool-list", "--all", "--name").stdout.split():
+        path = re.search(r"<path>([^<]*)</path>", virsh("pool-dumpxml", name).stdout)
+        found[name] = path[1] if path else ""
+    return found
+
+
+def remove_pool(name: str) -> None:
+    virsh("pool-destroy", name)
+    virsh("pool-undefine", name)
+
+
+def volume_in_use(volume: str) -> bool:
+    """Whether any domain's (inactive) XML names the volume."""
+    return any(volume in virsh("dumpxml", "--inactive", name).stdout for name in domains())
+
+
+def remove_leftovers(prefix: str) -> list[str]:
+    """Remove every domain and qinst-pool volume whose name starts with prefix (only the caller's own)."""
+    left = sorted(domains(prefix))
+    for name in left:
+        remove_domain(name)
+    for vol in sorted(volumes(prefix=prefix)):
+        virsh("vol-delete", vol, "--pool", "qinst")
+        left.append(f"volume {vol}")
+    return left
