@@ -561,16 +561,8 @@ def seed(
 ) -> None:
     """Write a cloud-init NoCloud seed ISO (label cidata) and nothing else."""
     from qemu_instances import seed as seeds
-    from qemu_instances.files import write_atomically
+    from qemu_instances.files import read_option_file, write_atomically
     from qemu_instances.sshkeys import resolve_keys
-
-    def read(path: Path | None, what: str) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise typer.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint=what) from None
 
     keys = resolve_keys(list(ssh_key or ()), _settings(ctx).config_dir)
     spec = seeds.SeedSpec(
@@ -578,9 +570,9 @@ def seed(
         instance_id=instance_id or seeds.new_instance_id(),
         user=user,
         ssh_keys=tuple(k.public for k in keys),
-        user_data=read(user_data, "--user-data"),
+        user_data=read_option_file(user_data, "--user-data"),
         user_data_source=str(user_data) if user_data else None,
-        network_config=read(network_config, "--network-config"),
+        network_config=read_option_file(network_config, "--network-config"),
         network_config_source=str(network_config) if network_config else None,
     )
     files = seeds.seed_files(spec)

@@ -103,7 +103,8 @@ def validate_metadata(name: str, meta: Metadata) -> Metadata:
     validate_name(name)
     validate_user(meta.user)
     Network.parse(meta.network)
-    Digest.parse(meta.digest, error=UsageError)
+    if meta.digest:  # a record without one pins no image (prune keeps nothing for it)
+        Digest.parse(meta.digest, error=UsageError)
     if meta.instance_id:
         validate_instance_id(meta.instance_id)
     if not 1 <= meta.ssh_port <= 65535:

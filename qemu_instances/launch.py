@@ -33,6 +33,7 @@ from qemu_instances.domain import (
     validate_name,
 )
 from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, UsageError
+from qemu_instances.files import read_option_file
 from qemu_instances.host import Domain, Host
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qemu_img_info
 from qemu_instances.instances import (
@@ -113,16 +114,6 @@ def default_name(image: str) -> str:
     base = "".join(c if c in string.ascii_lowercase + string.digits else "-" for c in image.lower()).strip("-")
     suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(4))
     return f"{base[:58] or 'vm'}-{suffix}"
-
-
-def read_user_data(path: Path | None) -> bytes | None:
-    """The bytes of a --user-data file (None when none was given)."""
-    if path is None:
-        return None
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read user-data {path}: {exc.strerror}") from exc
 
 
 def open_console(host: Host, dom: Domain, path: Path) -> Console:
@@ -277,7 +268,7 @@ class Launcher:
             instance_id=seeds.new_instance_id(),
             user=user,
             ssh_keys=tuple(k.public for k in keys),
-            user_data=read_user_data(req.user_data),
+            user_data=read_option_file(req.user_data, "--user-data"),
             user_data_source=str(req.user_data) if req.user_data else None,
             extra_config=req.extra_config,
         )
