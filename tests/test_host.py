@@ -4,6 +4,8 @@ hostile <metadata> through the real `qinst` on a test-driver host file: fast, no
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -19,6 +21,7 @@ from qemu_instances.host import Host
 from qemu_instances.launch import Launcher, Plan, UpRequest, _Run
 from qemu_instances.settings import Settings
 from qemu_instances.wait import GuestPaused, Readiness
+from testsupport.sshd import serving_sshd
 
 TEST_URI = "test:///default"
 NS = "http://qinst.invalid/xmlns/instance/1"
@@ -225,3 +228,21 @@ def test_volumes_of_another_instance_are_refused(qinst: RunQinst, tmp_path: Path
     uri = _node(tmp_path, "thief", _fields() + vols, state="shutoff")
     listed = qinst("--connect", uri, "--debug", "ls")
     assert "thief  invalid" in listed.stdout and "victim.qcow2" in listed.stderr
+
+
+@pytest.mark.libvirt
+def test_a_connection_that_drops_is_exit_4_with_a_hint(tmp_path: Path) -> None:
+    """libvirtd going away under a waiting `up`, without restarting the shared daemon: the connection goes through
+    an sshd of our own (qemu+ssh://), and the test kills its ssh client process (a child of this process)."""
+    with serving_sshd(tmp_path) as sshd, Host(sshd.uri) as host:
+        host.lookup("qinst-no-such-domain")  # the connection works
+        children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+        clients = [int(pid) for pid in children if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"ssh"]
+        assert clients, "libvirt's ssh client process was not found"
+        for pid in clients:
+            os.kill(pid, signal.SIGKILL)
+        for call in (lambda: host.lookup("qinst-no-such-domain"), host.domains):
+            with pytest.raises(HypervisorError) as err:
+                call()
+            assert err.value.exit_code == 4
+            assert err.value.hint and "connection to libvirt was lost" in err.value.hint
