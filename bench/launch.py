@@ -190,6 +190,11 @@ class Peer(Protocol):
     def remove(self, name: str) -> None: ...
 
 
+def figures(ran: Ran) -> dict[str, float]:
+    """A command's time to a running domain and its peak RSS."""
+    return {"running": ran.seconds, "rss_mib": ran.max_rss_kib / 1024}
+
+
 class QinstTool:
     label = "qinst up --no-wait"
     streams_console = False
@@ -223,11 +228,10 @@ class QinstTool:
         return check(self.q.run(*self.args(name, "--no-wait")), "qinst up --no-wait")
 
     def to_running(self, name: str) -> dict[str, float]:
-        ran = self.running(name)
-        return {"running": ran.seconds, "rss_mib": ran.max_rss_kib / 1024}
+        return figures(self.running(name))
 
     def prepare_boot(self, name: str) -> None:
-        pass
+        pass  # it makes its own disk
 
     def boot(self, name: str, ssh_port: int) -> dict[str, Any]:
         timeout = str(int(BOOT_TIMEOUT))
@@ -465,11 +469,10 @@ class Kcli:
         return ran
 
     def to_running(self, name: str) -> dict[str, float]:
-        ran = self.running(name)
-        return {"running": ran.seconds, "rss_mib": ran.max_rss_kib / 1024}
+        return figures(self.running(name))
 
     def prepare_boot(self, name: str) -> None:
-        pass
+        pass  # it makes its own disk
 
     def boot(self, name: str, ssh_port: int) -> dict[str, Any]:
         self.running(name)
