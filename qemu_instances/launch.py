@@ -197,6 +197,7 @@ class _Run:
     cancel: threading.Event
     timeout: float
     timings: dict[str, float] = field(default_factory=dict)
+    t_define: float = 0.0  # when planning began: "define" times plan, provision and define together
 
     def lap(self, phase: str, since: float) -> None:
         self.timings[phase] = round(time.monotonic() - since, 2)
@@ -237,6 +238,7 @@ class Launcher:
                 timings if timings is not None else {},
             )
             run.lap("download", t0)
+            run.t_define = time.monotonic()
             plan = plan_launch(host, inputs, image)
             try:
                 result = self._boot(run, plan, self._provision(run, plan))
@@ -298,7 +300,7 @@ class Launcher:
     def _boot(self, run: _Run, plan: Plan, spec: InstanceSpec) -> UpResult:
         """Define, start and wait, trying each accelerator in turn: a KVM guest that does not start, or that
         pauses at once (KVM present but broken), is started again under the next one."""
-        host, t_define = run.host, time.monotonic()
+        host = run.host
         for n, accel in enumerate(plan.accels):
             spec = _with_accel(spec, accel)
             more = n + 1 < len(plan.accels)
@@ -313,7 +315,7 @@ class Launcher:
             undo = run.undo.enter_context(contextlib.ExitStack())  # this attempt's domain and logs
             undo.callback(_quietly(f"logs of {plan.name}", lambda: remove_logs(host, plan.name)))
             undo.callback(_quietly(f"domain {spec.name}", dom.undefine))
-            run.lap("define", t_define)
+            run.lap("define", run.t_define)
             if not plan.req.wait:
                 run.lap("total", run.t0)
                 return UpResult(Instance(spec.name, "running", spec.metadata), run.timings)
