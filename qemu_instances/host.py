@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlsplit
 
 import libvirt
@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from qemu_instances.download import Progress
 
 log = logging.getLogger("qinst")
+# libvirt's handles, named for readers (libvirt-python ships no type information: to mypy they are Any). Only this
+# module touches their methods; above it they are opaque tokens handed back to Host.
+Pool: TypeAlias = libvirt.virStoragePool
+Volume: TypeAlias = libvirt.virStorageVol
 POOL_NAME = "qinst"
 UPLOAD_CHUNK = 256 << 10  # bytes handed to a libvirt stream at a time (its largest message payload)
 VERIFIED = ".verified"  # suffix of the marker volume of a completed, verified upload
@@ -102,7 +106,9 @@ def _hard_link(source: Path, target: Path) -> bool:
     return True
 
 
-def _send(stream: Any, data: io.BufferedIOBase | io.BytesIO, size: int, hasher: Any, progress: Progress | None) -> None:
+def _send(
+    stream: libvirt.virStream, data: io.BufferedIOBase | io.BytesIO, size: int, hasher: Any, progress: Progress | None
+) -> None:
     """Send data's bytes on a blocking libvirt stream, hashing them on a second thread while they travel.
 
     hashlib and libvirt both release the GIL for big buffers, so hashing costs no wall time; sends that take
@@ -268,7 +274,7 @@ class Host:
         data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
         return Path(data) / "libvirt/images" / POOL_NAME
 
-    def pool(self, create: bool = True) -> Any:
+    def pool(self, create: bool = True) -> Pool:
         """The `qinst` directory pool, defined, built and started when missing."""
         with libvirt_errors(f"cannot set up the libvirt storage pool {POOL_NAME!r}"):
             try:
@@ -291,17 +297,17 @@ class Host:
         with libvirt_errors("cannot list storage pools"):
             return sorted(self.conn.listStoragePools() + self.conn.listDefinedStoragePools())
 
-    def volume_names(self, pool: Any) -> list[str]:
+    def volume_names(self, pool: Pool) -> list[str]:
         with libvirt_errors("cannot list volumes"):
             pool.refresh(0)
             return sorted(pool.listVolumes())
 
-    def pool_path(self, pool: Any) -> Path:
+    def pool_path(self, pool: Pool) -> Path:
         with libvirt_errors("cannot read the storage pool"):
             root = ET.fromstring(pool.XMLDesc(0))
         return Path(root.findtext("target/path") or "")
 
-    def volume(self, pool: Any, name: str) -> Any | None:
+    def volume(self, pool: Pool, name: str) -> Volume | None:
         try:
             return pool.storageVolLookupByName(name)
         except libvirt.libvirtError as exc:
@@ -309,20 +315,20 @@ class Host:
                 return None
             raise HypervisorError(f"cannot look up volume {name}: {exc.get_error_message()}") from exc
 
-    def volume_path(self, vol: Any) -> str:
+    def volume_path(self, vol: Volume) -> str:
         with libvirt_errors("cannot read a volume's path"):
             return str(vol.path())
 
-    def volume_size(self, vol: Any) -> int:
+    def volume_size(self, vol: Volume) -> int:
         """The bytes the volume takes on the host."""
         with libvirt_errors("cannot read a volume's size"):
             return int(vol.info()[2])
 
-    def pool_free(self, pool: Any) -> int:
+    def pool_free(self, pool: Pool) -> int:
         with libvirt_errors("cannot read the storage pool"):
             return int(pool.info()[3])
 
-    def delete_volume(self, pool: Any, name: str) -> bool:
+    def delete_volume(self, pool: Pool, name: str) -> bool:
         """Delete volume `name`; False when there is none (also when another client deleted it meanwhile)."""
         vol = self.volume(pool, name)
         if vol is None:
@@ -335,7 +341,9 @@ class Host:
             raise HypervisorError(f"cannot delete volume {name}: {tidy(exc.get_error_message() or str(exc))}") from exc
         return True
 
-    def base_volume(self, pool: Any, name: str, source: Path, digest: Digest, progress: Progress | None = None) -> Any:
+    def base_volume(
+        self, pool: Pool, name: str, source: Path, digest: Digest, progress: Progress | None = None
+    ) -> Volume:
         """The cached image as a pool volume named `name` (its digest).
 
         On a local daemon it is a hard link to the cached file (no second copy). Otherwise it is uploaded once
@@ -376,7 +384,7 @@ class Host:
         self.upload_volume(pool, marker, io.BytesIO(str(digest).encode()), len(str(digest)))
         return vol
 
-    def _await_upload(self, pool: Any, name: str, marker: str, timeout: float = 1800.0) -> Any:
+    def _await_upload(self, pool: Pool, name: str, marker: str, timeout: float = 1800.0) -> Volume:
         """Wait for another client's upload of `name` to complete (its marker volume appears)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -391,14 +399,14 @@ class Host:
 
     def upload_volume(
         self,
-        pool: Any,
+        pool: Pool,
         name: str,
         data: io.BufferedIOBase | io.BytesIO,
         size: int,
         *,
         hasher: Any = None,
         progress: Progress | None = None,
-    ) -> Any:
+    ) -> Volume:
         """Create volume `name` of `size` bytes and stream `data` into it; on failure nothing is left."""
         root = ET.Element("volume")
         ET.SubElement(root, "name").text = name
@@ -421,7 +429,7 @@ class Host:
             raise
         return vol
 
-    def volume_digest(self, vol: Any, like: Digest) -> Digest:
+    def volume_digest(self, vol: Volume, like: Digest) -> Digest:
         """The digest of a volume's bytes, read through a libvirt stream (one pass, constant memory)."""
         hasher = like.algorithm.new()
         with libvirt_errors("cannot read a volume back"):
@@ -431,7 +439,7 @@ class Host:
             stream.finish()
         return Digest(like.algorithm, hasher.hexdigest())
 
-    def download_volume(self, pool: Any, name: str, limit: int = 64 << 20) -> bytes:
+    def download_volume(self, pool: Pool, name: str, limit: int = 64 << 20) -> bytes:
         """A (small) volume's bytes, read through a libvirt stream; its last `limit` bytes when larger."""
         self.volume_names(pool)  # refresh: files that libvirt did not create (console logs) become volumes
         vol = self.volume(pool, name)
@@ -447,7 +455,7 @@ class Host:
             stream.finish()
         return b"".join(chunks)
 
-    def overlay_volume(self, pool: Any, name: str, backing: Any, capacity: int, fmt: str, virtual: int) -> Any:
+    def overlay_volume(self, pool: Pool, name: str, backing: Volume, capacity: int, fmt: str, virtual: int) -> Volume:
         """A qcow2 (compat 1.1) overlay on the backing volume (of format fmt), at least `capacity` bytes large."""
         root = ET.Element("volume")
         ET.SubElement(root, "name").text = name
@@ -465,7 +473,7 @@ class Host:
 class Domain:
     """One libvirt domain and what qinst does with it; libvirtError never leaves these methods."""
 
-    def __init__(self, host: Host, handle: Any) -> None:
+    def __init__(self, host: Host, handle: libvirt.virDomain) -> None:
         self.host = host
         self._dom = handle
 
@@ -545,7 +553,7 @@ class Domain:
 class ConsoleStream:
     """The serial console read through libvirt (remote daemons): a non-blocking console stream."""
 
-    def __init__(self, conn: Any, dom: Any) -> None:
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
         self.text = ""
         with libvirt_errors("cannot open the serial console"):
             self._stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
