@@ -304,16 +304,16 @@ class Launcher:
         for n, accel in enumerate(plan.accels):
             spec = _with_accel(spec, accel)
             more = n + 1 < len(plan.accels)
+            undo = run.undo.enter_context(contextlib.ExitStack())  # this attempt's logs and domain
+            undo.callback(_quietly(f"logs of {plan.name}", lambda: remove_logs(host, plan.name)))
             try:
-                dom = host.define_and_start(domain_xml(spec), spec.name)
+                dom = host.define_and_start(domain_xml(spec), spec.name)  # undefines what does not start
             except HypervisorError as exc:
-                remove_logs(host, spec.name)
+                undo.close()
                 if not more:
                     raise
                 log.warning("the guest does not start under %s (%s): trying %s", accel, exc.message, plan.accels[n + 1])
                 continue
-            undo = run.undo.enter_context(contextlib.ExitStack())  # this attempt's domain and logs
-            undo.callback(_quietly(f"logs of {plan.name}", lambda: remove_logs(host, plan.name)))
             undo.callback(_quietly(f"domain {spec.name}", dom.undefine))
             run.lap("define", run.t_define)
             if not plan.req.wait:

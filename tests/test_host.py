@@ -246,3 +246,20 @@ def test_a_connection_that_drops_is_exit_4_with_a_hint(tmp_path: Path) -> None:
                 call()
             assert err.value.exit_code == 4
             assert err.value.hint and "connection to libvirt was lost" in err.value.hint
+
+
+def test_ctrl_c_while_the_domain_starts_removes_its_logs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Under load, starting a domain takes seconds: an interrupt lands there more often than anywhere else.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    console = tmp_path / ".cache/libvirt/qemu/log/slowstart-console.log"  # where a session daemon's virtlogd writes
+    console.parent.mkdir(parents=True)
+
+    def interrupted_start(self: Host, xml: str, name: str) -> None:
+        console.write_text("[    0.000000] Linux version 6.1\n")  # virtlogd had begun recording
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Host, "define_and_start", interrupted_start)
+    plan, spec = _plan("slowstart", (Accel.TCG,), wait=False)
+    with pytest.raises(KeyboardInterrupt), Host(TEST_URI) as host, contextlib.ExitStack() as undo:
+        Launcher(Settings(connect=TEST_URI))._boot(_run(host, undo), plan, spec)
+    assert not console.exists()
