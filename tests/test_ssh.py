@@ -94,3 +94,18 @@ def test_connection_master_is_reused(sshd: Sshd, tmp_path: Path) -> None:
         for _ in range(4):
             assert conn.run(["true"], timeout=30).ok
     assert log.read_text().count("Accepted publickey") - before == 1
+
+
+def test_through_a_hop(sshd: Sshd, tmp_path: Path) -> None:
+    # The sshd is both the jump host (as a qemu+ssh URI names it) and the "guest" behind it: ProxyCommand ssh -W.
+    hop = SshHop.from_uri(sshd.uri)
+    assert hop is not None and hop.command == str(sshd.wrapper)
+    target = _target(sshd, tmp_path)
+    via = ssh.run(
+        SshTarget(target.host, target.port, "root", target.known_hosts, target.key_file, hop), ["echo", "via"]
+    )
+    assert via.ok and via.stdout == "via\n", via.stderr
+    check = ssh.key_checker(hop)
+    assert check("127.0.0.1", sshd.port, [sshd.host_key]) is True
+    assert check("127.0.0.1", sshd.port, [("ssh-ed25519", "A" * 68)]) is False
+    assert ssh.key_checker(None)("127.0.0.1", sshd.port, [sshd.host_key]) is True  # directly, with ssh-keyscan
