@@ -27,7 +27,7 @@ def silent_server() -> Iterator[int]:
 @pytest.mark.parametrize(
     ("sig", "code", "said"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
 )
-def test_signal_during_up_exits_cleanly(silent_server: int, tmp_path: Path, sig: int, code: int, said: str) -> None:
+def test_signal_during_a_pull_exits_cleanly(silent_server: int, tmp_path: Path, sig: int, code: int, said: str) -> None:
     cache = tmp_path / "cache"
     url = f"http://127.0.0.1:{silent_server}/image.qcow2"
     proc = subprocess.Popen(
