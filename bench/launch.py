@@ -26,34 +26,18 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import _root  # noqa: F401  (testsupport/ on sys.path)
 import libvirt
-from _common import (
-    URI,
-    Qinst,
-    Ran,
-    check,
-    fmt_summary,
-    free_port,
-    log,
-    merge_idle,
-    pools,
-    qinst_session,
-    quiet,
-    remove_domain,
-    remove_pool,
-    run_timed,
-    ssh_banner,
-    summarize,
-    table,
-    test_image,
-    token,
-    undisturbed,
-    write_json,
-)
+from idle import merge_idle, undisturbed
+from output import fmt_summary, log, table, write_json
+from session import Qinst, qinst_session, test_image, token
+from timing import Ran, check, quiet, run_timed, summarize
 
 from qemu_instances import seed as seeds
+from testsupport.net import free_port, ssh_banner
+from testsupport.virsh import URI, pools, remove_domain, remove_pool
 
 IMAGE = "qinst-test"
 MEMORY_MIB = 1024
@@ -182,11 +166,38 @@ class Watch(threading.Thread):
             conn.close()
 
 
-# ---- the tools ----
+# ---- the tools: each is a Peer ----
+
+
+class Peer(Protocol):
+    """A launcher measured side by side with qinst: a new peer is a class, not a branch in measure()."""
+
+    label: str
+    streams_console: bool  # its console is read through libvirt (no file, no SSH port forward to watch)
+
+    def to_running(self, name: str) -> dict[str, float]:
+        """Make a fresh domain `name` and time it to running: {"running": s, ...more figures}."""
+        ...
+
+    def prepare_boot(self, name: str) -> None:
+        """What must exist before a boot is timed (not part of it)."""
+        ...
+
+    def boot(self, name: str, ssh_port: int) -> dict[str, Any]:
+        """Boot `name` fully (SSH forwarded from ssh_port); the tool's own figures (the watch times the rest)."""
+        ...
+
+    def remove(self, name: str) -> None: ...
+
+
+def figures(ran: Ran) -> dict[str, float]:
+    """A command's time to a running domain and its peak RSS."""
+    return {"running": ran.seconds, "rss_mib": ran.max_rss_kib / 1024}
 
 
 class QinstTool:
     label = "qinst up --no-wait"
+    streams_console = False
 
     def __init__(self, q: Qinst) -> None:
         self.q = q
@@ -216,9 +227,20 @@ class QinstTool:
     def running(self, name: str) -> Ran:
         return check(self.q.run(*self.args(name, "--no-wait")), "qinst up --no-wait")
 
-    def boot(self, name: str, ssh_port: int) -> Ran:
+    def to_running(self, name: str) -> dict[str, float]:
+        return figures(self.running(name))
+
+    def prepare_boot(self, name: str) -> None:
+        pass  # it makes its own disk
+
+    def boot(self, name: str, ssh_port: int) -> dict[str, Any]:
         timeout = str(int(BOOT_TIMEOUT))
-        return check(self.q.run(*self.args(name, "--ssh-port", str(ssh_port), "--timeout", timeout)), "qinst up")
+        ran = check(self.q.run(*self.args(name, "--ssh-port", str(ssh_port), "--timeout", timeout)), "qinst up")
+        return {
+            "ready": ran.seconds,
+            "boot_rss_mib": ran.max_rss_kib / 1024,
+            "phases": _json(ran.stdout).get("timings", {}),
+        }
 
     def remove(self, name: str) -> None:
         quiet(self.q.argv("rm", "--force", name), self.q.env)
@@ -229,6 +251,7 @@ class VirtInstall:
     """virt-install on an overlay of the cached image, same user-data as qinst's, same guest hardware."""
 
     label = "virt-install --import --cloud-init --noautoconsole"
+    streams_console = False
 
     def __init__(self, q: Qinst, work: Path, base: Path) -> None:
         self.q, self.work, self.base = q, work, base
@@ -300,6 +323,23 @@ class VirtInstall:
     def running(self, name: str, ssh_port: int) -> Ran:
         return check(run_timed(self.argv(name, ssh_port)), "virt-install")
 
+    def to_running(self, name: str) -> dict[str, float]:
+        prep = self.prepare(name)
+        ran = self.running(name, free_port())
+        return {
+            "running": ran.seconds,
+            "prep": prep.seconds,
+            "running_with_prep": ran.seconds + prep.seconds,
+            "rss_mib": ran.max_rss_kib / 1024,
+        }
+
+    def prepare_boot(self, name: str) -> None:
+        self.prepare(name)
+
+    def boot(self, name: str, ssh_port: int) -> dict[str, Any]:
+        self.running(name, ssh_port)
+        return {}
+
     def remove(self, name: str) -> None:
         f = self.files(name)
         remove_domain(name)
@@ -312,6 +352,7 @@ class Floor:
     """libvirt's define + start of qinst's domain XML (renamed, own overlay and seed), through the API."""
 
     label = "libvirt define + start (API, floor)"
+    streams_console = False
 
     def __init__(self, template: str, work: Path, base: Path, q: Qinst) -> None:
         self.template, self.work, self.base, self.q = template, work, base, q
@@ -357,6 +398,15 @@ class Floor:
         finally:
             conn.close()
 
+    def to_running(self, name: str) -> dict[str, float]:
+        return {"running": self.running(self.prepare(name))}
+
+    def prepare_boot(self, name: str) -> None:
+        raise NotImplementedError("the floor is measured to a running domain only")
+
+    def boot(self, name: str, ssh_port: int) -> dict[str, Any]:
+        raise NotImplementedError("the floor is measured to a running domain only")
+
     def remove(self, name: str) -> None:
         remove_domain(name)
         shutil.rmtree(self.work / name, ignore_errors=True)
@@ -366,6 +416,7 @@ class Kcli:
     """kcli (from PyPI) with its own pool holding the image, TCG (virttype=qemu), no network (its NICs use NAT)."""
 
     label = "kcli create vm"
+    streams_console = True  # no network: its console is watched through libvirt
 
     def __init__(self, exe: Path, work: Path, base: Path) -> None:
         self.exe = exe
@@ -416,6 +467,16 @@ class Kcli:
         if f"{name} created" not in ran.stdout + ran.stderr:
             raise RuntimeError(f"kcli did not create {name}: {ran.stdout}{ran.stderr}")
         return ran
+
+    def to_running(self, name: str) -> dict[str, float]:
+        return figures(self.running(name))
+
+    def prepare_boot(self, name: str) -> None:
+        pass  # it makes its own disk
+
+    def boot(self, name: str, ssh_port: int) -> dict[str, Any]:
+        self.running(name)
+        return {}
 
     def remove(self, name: str) -> None:
         quiet([str(self.exe), "delete", "vm", "-y", name], self.env)
@@ -556,55 +617,33 @@ def measure(q: Qinst, work: Path, peers: dict[str, dict[str, Any]], args: argpar
         def fresh(kind: str) -> str:
             return f"bench-{kind}-{run_id}-{next(serial)}"
 
+        peers_by_key: dict[str, Peer] = {"qinst": qinst, "virt-install": vi, "floor": floor}
+        if kcli is not None:
+            peers_by_key["kcli"] = kcli
+
         def to_running(tool: str) -> dict[str, float]:
             """One measurement of tool's time to a running domain (a fresh domain, removed again)."""
             name = fresh(tool.replace("-", ""))
             try:
-                if tool == "qinst":
-                    ran = qinst.running(name)
-                    return {"running": ran.seconds, "rss_mib": ran.max_rss_kib / 1024}
-                if tool == "virt-install":
-                    prep = vi.prepare(name)
-                    ran = vi.running(name, free_port())
-                    return {
-                        "running": ran.seconds,
-                        "prep": prep.seconds,
-                        "running_with_prep": ran.seconds + prep.seconds,
-                        "rss_mib": ran.max_rss_kib / 1024,
-                    }
-                if tool == "floor":
-                    return {"running": floor.running(floor.prepare(name))}
-                assert kcli is not None
-                ran = kcli.running(name)
-                return {"running": ran.seconds, "rss_mib": ran.max_rss_kib / 1024}
+                return peers_by_key[tool].to_running(name)
             finally:
-                {"qinst": qinst, "virt-install": vi, "floor": floor, "kcli": kcli}[tool].remove(name)  # type: ignore[union-attr]
+                peers_by_key[tool].remove(name)
 
         def boot(tool: str) -> dict[str, Any]:
             """One full boot, watched from outside: running, cloud-init finished, SSH answering, tool ready."""
-            name = fresh(f"boot{tool.replace('-', '')}")
-            port = free_port()
-            got: dict[str, Any] = {}
-            if tool == "virt-install":
-                vi.prepare(name)
-            watch = Watch(name, time.perf_counter(), ssh_port=None if tool == "kcli" else port, stream=tool == "kcli")
+            peer, name, port = peers_by_key[tool], fresh(f"boot{tool.replace('-', '')}"), free_port()
+            peer.prepare_boot(name)
+            streams = peer.streams_console
+            watch = Watch(name, time.perf_counter(), ssh_port=None if streams else port, stream=streams)
             watch.start()
             try:
-                if tool == "qinst":
-                    ran = qinst.boot(name, port)
-                    got = {"ready": ran.seconds, "boot_rss_mib": ran.max_rss_kib / 1024}
-                    got["phases"] = _json(ran.stdout).get("timings", {})
-                elif tool == "virt-install":
-                    vi.running(name, port)
-                else:
-                    assert kcli is not None
-                    kcli.running(name)
+                got = peer.boot(name, port)
                 deadline = time.monotonic() + BOOT_TIMEOUT
                 while not watch.done() and watch.is_alive() and time.monotonic() < deadline:
                     time.sleep(0.2)
             finally:
                 watch.stop()
-                {"qinst": qinst, "virt-install": vi, "kcli": kcli}[tool].remove(name)  # type: ignore[union-attr]
+                peer.remove(name)
             if watch.error or not watch.done():
                 raise RuntimeError(f"{tool}: the boot of {name} was not seen through: {watch.error or 'timeout'}")
             got.update(boot_running=watch.running, cloud_init=watch.cloud_init, ssh=watch.ssh)
@@ -641,9 +680,8 @@ def measure(q: Qinst, work: Path, peers: dict[str, dict[str, Any]], args: argpar
     tools = {
         tool: {key: summarize(values) for key, values in by_key.items()} for tool, by_key in sorted(samples.items())
     }
-    labels = {"qinst": QinstTool.label, "virt-install": VirtInstall.label, "floor": Floor.label, "kcli": Kcli.label}
     for tool, data in tools.items():
-        data["label"] = labels[tool]
+        data["label"] = peers_by_key[tool].label
     for tool, found in datasources.items():
         tools[tool]["datasources"] = found  # cloud-init's, from its final line: DataSourceNone = no seed seen
     if "qinst" in tools:

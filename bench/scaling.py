@@ -19,26 +19,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import (
-    BENCH,
-    Qinst,
-    Ran,
-    check,
-    destroy,
-    domains,
-    fmt_summary,
-    log,
-    merge_idle,
-    qinst_session,
-    quiet,
-    remove_domain,
-    summarize,
-    table,
-    test_image,
-    token,
-    undisturbed,
-    write_json,
-)
+import _root  # noqa: F401  (testsupport/ on sys.path)
+from idle import merge_idle, undisturbed
+from output import fmt_summary, log, table, write_json
+from session import BENCH, Qinst, qinst_session, test_image, token
+from timing import Ran, check, quiet, summarize
+
+from testsupport.virsh import destroy, domains, remove_domain
 
 IMAGE = "qinst-test"
 

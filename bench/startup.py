@@ -15,20 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import (
-    URI,
-    Ran,
-    child_env,
-    fmt_summary,
-    log,
-    merge_idle,
-    qinst_command,
-    run_timed,
-    summarize,
-    table,
-    undisturbed,
-    write_json,
-)
+import _root  # noqa: F401  (testsupport/ on sys.path)
+from idle import merge_idle, undisturbed
+from output import fmt_summary, log, table, write_json
+from timing import Ran, run_timed, summarize
+
+from testsupport.qinst import qinst_command, qinst_env
+from testsupport.virsh import URI
 
 GOAL_HELP_S = 0.3
 WARMUP = 3
@@ -41,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     qinst = qinst_command()
     with tempfile.TemporaryDirectory(prefix="qinst-bench-startup-") as tmp:
-        env = child_env(Path(tmp))
+        env = qinst_env(Path(tmp))
         commands = {
             "qinst --help": [qinst, "--help"],
             "qinst ls": [qinst, "--connect", URI, "ls"],

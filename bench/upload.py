@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,43 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 from qemu_instances.digests import Algorithm, hash_file  # noqa: E402
 from qemu_instances.host import VERIFIED, Host  # noqa: E402
+from testsupport.sshd import serving_sshd  # noqa: E402
 
 POOL_DIR = Path("/var/lib/libvirt/images/qinst")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_sshd(d: Path) -> tuple[subprocess.Popen[bytes], Path, int]:
-    for key in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
-    (d / "authorized_keys").write_text((d / "client.pub").read_text())
-    port = _free_port()
-    (d / "sshd_config").write_text(
-        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host\nPidFile {d}/sshd.pid\n"
-        f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        "Subsystem sftp internal-sftp\n"  # scp speaks SFTP by default
-    )
-    kind, body = (d / "host.pub").read_text().split()[:2]
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {kind} {body}\n")
-    (d / "ssh_config").write_text(
-        f"Host *\n  IdentityFile {d}/client\n  IdentitiesOnly yes\n  UserKnownHostsFile {d}/known_hosts\n"
-        "  StrictHostKeyChecking yes\n"
-    )
-    wrapper = d / "ssh"
-    wrapper.write_text(f'#!/bin/sh\nexec ssh -F {d}/ssh_config "$@"\n')
-    wrapper.chmod(0o755)
-    Path("/run/sshd").mkdir(exist_ok=True)
-    proc = subprocess.Popen([shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-f", str(d / "sshd_config")])
-    for _ in range(50):
-        if subprocess.run([str(wrapper), "-p", str(port), "root@127.0.0.1", "true"], check=False).returncode == 0:
-            break
-        time.sleep(0.2)
-    return proc, wrapper, port
 
 
 def qinst_upload(uri: str, source: Path, name: str) -> float:
@@ -102,16 +66,13 @@ def main() -> None:
         with source.open("wb") as f:  # incompressible bytes, so neither side gains from compression
             for _ in range(args.size_mib):
                 f.write(os.urandom(1 << 20))
-        proc, wrapper, port = start_sshd(d)
-        uri = f"qemu+ssh://root@127.0.0.1:{port}/system?command={wrapper}"
         name = "sha512-bench-upload"
-        try:
+        (d / "sshd").mkdir()
+        with serving_sshd(d / "sshd") as sshd:
             times: dict[str, list[float]] = {"qinst": [], "scp": []}
             for _ in range(args.runs):
-                times["qinst"].append(qinst_upload(uri, source, name))
-                times["scp"].append(scp_upload(d, port, source, POOL_DIR / "bench-upload-scp.raw"))
-        finally:
-            proc.terminate()
+                times["qinst"].append(qinst_upload(sshd.uri, source, name))
+                times["scp"].append(scp_upload(sshd.directory, sshd.port, source, POOL_DIR / "bench-upload-scp.raw"))
     size = args.size_mib << 20
     result = {
         "size_bytes": size,

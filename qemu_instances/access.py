@@ -1,21 +1,21 @@
-"""Reaching an instance: the `ssh` command line with a checked host key, and the recorded console."""
+"""Reaching an instance: its SSH target (the recorded address, user, host keys, key file and hop) and its console.
+
+The SSH command lines themselves are built in ssh.py; this module only turns an Instance into ssh.py's values.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from qemu_instances import ssh
 from qemu_instances.errors import QinstError, UsageError
 from qemu_instances.host import Host
-from qemu_instances.instances import Instance
-from qemu_instances.proc import run
-from qemu_instances.remote import SshHop
+from qemu_instances.instances import Instance, console_log_path
 from qemu_instances.settings import Settings
-from qemu_instances.wait import KEY_LINE, known_hosts_line
+from qemu_instances.ssh import KEY_LINE, SshResult
+
+__all__ = ["SshResult", "console_text", "known_hosts_file", "ssh_argv", "ssh_run", "ssh_target"]
 
 
 def known_hosts_file(inst: Instance, settings: Settings) -> Path:
@@ -29,74 +29,48 @@ def known_hosts_file(inst: Instance, settings: Settings) -> Path:
         )
     if not meta.ssh_host:
         raise UsageError(f"{inst.name} has no known address (network {meta.network})")
-    directory = settings.cache_dir / "known_hosts"
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = directory / inst.name
-    tmp = path.with_name(f".{inst.name}.tmp")
-    tmp.write_text(known_hosts_line(meta.ssh_host, meta.ssh_port, keys))
-    os.replace(tmp, path)
-    return path
+    return ssh.write_known_hosts(settings.cache_dir / "known_hosts" / inst.name, meta.ssh_host, meta.ssh_port, keys)
+
+
+def ssh_target(inst: Instance, settings: Settings) -> ssh.SshTarget:
+    """The running instance's SSH target; its metadata was validated when it was read."""
+    inst.require_valid()
+    if inst.state != "running":
+        raise UsageError(f"instance {inst.name!r} is {inst.state}", hint=f"start it: qinst start {inst.name}")
+    meta = inst.metadata
+    return ssh.SshTarget(
+        host=meta.ssh_host,
+        port=meta.ssh_port,
+        user=meta.user,
+        known_hosts=known_hosts_file(inst, settings),
+        key_file=meta.private_key,
+        hop=ssh.SshHop.from_uri(settings.connect),
+    )
 
 
 def ssh_argv(inst: Instance, settings: Settings, command: Sequence[str] = ()) -> list[str]:
     """The system ssh's argv for the instance: its user, port, key and known_hosts; host keys checked strictly."""
-    if shutil.which("ssh") is None:
-        raise QinstError("ssh not found", hint="install openssh-client")
-    if inst.state != "running":
-        raise UsageError(f"instance {inst.name!r} is {inst.state}", hint=f"start it: qinst start {inst.name}")
-    meta = inst.metadata
-    argv = [
-        "ssh",
-        "-o", f"UserKnownHostsFile={known_hosts_file(inst, settings)}",
-        "-o", "StrictHostKeyChecking=yes",
-        "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", "LogLevel=ERROR",
-        "-p", str(meta.ssh_port),
-    ]  # fmt: skip
-    hop = SshHop.from_uri(settings.connect)
-    if hop is not None:
-        # The guest's address (a forward on the host's loopback, or a NAT address) is reached through the host.
-        argv += hop.ssh_options()
-    if meta.private_key and Path(meta.private_key).exists():
-        argv += ["-i", meta.private_key, "-o", "IdentitiesOnly=yes"]
-    argv.append(f"{meta.user}@{meta.ssh_host}")
-    if command:
-        argv += ["--", *command]
-    return argv
+    ssh.require_ssh()
+    return ssh.ssh_argv(ssh_target(inst, settings), command)
+
+
+def ssh_run(inst: Instance, settings: Settings, command: Sequence[str], timeout: float = 60.0) -> SshResult:
+    """Run a command in the instance over SSH (batch mode, host key checked); never raises for its exit status."""
+    return ssh.run(ssh_target(inst, settings), command, timeout)
 
 
 def console_text(host: Host, inst: Instance) -> str:
-    """The serial console as recorded by virtlogd: a local file, or a volume of the pool on a remote host."""
-    path = Path(inst.metadata.console_log)
+    """The serial console as recorded by virtlogd: a local file, or a volume of the pool on a remote host.
+
+    Its place derives from the instance's name and the host, never from the (untrusted) metadata.
+    """
     if not host.is_local:
-        return host.download_volume(host.pool(create=False), path.name).decode("utf-8", "replace")
+        pool = host.pool(create=False)
+        return host.download_volume(pool, console_log_path(host, pool, inst.name).name).decode("utf-8", "replace")
+    path = console_log_path(host, None, inst.name)
     try:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
     except OSError as exc:
         raise QinstError(f"cannot read {path}: {exc.strerror}") from exc
-
-
-def ssh_run(inst: Instance, settings: Settings, command: Sequence[str], timeout: float = 60.0) -> SshResult:
-    """Run a command in the instance over SSH (batch mode, host key checked); never raises for its exit status."""
-    argv = ssh_argv(inst, settings, command)
-    argv[1:1] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
-    started = time.monotonic()
-    try:
-        proc = run(argv, timeout=timeout, check=False)
-    except QinstError as exc:  # timed out
-        return SshResult(255, "", exc.message, time.monotonic() - started)
-    return SshResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
-
-
-@dataclass(frozen=True)
-class SshResult:
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from qemu_instances.errors import QinstError
+from qemu_instances.errors import Interrupted, QinstError, SmokeFailed, Terminated
 from qemu_instances.settings import (
     DEFAULT_ALEPH_API,
     DEFAULT_IPFS_GATEWAY,
@@ -88,6 +89,7 @@ def _global(
     from qemu_instances.config import host_uri, load_hosts
     from qemu_instances.settings import default_config_dir
 
+    _setup_logging(debug)
     if mirror and not mirror.startswith(("http://", "https://")):
         raise typer.BadParameter("expected an http(s) URL", param_hint="--mirror")
     config_dir = default_config_dir()
@@ -369,7 +371,7 @@ def list_(
         _print_json([i.to_json() for i in found])
         return
     _table(
-        [[i.name, i.state, i.metadata.image, i.address, _age(i.metadata.created)] for i in found],
+        [[i.name, i.to_json()["state"], i.metadata.image, i.address, _age(i.metadata.created)] for i in found],
         ["NAME", "STATE", "IMAGE", "ADDRESS", "AGE"],
     )
 
@@ -505,7 +507,7 @@ def rm(
             try:
                 removed = instances.remove(host, name, force=force)
             except QinstError as exc:
-                sys.stderr.write(f"qinst: error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else ""))
+                report_error(exc)  # and go on with the other names
                 failed = exc
                 continue
             sys.stderr.write(f"removed {', '.join(removed)}\n")
@@ -563,8 +565,9 @@ def smoke(
         junit.write_bytes(junit_xml(reports))
     if as_json:
         _print_json([r.to_json() for r in reports])
-    if not all(r.passed for r in reports):
-        raise typer.Exit(6)
+    failed = [r.image for r in reports if not r.passed]
+    if failed:
+        raise SmokeFailed(f"{len(failed)} of {len(reports)} image(s) failed: {', '.join(failed)}")
 
 
 @app.command()
@@ -584,18 +587,9 @@ def seed(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a cloud-init NoCloud seed ISO (label cidata) and nothing else."""
-    import os
-
     from qemu_instances import seed as seeds
+    from qemu_instances.files import read_option_file, write_atomically
     from qemu_instances.sshkeys import resolve_keys
-
-    def read(path: Path | None, what: str) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise typer.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint=what) from None
 
     keys = resolve_keys(list(ssh_key or ()), _settings(ctx).config_dir)
     spec = seeds.SeedSpec(
@@ -603,19 +597,16 @@ def seed(
         instance_id=instance_id or seeds.new_instance_id(),
         user=user,
         ssh_keys=tuple(k.public for k in keys),
-        user_data=read(user_data, "--user-data"),
+        user_data=read_option_file(user_data, "--user-data"),
         user_data_source=str(user_data) if user_data else None,
-        network_config=read(network_config, "--network-config"),
+        network_config=read_option_file(network_config, "--network-config"),
         network_config_source=str(network_config) if network_config else None,
     )
     files = seeds.seed_files(spec)
     iso = seeds.iso_from_files(files)  # built whole before anything is written
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        tmp.write_bytes(iso)
-        os.replace(tmp, out)
+        write_atomically(out, iso)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise QinstError(f"cannot write {out}: {exc.strerror}") from exc
     if as_json:
         _print_json(
@@ -659,13 +650,6 @@ def _choice(enum: Any, value: str, option: str) -> Any:
         raise typer.BadParameter(f"{value!r} is not one of {choices}", param_hint=option) from None
 
 
-def _fail(message: str, code: int, hint: str | None = None) -> NoReturn:
-    sys.stderr.write(f"qinst: error: {message}\n")
-    if hint:
-        sys.stderr.write(f"hint: {hint}\n")
-    raise SystemExit(code)
-
-
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         prefix = "qinst: warning: " if record.levelno >= logging.WARNING else "qinst: "
@@ -680,25 +664,50 @@ def _setup_logging(debug: bool) -> None:
     log.propagate = False
 
 
+def report_error(exc: QinstError) -> None:
+    """The one way an error reaches the user: a line, and the hint with the fix when there is one."""
+    sys.stderr.write(f"qinst: error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else ""))
+
+
+def as_error(exc: BaseException) -> QinstError:
+    """Any exception as the QinstError that carries its message and exit code (the one path to an exit code)."""
+    if isinstance(exc, QinstError):
+        return exc
+    interrupt = exc if isinstance(exc, KeyboardInterrupt) else exc.__cause__ or exc.__context__
+    if isinstance(interrupt, _SigTerm):
+        return Terminated("terminated (SIGTERM)")
+    if isinstance(interrupt, KeyboardInterrupt):
+        return Interrupted("interrupted")  # also Ctrl-C inside a C call (libvirt), surfacing as a SystemError
+    return QinstError(f"unexpected failure: {type(exc).__name__}: {exc}", hint="run again with --debug for a traceback")
+
+
+class _SigTerm(KeyboardInterrupt):
+    """SIGTERM (how CI cancels a job), raised where Ctrl-C would be: what the command made is removed the same way."""
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    raise _SigTerm()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and map every error to a message and the documented exit code.
 
     Typer (standalone) handles usage errors itself: a message and exit 2.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in (args[: args.index("--")] if "--" in args else args)
-    _setup_logging(debug)
+    _setup_logging(False)  # --debug turns on debug logs once the options are parsed
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=args, prog_name="qinst")
-    except QinstError as exc:
-        if debug:
-            traceback.print_exc()
-        _fail(exc.message, exc.exit_code, exc.hint)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except Exception as exc:
-        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
-            _fail("interrupted", 130)  # Ctrl-C inside a C call (libvirt) surfaces as a SystemError
-        if debug:
+        try:
+            app(args=list(sys.argv[1:] if argv is None else argv), prog_name="qinst")
+        except SystemExit as exc:
+            # Typer turns Ctrl-C into a silent exit 130: give it (and SIGTERM) the one path below.
+            interrupt = exc.__context__.__cause__ if exc.__context__ is not None else None
+            if isinstance(interrupt, KeyboardInterrupt):
+                raise interrupt from None
             raise
-        _fail(f"unexpected failure: {type(exc).__name__}: {exc}", 1, "run again with --debug for a traceback")
+    except (Exception, KeyboardInterrupt) as exc:
+        error = as_error(exc)
+        if log.isEnabledFor(logging.DEBUG) and not isinstance(error, Interrupted):
+            traceback.print_exception(exc)
+        report_error(error)
+        raise SystemExit(error.exit_code) from None

@@ -10,10 +10,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import libvirt
-
 from qemu_instances.errors import HypervisorError
-from qemu_instances.host import POOL_NAME, Host, libvirt_errors, tidy
+from qemu_instances.host import POOL_NAME, Host
 
 
 @dataclass(frozen=True)
@@ -43,20 +41,19 @@ def kvm_boot_probe(host: Host, seconds: float = 3.0) -> tuple[bool, str]:
     ET.SubElement(root, "cpu", mode="host-passthrough")  # as `qinst up` asks for it under KVM
     ET.SubElement(root, "devices")
     try:
-        dom = host.conn.createXML(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_START_AUTODESTROY)
-    except libvirt.libvirtError as exc:
+        dom = host.start_transient(ET.tostring(root, encoding="unicode"), "a KVM guest does not start")
+    except HypervisorError as exc:
         _remove_probe_log(host, name)
-        return False, f"a KVM guest does not start: {tidy(exc.get_error_message())}"
+        return False, exc.message
     try:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            state, _ = dom.state()
-            if state == libvirt.VIR_DOMAIN_PAUSED:
+            if dom.state()[0] == "paused":
                 return False, "present, but a KVM guest pauses at once (KVM internal error / emulation failure)"
             time.sleep(0.2)
         return True, "a KVM guest runs"
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
+        with contextlib.suppress(HypervisorError):
             dom.destroy()
         _remove_probe_log(host, name)
 
@@ -75,8 +72,7 @@ def run_checks(uri: str) -> list[Check]:
     except HypervisorError as exc:
         return [Check("libvirt", False, exc.message, exc.hint or "")]
     with host:
-        with libvirt_errors("cannot query libvirt"):
-            lib, hv = host.conn.getLibVersion(), host.conn.getVersion()
+        lib, hv = host.versions()
         checks.append(Check("libvirt", True, f"{uri} (libvirt {_version(lib)}, QEMU {_version(hv)})"))
         types = host.domain_types()
         checks.append(
@@ -103,7 +99,7 @@ def run_checks(uri: str) -> list[Check]:
         )
         try:
             pool = host.pool(create=False)
-            available = pool.info()[3]
+            available = host.pool_free(pool)
             checks.append(
                 Check("pool", True, f"{POOL_NAME} at {host.pool_path(pool)}, {available / (1 << 30):.1f} GiB free")
             )
@@ -111,10 +107,7 @@ def run_checks(uri: str) -> list[Check]:
             checks.append(
                 Check("pool", True, f"{POOL_NAME} missing: 'qinst up' creates it at {host.default_pool_path()}")
             )
-        nets = []
-        with libvirt_errors("cannot list networks"):
-            for net in host.conn.listAllNetworks(0):
-                nets.append(f"{net.name()}({'active' if net.isActive() else 'inactive'})")
+        nets = [f"{net}({'active' if active else 'inactive'})" for net, active in host.networks()]
         checks.append(
             Check(
                 "networks",

@@ -9,7 +9,8 @@ QinstError                 exit 1  unexpected failure
 ├── HypervisorError        exit 4  libvirt unreachable, define/start failed
 ├── GuestTimeout           exit 5  the guest did not become ready in time
 ├── GuestFailed            exit 5  the guest failed while booting (panic, paused, cloud-init errors)
-└── SmokeFailed            exit 6  smoke checks failed
+├── SmokeFailed            exit 6  smoke checks failed
+└── Interrupted            exit 130  Ctrl-C (Terminated: exit 143, SIGTERM)
 """
 
 from __future__ import annotations
@@ -75,4 +76,12 @@ class SmokeFailed(QinstError):
 
 
 class Interrupted(QinstError):
+    """Ctrl-C (SIGINT), or a run being stopped."""
+
     exit_code = 130
+
+
+class Terminated(Interrupted):
+    """SIGTERM: handled like Ctrl-C, with the shell's exit status for it."""
+
+    exit_code = 143

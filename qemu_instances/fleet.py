@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from qemu_instances.config import host_uri
 from qemu_instances.errors import HypervisorError, QinstError, UsageError
-from qemu_instances.host import Host, libvirt_errors
+from qemu_instances.host import Host
 from qemu_instances.instances import Instance, list_instances
 from qemu_instances.settings import Settings
 
@@ -46,18 +48,13 @@ def on_each_host(
     for name in names:
         threading.Thread(target=one, args=(name,), daemon=True, name=f"host-{name}").start()
     got: dict[str, HostAnswer[T]] = {}
-    deadline = threading.Event()
-    timer = threading.Timer(timeout, deadline.set)
-    timer.start()
-    try:
-        while len(got) < len(names) and not deadline.is_set():
-            try:
-                answer = answers.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            got[answer.host] = answer
-    finally:
-        timer.cancel()
+    deadline = time.monotonic() + timeout
+    while len(got) < len(names):
+        try:
+            answer = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        got[answer.host] = answer
     for name in names:
         got.setdefault(name, HostAnswer(name, error=f"no answer within {timeout:.0f} s"))
     return [got[name] for name in names]
@@ -74,15 +71,10 @@ def list_all(settings: Settings, timeout: float = HOST_TIMEOUT) -> list[HostAnsw
     return on_each_host(settings, all_hosts(settings), list_instances, timeout)
 
 
-def _free_memory(host: Host) -> int:
-    with libvirt_errors("cannot read the host's free memory"):
-        return int(host.conn.getFreeMemory())
-
-
 def place(settings: Settings, memory_mib: int, timeout: float = HOST_TIMEOUT) -> str:
     """The configured host with the most free memory that fits an instance of memory_mib (plus a margin)."""
     need = (memory_mib + 256) << 20
-    answers = on_each_host(settings, all_hosts(settings), _free_memory, timeout)
+    answers = on_each_host(settings, all_hosts(settings), Host.free_memory, timeout)
     fits = [a for a in answers if a.value is not None and a.value >= need]
     if not fits:
         seen = "; ".join(
@@ -94,6 +86,4 @@ def place(settings: Settings, memory_mib: int, timeout: float = HOST_TIMEOUT) ->
 
 def for_host(settings: Settings, name: str) -> Settings:
     """The settings with --host NAME applied."""
-    if name not in settings.hosts:
-        raise UsageError(f"unknown host {name!r}", hint=f"known hosts: {', '.join(sorted(settings.hosts)) or 'none'}")
-    return dataclasses.replace(settings, connect=settings.hosts[name], host=name)
+    return dataclasses.replace(settings, connect=host_uri(settings.hosts, name, settings.config_dir), host=name)

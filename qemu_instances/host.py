@@ -1,6 +1,7 @@
-"""The libvirt side: connection, what the host can do, the storage pool and its volumes.
+"""The libvirt side: connection, what the host can do, domains, the storage pool and its volumes.
 
-libvirt.libvirtError is translated into HypervisorError here, at this one boundary.
+This is the only module that imports libvirt: everything above it speaks qinst's types (Host, Domain) and
+QinstError. libvirt.libvirtError is translated into HypervisorError here, at this one boundary, by its error code.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import os
 import re
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlsplit
 
 import libvirt
 
+from qemu_instances.console import tail_lines
 from qemu_instances.digests import Digest
 from qemu_instances.errors import HypervisorError
 
@@ -30,7 +32,10 @@ if TYPE_CHECKING:
     from qemu_instances.download import Progress
 
 log = logging.getLogger("qinst")
-T = TypeVar("T")
+# libvirt's handles, named for readers (libvirt-python ships no type information: to mypy they are Any). Only this
+# module touches their methods; above it they are opaque tokens handed back to Host.
+Pool: TypeAlias = libvirt.virStoragePool
+Volume: TypeAlias = libvirt.virStorageVol
 POOL_NAME = "qinst"
 UPLOAD_CHUNK = 256 << 10  # bytes handed to a libvirt stream at a time (its largest message payload)
 VERIFIED = ".verified"  # suffix of the marker volume of a completed, verified upload
@@ -39,23 +44,55 @@ VERIFIED = ".verified"  # suffix of the marker volume of a completed, verified u
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
+# libvirt's domain states, as qinst names them.
+STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+# Error codes that mean the connection itself is gone (libvirtd restarted or stopped, the SSH tunnel dropped).
+_CONNECTION_LOST = frozenset({libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC})
+_LOST_HINT = "the connection to libvirt was lost (was libvirtd restarted?); check it with 'qinst doctor'"
+
+
+def _connection_lost(exc: libvirt.libvirtError) -> bool:
+    """The connection itself failed: its error code says so, or the error comes from the RPC transport (EOF,
+    broken pipe, connection reset, a closed client socket)."""
+    return exc.get_error_code() in _CONNECTION_LOST or exc.get_error_domain() == libvirt.VIR_FROM_RPC
+
+
 @contextmanager
 def libvirt_errors(action: str, hint: str | None = None) -> Iterator[None]:
     """Translate libvirtError raised inside into HypervisorError("<action>: <libvirt's message>")."""
     try:
         yield
     except libvirt.libvirtError as exc:
+        if hint is None and _connection_lost(exc):
+            hint = _LOST_HINT
         raise HypervisorError(f"{action}: {tidy(exc.get_error_message() or str(exc))}", hint=hint) from exc
+
+
+@contextmanager
+def _ignoring(action: str, *codes: int) -> Iterator[None]:
+    """Swallow libvirtError with one of `codes` (the object is gone already); translate the others."""
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in codes:
+            return
+        with libvirt_errors(action):
+            raise
 
 
 def tidy(message: str) -> str:
     """libvirt's message on one line, without QEMU's timestamps."""
     lines = (re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+Z ", "", line).strip() for line in message.splitlines())
     return "; ".join(line for line in lines if line)
-
-
-def is_no_domain(exc: libvirt.libvirtError) -> bool:
-    return bool(exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
 
 
 def _hard_link(source: Path, target: Path) -> bool:
@@ -69,7 +106,9 @@ def _hard_link(source: Path, target: Path) -> bool:
     return True
 
 
-def _send(stream: Any, data: io.BufferedIOBase | io.BytesIO, size: int, hasher: Any, progress: Progress | None) -> None:
+def _send(
+    stream: libvirt.virStream, data: io.BufferedIOBase | io.BytesIO, size: int, hasher: Any, progress: Progress | None
+) -> None:
     """Send data's bytes on a blocking libvirt stream, hashing them on a second thread while they travel.
 
     hashlib and libvirt both release the GIL for big buffers, so hashing costs no wall time; sends that take
@@ -151,9 +190,53 @@ class Host:
     def is_system(self) -> bool:
         return urlsplit(self.uri).path.rstrip("/") == "/system"
 
-    def call(self, action: str, fn: Callable[..., T], *args: Any) -> T:
+    # -- domains ------------------------------------------------------------------------------------------------
+
+    def lookup(self, name: str) -> Domain | None:
+        """The domain named `name`; None when there is none."""
+        try:
+            return Domain(self, self.conn.lookupByName(name))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            with libvirt_errors(f"cannot look up domain {name}"):
+                raise
+
+    def domains(self) -> list[Domain]:
+        with libvirt_errors("cannot list domains"):
+            return [Domain(self, handle) for handle in self.conn.listAllDomains(0)]
+
+    def define_and_start(self, xml: str, name: str) -> Domain:
+        """Define the domain and start it; a domain that does not start is undefined again (and the error raised)."""
+        with libvirt_errors(f"libvirt refused the domain {name}"):
+            dom = Domain(self, self.conn.defineXML(xml))
+        try:
+            dom.start()
+        except BaseException:
+            dom.undefine()
+            raise
+        return dom
+
+    def start_transient(self, xml: str, action: str) -> Domain:
+        """Create and start a transient domain that libvirt destroys when this connection closes."""
         with libvirt_errors(action):
-            return fn(*args)
+            return Domain(self, self.conn.createXML(xml, libvirt.VIR_DOMAIN_START_AUTODESTROY))
+
+    # -- the host -----------------------------------------------------------------------------------------------
+
+    def versions(self) -> tuple[int, int]:
+        """(libvirt's version, the hypervisor's version) as libvirt encodes them (major * 1e6 + minor * 1e3 + micro)."""
+        with libvirt_errors("cannot query libvirt"):
+            return int(self.conn.getLibVersion()), int(self.conn.getVersion())
+
+    def free_memory(self) -> int:
+        with libvirt_errors("cannot read the host's free memory"):
+            return int(self.conn.getFreeMemory())
+
+    def networks(self) -> list[tuple[str, bool]]:
+        """(name, active) of every libvirt network."""
+        with libvirt_errors("cannot list networks"):
+            return [(net.name(), bool(net.isActive())) for net in self.conn.listAllNetworks(0)]
 
     # -- capabilities -------------------------------------------------------------------------------------------
 
@@ -191,7 +274,7 @@ class Host:
         data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
         return Path(data) / "libvirt/images" / POOL_NAME
 
-    def pool(self, create: bool = True) -> Any:
+    def pool(self, create: bool = True) -> Pool:
         """The `qinst` directory pool, defined, built and started when missing."""
         with libvirt_errors(f"cannot set up the libvirt storage pool {POOL_NAME!r}"):
             try:
@@ -214,17 +297,17 @@ class Host:
         with libvirt_errors("cannot list storage pools"):
             return sorted(self.conn.listStoragePools() + self.conn.listDefinedStoragePools())
 
-    def volume_names(self, pool: Any) -> list[str]:
+    def volume_names(self, pool: Pool) -> list[str]:
         with libvirt_errors("cannot list volumes"):
             pool.refresh(0)
             return sorted(pool.listVolumes())
 
-    def pool_path(self, pool: Any) -> Path:
+    def pool_path(self, pool: Pool) -> Path:
         with libvirt_errors("cannot read the storage pool"):
             root = ET.fromstring(pool.XMLDesc(0))
         return Path(root.findtext("target/path") or "")
 
-    def volume(self, pool: Any, name: str) -> Any | None:
+    def volume(self, pool: Pool, name: str) -> Volume | None:
         try:
             return pool.storageVolLookupByName(name)
         except libvirt.libvirtError as exc:
@@ -232,7 +315,20 @@ class Host:
                 return None
             raise HypervisorError(f"cannot look up volume {name}: {exc.get_error_message()}") from exc
 
-    def delete_volume(self, pool: Any, name: str) -> bool:
+    def volume_path(self, vol: Volume) -> str:
+        with libvirt_errors("cannot read a volume's path"):
+            return str(vol.path())
+
+    def volume_size(self, vol: Volume) -> int:
+        """The bytes the volume takes on the host."""
+        with libvirt_errors("cannot read a volume's size"):
+            return int(vol.info()[2])
+
+    def pool_free(self, pool: Pool) -> int:
+        with libvirt_errors("cannot read the storage pool"):
+            return int(pool.info()[3])
+
+    def delete_volume(self, pool: Pool, name: str) -> bool:
         """Delete volume `name`; False when there is none (also when another client deleted it meanwhile)."""
         vol = self.volume(pool, name)
         if vol is None:
@@ -245,7 +341,9 @@ class Host:
             raise HypervisorError(f"cannot delete volume {name}: {tidy(exc.get_error_message() or str(exc))}") from exc
         return True
 
-    def base_volume(self, pool: Any, name: str, source: Path, digest: Digest, progress: Progress | None = None) -> Any:
+    def base_volume(
+        self, pool: Pool, name: str, source: Path, digest: Digest, progress: Progress | None = None
+    ) -> Volume:
         """The cached image as a pool volume named `name` (its digest).
 
         On a local daemon it is a hard link to the cached file (no second copy). Otherwise it is uploaded once
@@ -286,7 +384,7 @@ class Host:
         self.upload_volume(pool, marker, io.BytesIO(str(digest).encode()), len(str(digest)))
         return vol
 
-    def _await_upload(self, pool: Any, name: str, marker: str, timeout: float = 1800.0) -> Any:
+    def _await_upload(self, pool: Pool, name: str, marker: str, timeout: float = 1800.0) -> Volume:
         """Wait for another client's upload of `name` to complete (its marker volume appears)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -301,14 +399,14 @@ class Host:
 
     def upload_volume(
         self,
-        pool: Any,
+        pool: Pool,
         name: str,
         data: io.BufferedIOBase | io.BytesIO,
         size: int,
         *,
         hasher: Any = None,
         progress: Progress | None = None,
-    ) -> Any:
+    ) -> Volume:
         """Create volume `name` of `size` bytes and stream `data` into it; on failure nothing is left."""
         root = ET.Element("volume")
         ET.SubElement(root, "name").text = name
@@ -331,7 +429,7 @@ class Host:
             raise
         return vol
 
-    def volume_digest(self, vol: Any, like: Digest) -> Digest:
+    def volume_digest(self, vol: Volume, like: Digest) -> Digest:
         """The digest of a volume's bytes, read through a libvirt stream (one pass, constant memory)."""
         hasher = like.hasher()
         with libvirt_errors("cannot read a volume back"):
@@ -341,7 +439,7 @@ class Host:
             stream.finish()
         return Digest(like.algorithm, hasher.hexdigest())
 
-    def download_volume(self, pool: Any, name: str, limit: int = 64 << 20) -> bytes:
+    def download_volume(self, pool: Pool, name: str, limit: int = 64 << 20) -> bytes:
         """A (small) volume's bytes, read through a libvirt stream; its last `limit` bytes when larger."""
         self.volume_names(pool)  # refresh: files that libvirt did not create (console logs) become volumes
         vol = self.volume(pool, name)
@@ -357,7 +455,7 @@ class Host:
             stream.finish()
         return b"".join(chunks)
 
-    def overlay_volume(self, pool: Any, name: str, backing: Any, capacity: int, fmt: str, virtual: int) -> Any:
+    def overlay_volume(self, pool: Pool, name: str, backing: Volume, capacity: int, fmt: str, virtual: int) -> Volume:
         """A qcow2 (compat 1.1) overlay on the backing volume (of format fmt), at least `capacity` bytes large."""
         root = ET.Element("volume")
         ET.SubElement(root, "name").text = name
@@ -370,3 +468,117 @@ class Host:
         ET.SubElement(store, "format", type=fmt)
         with libvirt_errors(f"cannot create the disk volume {name}"):
             return pool.createXML(ET.tostring(root, encoding="unicode"), 0)
+
+
+class Domain:
+    """One libvirt domain and what qinst does with it; libvirtError never leaves these methods."""
+
+    def __init__(self, host: Host, handle: libvirt.virDomain) -> None:
+        self.host = host
+        self._dom = handle
+
+    @property
+    def name(self) -> str:
+        with libvirt_errors("cannot read a domain's name"):
+            return str(self._dom.name())
+
+    def xml(self) -> str:
+        with libvirt_errors("cannot read a domain's XML"):
+            return str(self._dom.XMLDesc(0))
+
+    def state(self) -> tuple[str, str]:
+        """(state, reason) as qinst names states: running, paused, shutoff, crashed..."""
+        with libvirt_errors("cannot read the domain's state"):
+            state, reason = self._dom.state()
+        return STATES.get(state, "unknown"), str(reason)
+
+    def is_active(self) -> bool:
+        with libvirt_errors("cannot read the domain's state"):
+            return bool(self._dom.isActive())
+
+    def start(self) -> None:
+        with libvirt_errors(f"cannot start {self.name}"):
+            self._dom.create()
+
+    def shutdown(self) -> None:
+        with libvirt_errors(f"cannot shut down {self.name}"):
+            self._dom.shutdown()
+
+    def destroy(self) -> None:
+        with libvirt_errors(f"cannot power off {self.name}"):
+            self._dom.destroy()
+
+    def undefine(self) -> None:
+        """Power off (when running) and undefine, with its NVRAM and managed save; gone already is not an error."""
+        with _ignoring("cannot power off the domain", libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            if self._dom.isActive():
+                self._dom.destroy()
+        managed = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        try:
+            self._dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | managed)
+            return
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_INVALID_ARG:
+                with _ignoring("cannot undefine the domain", libvirt.VIR_ERR_NO_DOMAIN):
+                    raise
+                return
+        with _ignoring("cannot undefine the domain", libvirt.VIR_ERR_NO_DOMAIN):
+            self._dom.undefineFlags(managed)  # drivers without NVRAM (the test driver) refuse that flag
+
+    def set_metadata(self, xml: str, key: str, namespace: str) -> None:
+        """Record `xml` as the domain's metadata element in `namespace`, in its config (and live, when running)."""
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        with contextlib.suppress(libvirt.libvirtError):
+            if self._dom.isActive():
+                flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        with libvirt_errors("cannot record the instance's metadata"):
+            self._dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key, namespace, flags)
+
+    def lease_address(self) -> str | None:
+        """The IPv4 address libvirt's DHCP server leased to the domain; None while there is none."""
+        try:
+            ifaces = self._dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
+        except libvirt.libvirtError:
+            return None
+        for iface in (ifaces or {}).values():
+            for addr in iface.get("addrs") or []:
+                if addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                    return str(addr["addr"])
+        return None
+
+    def open_console(self) -> ConsoleStream:
+        return ConsoleStream(self.host.conn, self._dom)
+
+
+class ConsoleStream:
+    """The serial console read through libvirt (remote daemons): a non-blocking console stream."""
+
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
+        self.text = ""
+        with libvirt_errors("cannot open the serial console"):
+            self._stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+            dom.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        self._open = True
+
+    def read(self) -> str:
+        while self._open:
+            try:
+                data = self._stream.recv(65536)
+            except libvirt.libvirtError:
+                self._open = False
+                break
+            if isinstance(data, int):  # -2: nothing more right now
+                break
+            if not data:  # the console closed (the domain stopped)
+                self._open = False
+                break
+            self.text += data.decode("utf-8", "replace")
+        return self.text
+
+    def tail(self, n: int = 20) -> str:
+        return tail_lines(self.text, n)
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.abort()
+        self._open = False

@@ -1,69 +1,63 @@
 """qinst's instances: list them, start, stop and remove them, and prune what none of them uses.
 
-libvirt is the only record: everything qinst needs later lives in the domain's <metadata>. Launching is launch.py.
+libvirt is the only record: everything qinst needs later lives in the domain's <metadata>. That record is untrusted
+input (anyone who can define a domain can write it): every field is validated when it is read, with the validators
+used when it was written, and the files and volumes an instance owns derive from its name, never from the record.
+Launching is launch.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import libvirt
-
 from qemu_instances.digests import Digest
-from qemu_instances.domain import (
-    Metadata,
-    metadata_from_domain_xml,
-)
+from qemu_instances.domain import Metadata, Network, metadata_from_domain_xml, validate_name
 from qemu_instances.errors import HypervisorError, UsageError
-from qemu_instances.host import POOL_NAME, VERIFIED, Host, libvirt_errors
+from qemu_instances.host import POOL_NAME, VERIFIED, Domain, Host
 from qemu_instances.images import ImageStore
-from qemu_instances.remote import SshHop
+from qemu_instances.seed import validate_hostname, validate_instance_id, validate_user
 from qemu_instances.settings import Settings
-from qemu_instances.wait import (
-    KEY_LINE,
-    KeyCheck,
-    check_host_keys,
-    check_host_keys_via,
-    wait_for_ssh,
-)
+from qemu_instances.ssh import KEY_LINE, SshHop, key_checker
+from qemu_instances.wait import wait_for_ssh
 
 log = logging.getLogger("qinst")
-GiB = 1 << 30
-STATES = {
-    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "running",
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
-    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
-}
+INVALID = "invalid"  # the state `ls` shows for a record that does not validate
+_UNKNOWN = Metadata(image="-", digest="", user="", network="")
 
 
 @dataclass
 class Instance:
-    """A qinst domain as libvirt reports it."""
+    """A qinst domain as libvirt reports it; `invalid` says why its metadata was refused (empty when valid)."""
 
     name: str
     state: str
     metadata: Metadata
+    invalid: str = ""
 
     @property
     def address(self) -> str:
         m = self.metadata
         return f"{m.ssh_host}:{m.ssh_port}" if m.ssh_host else "-"
 
+    def require_valid(self) -> None:
+        if self.invalid:
+            raise UsageError(
+                f"instance {self.name!r} has invalid qinst metadata ({self.invalid})",
+                hint=f"qinst acts on it no further; remove it with: qinst rm --force {self.name}",
+            )
+
     def to_json(self) -> dict[str, Any]:
         m = self.metadata
-        return {
+        data = {
             "name": self.name,
-            "state": self.state,
+            "state": INVALID if self.invalid else self.state,
             "image": m.image,
             "digest": m.digest,
             "network": m.network,
@@ -71,43 +65,91 @@ class Instance:
             "created": m.created,
             "accel": m.accel,
         }
+        if self.invalid:
+            data["invalid"] = self.invalid
+        return data
 
 
-def host_key_scanner(host: Host) -> KeyCheck:
-    """How to ask a guest's SSH server for its host key: directly, or through the remote libvirt host."""
-    hop = SshHop.from_uri(host.uri)
-    return check_host_keys if hop is None else check_host_keys_via(hop.ssh_options())
+def disk_volume(name: str) -> str:
+    return f"{name}.qcow2"
 
 
-def state_of(dom: Any) -> tuple[str, str]:
-    with libvirt_errors("cannot read the domain's state"):
-        state, reason = dom.state()
-    return STATES.get(state, "unknown"), str(reason)
+def seed_volume(name: str) -> str:
+    return f"{name}-seed.iso"
 
 
-def lookup(host: Host, name: str) -> Any | None:
+def console_log_name(name: str) -> str:
+    return f"{name}-console.log"
+
+
+def console_log_path(host: Host, pool: Any, name: str) -> Path:
+    """Where virtlogd records the serial console: libvirt's log directory on a local daemon; on a remote one,
+    the pool's directory (`pool` is needed only there), so that `qinst logs` can download it as a volume."""
+    if not host.is_local:
+        return host.pool_path(pool) / console_log_name(name)
+    if host.is_system:
+        return Path("/var/log/libvirt/qemu") / console_log_name(name)
+    return Path.home() / ".cache/libvirt/qemu/log" / console_log_name(name)
+
+
+def owned_volumes(host: Host, name: str) -> tuple[str, ...]:
+    """The pool volumes an instance named `name` owns (the console log is one on a remote host)."""
+    local = (disk_volume(name), seed_volume(name))
+    return local if host.is_local else (*local, console_log_name(name))
+
+
+def validate_metadata(name: str, meta: Metadata) -> Metadata:
+    """Check every field read back from libvirt as it was checked when written; UsageError names the first bad one."""
+    validate_name(name)
+    validate_user(meta.user)
+    Network.parse(meta.network)
+    if meta.digest:  # a record without one pins no image (prune keeps nothing for it)
+        Digest.parse(meta.digest, error=UsageError)
+    if meta.instance_id:
+        validate_instance_id(meta.instance_id)
+    if not 1 <= meta.ssh_port <= 65535:
+        raise UsageError(f"invalid ssh-port {meta.ssh_port}")
+    if meta.ssh_host:
+        try:
+            ipaddress.ip_address(meta.ssh_host)
+        except ValueError:
+            validate_hostname(meta.ssh_host)  # a lease gives an address; anything else must at least be a name
+    for line in meta.host_keys.splitlines():
+        if line.strip() and not KEY_LINE.fullmatch(line.strip()):
+            raise UsageError("invalid host-keys line")
+    if meta.private_key and (not Path(meta.private_key).is_absolute() or any(c < " " for c in meta.private_key)):
+        raise UsageError("invalid private-key path")
+    if meta.accel not in ("", "kvm", "tcg"):
+        raise UsageError(f"invalid accel {meta.accel[:20]!r}")
+    if meta.console_log and Path(meta.console_log).name != console_log_name(name):
+        raise UsageError("console-log is not this instance's console log")
+    strangers = set(meta.volumes) - {disk_volume(name), seed_volume(name), console_log_name(name)}
+    if strangers:
+        raise UsageError(f"volumes names another instance's volume {sorted(strangers)[0][:80]!r}")
+    return meta
+
+
+def _instance(dom: Domain) -> Instance | None:
+    """The instance on `dom`; None for a domain without qinst's metadata; `invalid` set for a bad record."""
+    name, xml = dom.name, dom.xml()
+    state = dom.state()[0]
     try:
-        return host.conn.lookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+        meta = metadata_from_domain_xml(xml)
+        if meta is None:
             return None
-        raise HypervisorError(f"cannot look up domain {name}: {exc.get_error_message()}") from exc
-
-
-def _instance(dom: Any) -> Instance | None:
-    with libvirt_errors("cannot read a domain's XML"):
-        xml = dom.XMLDesc(0)
-        name = dom.name()
-    meta = metadata_from_domain_xml(xml)
-    return Instance(name, state_of(dom)[0], meta) if meta else None
+        return Instance(name, state, validate_metadata(name, meta))
+    except UsageError as exc:
+        reason = exc.message
+    except (ET.ParseError, ValueError, TypeError) as exc:
+        reason = f"unreadable metadata: {str(exc)[:100]!r}"
+    log.debug("instance %r: invalid metadata: %s", name, reason)
+    return Instance(name, state, _UNKNOWN, invalid=reason)
 
 
 def list_instances(host: Host) -> list[Instance]:
     """qinst's domains (those carrying its metadata), by name."""
-    with libvirt_errors("cannot list domains"):
-        domains = host.conn.listAllDomains(0)
     found = []
-    for dom in domains:
+    for dom in host.domains():
         try:
             inst = _instance(dom)
         except HypervisorError:
@@ -117,19 +159,32 @@ def list_instances(host: Host) -> list[Instance]:
     return sorted(found, key=lambda i: i.name)
 
 
-def get_instance(host: Host, name: str) -> tuple[Any, Instance]:
-    dom = lookup(host, name)
+def get_instance(host: Host, name: str, *, valid: bool = True) -> tuple[Domain, Instance]:
+    """The domain and instance named `name`; with `valid`, an instance whose metadata was refused is an error."""
+    dom = host.lookup(name)
     inst = _instance(dom) if dom is not None else None
     if dom is None or inst is None:
         raise UsageError(f"no qinst instance named {name!r}", hint="'qinst ls' lists them")
+    if valid:
+        inst.require_valid()
     return dom, inst
 
 
 def prune(settings: Settings, store: ImageStore) -> list[tuple[str, int]]:
-    """Remove cached images and base volumes that no instance uses, and stale partial downloads."""
+    """Remove cached images and base volumes that no instance uses, and stale partial downloads.
+
+    While any instance's record is invalid, nothing is pruned: which image it uses cannot be known.
+    """
     removed: list[tuple[str, int]] = []
     with Host(settings.connect) as host:
-        in_use = {i.metadata.digest for i in list_instances(host)}
+        found = list_instances(host)
+        invalid = [i.name for i in found if i.invalid]
+        if invalid:
+            raise UsageError(
+                f"instance {invalid[0]!r} has invalid qinst metadata: cannot tell which images are in use",
+                hint=f"remove it first: qinst rm --force {invalid[0]}",
+            )
+        in_use = {i.metadata.digest for i in found}
         pool = host.pool(create=False) if POOL_NAME in host.pool_names() else None
         if pool is not None:
             for vol_name in host.volume_names(pool):
@@ -137,20 +192,11 @@ def prune(settings: Settings, store: ImageStore) -> list[tuple[str, int]]:
                 if digest is None or str(digest) in in_use:
                     continue
                 vol = host.volume(pool, vol_name)
-                size = vol.info()[2] if vol is not None else 0
+                size = host.volume_size(vol) if vol is not None else 0
                 if host.delete_volume(pool, vol_name):
                     removed.append((f"volume {POOL_NAME}/{vol_name}", size))
     removed += [(str(path), size) for path, size in store.prune(in_use)]
     return removed
-
-
-def undefine(dom: Any) -> None:
-    with contextlib.suppress(libvirt.libvirtError):
-        if dom.isActive():
-            dom.destroy()
-    flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-    with libvirt_errors("cannot undefine the domain"):
-        dom.undefineFlags(flags)
 
 
 def open_host(settings: Settings) -> Host:
@@ -159,27 +205,37 @@ def open_host(settings: Settings) -> Host:
 
 
 def remove(host: Host, name: str, *, force: bool = False) -> list[str]:
-    """Remove instance `name`: its domain and every volume qinst made for it. Returns what was removed."""
-    dom, inst = get_instance(host, name)
+    """Remove instance `name`: its domain and every volume and log qinst made for it (named after it).
+
+    An instance with invalid metadata is removed only with force.
+    """
+    dom, inst = get_instance(host, name, valid=False)
+    if inst.invalid and not force:
+        inst.require_valid()
     if inst.state not in ("shutoff", "crashed") and not force:
         raise UsageError(f"instance {name!r} is {inst.state}", hint=f"stop it first, or: qinst rm --force {name}")
-    undefine(dom)
+    dom.undefine()
     removed = [f"domain {name}"]
-    pool = host.pool(create=False)
-    if not host.is_local:
-        host.volume_names(pool)  # refreshes the pool: the console log is a file virtlogd made there
-    for vol in inst.metadata.volumes:
-        if host.delete_volume(pool, vol):
-            removed.append(f"volume {vol}")
-    remove_logs(host, name, inst.metadata.console_log)
+    try:
+        validate_name(name)
+    except UsageError:
+        return removed  # nothing can be derived from a name qinst would not have given: only the domain goes
+    if POOL_NAME in host.pool_names():
+        pool = host.pool(create=False)
+        if not host.is_local:
+            host.volume_names(pool)  # refreshes the pool: the console log is a file virtlogd made there
+        for vol in owned_volumes(host, name):
+            if host.delete_volume(pool, vol):
+                removed.append(f"volume {vol}")
+    remove_logs(host, name)
     return removed
 
 
-def remove_logs(host: Host, name: str, console_log: str) -> None:
+def remove_logs(host: Host, name: str) -> None:
     """The console record and libvirt's own log of the domain (same directory), on a local daemon."""
-    if not console_log or not host.is_local:
+    if not host.is_local:
         return
-    console = Path(console_log)
+    console = console_log_path(host, None, name)
     for path in (console, console.with_name(f"{name}.log")):
         with contextlib.suppress(OSError):
             path.unlink()
@@ -191,16 +247,14 @@ def stop(host: Host, name: str, *, force: bool = False, timeout: float = 60.0) -
     if inst.state == "shutoff":
         return "already stopped"
     if not force:
-        with libvirt_errors(f"cannot shut down {name}"):
-            dom.shutdown()
+        dom.shutdown()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if state_of(dom)[0] == "shutoff":
+            if dom.state()[0] == "shutoff":
                 return "stopped"
             time.sleep(0.5)
         log.warning("%s did not shut down within %.0f s; powering it off", name, timeout)
-    with libvirt_errors(f"cannot power off {name}"):
-        dom.destroy()
+    dom.destroy()
     return "powered off"
 
 
@@ -208,8 +262,7 @@ def start(host: Host, name: str, *, wait: bool = True, timeout: float = 300.0) -
     """Start a stopped instance; with wait, return once SSH offers the host key recorded at `up`."""
     dom, inst = get_instance(host, name)
     if inst.state != "running":
-        with libvirt_errors(f"cannot start {name}"):
-            dom.create()
+        dom.start()
         inst = replace(inst, state="running")
     recorded = set(KEY_LINE.findall(inst.metadata.host_keys))
     if wait and recorded and inst.metadata.ssh_host:
@@ -217,8 +270,8 @@ def start(host: Host, name: str, *, wait: bool = True, timeout: float = 300.0) -
             inst.metadata.ssh_host,
             inst.metadata.ssh_port,
             recorded,
-            lambda: state_of(dom),
+            dom.state,
             timeout,
-            host_key_scanner(host),
+            key_checker(SshHop.from_uri(host.uri)),
         )
     return inst

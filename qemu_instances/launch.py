@@ -1,5 +1,6 @@
-"""`qinst up`: resolve the image, pull it, make the volumes and the seed, define and start the domain, wait until
-the guest is ready; on failure remove everything it made (a guest that booted but is not ready is kept)."""
+"""`qinst up`: check the request and pull the image, then plan (name, port, accelerators, metadata, spec: nothing
+is created), provision (volumes, seed) and boot (define, start, wait; one loop over the accelerators to try).
+On failure everything it made is removed (an ExitStack; a guest that booted but is not ready is kept)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,13 @@ import socket
 import string
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import libvirt
-
 from qemu_instances import seed as seeds
+from qemu_instances.console import Console, ConsoleLog
 from qemu_instances.domain import (
     METADATA_KEY,
     METADATA_NS,
@@ -33,12 +33,21 @@ from qemu_instances.domain import (
     validate_name,
 )
 from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, UsageError
-from qemu_instances.host import Host, libvirt_errors
+from qemu_instances.files import read_option_file
+from qemu_instances.host import Domain, Host
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qemu_img_info
-from qemu_instances.instances import Instance, host_key_scanner, lookup, remove_logs, state_of, undefine
+from qemu_instances.instances import (
+    Instance,
+    console_log_path,
+    disk_volume,
+    owned_volumes,
+    remove_logs,
+    seed_volume,
+)
 from qemu_instances.settings import Settings
+from qemu_instances.ssh import HostKey, SshHop, key_checker
 from qemu_instances.sshkeys import SshKey, resolve_keys
-from qemu_instances.wait import Console, ConsoleLog, ConsoleStream, GuestPaused, Probe, Readiness, wait_ready
+from qemu_instances.wait import GuestPaused, Probe, Readiness, wait_ready
 
 if TYPE_CHECKING:
     from qemu_instances.download import Progress
@@ -77,6 +86,19 @@ class UpResult:
     ready: bool = False
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """`up`'s inputs, checked and resolved before anything is created."""
+
+    req: UpRequest
+    name: str
+    ref: ImageRef
+    user: str
+    keys: tuple[SshKey, ...]
+    seed: seeds.SeedSpec
+    iso: bytes
+
+
 def _created_at() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
@@ -94,38 +116,9 @@ def default_name(image: str) -> str:
     return f"{base[:58] or 'vm'}-{suffix}"
 
 
-def console_log_path(host: Host, pool: Any, name: str) -> Path:
-    """Where virtlogd records the serial console: libvirt's log directory on a local daemon; on a remote one,
-    the pool's directory, so that `qinst logs` can download it as a volume."""
-    if not host.is_local:
-        return host.pool_path(pool) / f"{name}-console.log"
-    if host.is_system:
-        return Path("/var/log/libvirt/qemu") / f"{name}-console.log"
-    return Path.home() / ".cache/libvirt/qemu/log" / f"{name}-console.log"
-
-
-def open_console(host: Host, dom: Any, path: str) -> Console:
+def open_console(host: Host, dom: Domain, path: Path) -> Console:
     """The console as recorded in its file (local daemons) or as a libvirt console stream (remote ones)."""
-    return ConsoleLog(Path(path)) if host.is_local else ConsoleStream(host.conn, dom)
-
-
-class _Cleanup:
-    """What `up` created so far, removed in reverse order if it fails."""
-
-    def __init__(self, host: Host) -> None:
-        self.host = host
-        self.actions: list[tuple[str, Callable[[], object]]] = []
-
-    def add(self, what: str, action: Callable[[], object]) -> None:
-        self.actions.append((what, action))
-
-    def run(self) -> None:
-        for what, action in reversed(self.actions):
-            try:
-                action()
-            except Exception as exc:  # keep removing the rest
-                log.warning("could not remove %s: %s", what, exc)
-        self.actions.clear()
+    return ConsoleLog(path) if host.is_local else dom.open_console()
 
 
 def _choose_network(host: Host, text: str | None) -> Network:
@@ -135,90 +128,83 @@ def _choose_network(host: Host, text: str | None) -> Network:
         network = Network(NetworkKind.DEFAULT, "default")
     else:
         network = Network(NetworkKind.USER)
-    if network.kind in (NetworkKind.DEFAULT, NetworkKind.NETWORK):
-        if network.source not in host.network_names():
-            raise UsageError(f"libvirt has no network named {network.source!r}", hint="'qinst doctor' lists them")
-        host.ensure_network_active(network.source)
+    if network.kind in (NetworkKind.DEFAULT, NetworkKind.NETWORK) and network.source not in host.network_names():
+        raise UsageError(f"libvirt has no network named {network.source!r}", hint="'qinst doctor' lists them")
     return network
 
 
-def _ssh_host(host: Host, dom: Any, network: Network) -> Callable[[], str | None]:
+def _accelerators(host: Host, wanted: Accel) -> tuple[Accel, ...]:
+    """The accelerators to try, in order: --accel auto tries KVM when it looks usable, then TCG."""
+    if wanted is not Accel.AUTO:
+        return (wanted,)
+    kvm = host.kvm_available()
+    if not kvm.usable:
+        log.info("KVM is not usable here (%s): using TCG software emulation, which is slower", kvm.reason)
+        return (Accel.TCG,)
+    return (Accel.KVM, Accel.TCG)
+
+
+def _ssh_host(dom: Domain, network: Network) -> Callable[[], str | None]:
     if network.kind is NetworkKind.USER:
         return lambda: "127.0.0.1"
     if network.kind is NetworkKind.NONE:
         return lambda: None
+    return dom.lease_address
 
-    def lease_address() -> str | None:
+
+def _private_key(keys: Sequence[SshKey]) -> str:
+    return next((str(k.private_path) for k in keys if k.private_path is not None), "")
+
+
+def _quietly(what: str, action: Callable[[], object]) -> Callable[[], None]:
+    """An undo step that logs its own failure, so that the steps after it still run."""
+
+    def undo() -> None:
         try:
-            ifaces = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
-        except libvirt.libvirtError:
-            return None
-        for iface in (ifaces or {}).values():
-            for addr in iface.get("addrs") or []:
-                if addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
-                    return str(addr["addr"])
-        return None
+            action()
+        except Exception as exc:
+            log.warning("could not remove %s: %s", what, exc)
 
-    return lease_address
-
-
-def _private_key(keys: list[SshKey]) -> str:
-    for key in keys:
-        if key.private_path is not None:
-            return str(key.private_path)
-    return ""
-
-
-def _read_user_data(path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read user-data {path}: {exc.strerror}") from exc
-
-
-def _set_metadata(dom: Any, meta: Metadata) -> None:
-    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
-    with contextlib.suppress(libvirt.libvirtError):
-        if dom.isActive():
-            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
-    with libvirt_errors("cannot record the instance's metadata"):
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, meta.to_xml(), METADATA_KEY, METADATA_NS, flags)
+    return undo
 
 
 @dataclass(frozen=True)
-class _Inputs:
-    """`up`'s inputs, checked and resolved before anything is created."""
+class Plan:
+    """What `up` makes, decided before anything is created: the name, the port, the accelerators, the spec."""
 
     req: UpRequest
     name: str
     ref: ImageRef
-    user: str
-    keys: tuple[SshKey, ...]
+    image: CachedImage
     seed: seeds.SeedSpec
     iso: bytes
+    network: Network
+    ssh_port: int
+    accels: tuple[Accel, ...]
+    console_log: Path
+    spec: InstanceSpec  # disk and seed paths are filled in by provision()
 
 
 @dataclass
 class _Run:
-    """One `up` in progress: the connection, what it made so far, its timings and observers."""
+    """One `up` in progress: its connection, its undo steps, its timings and observers."""
 
     host: Host
-    cleanup: _Cleanup
+    undo: contextlib.ExitStack
     t0: float
     progress: Progress | None
     readiness: Readiness
     cancel: threading.Event
     timeout: float
     timings: dict[str, float] = field(default_factory=dict)
+    t_define: float = 0.0  # when planning began: "define" times plan, provision and define together
 
     def lap(self, phase: str, since: float) -> None:
         self.timings[phase] = round(time.monotonic() - since, 2)
 
 
 class Launcher:
-    """Runs `qinst up`: resolve, pull, create volumes, define, start, wait; undo everything on failure."""
+    """Runs `qinst up`: check the request, pull, plan, provision (volumes, seed), boot; undo everything on failure."""
 
     def __init__(self, settings: Settings, store: ImageStore | None = None) -> None:
         self.settings = settings
@@ -238,12 +224,12 @@ class Launcher:
         t0 = time.monotonic()
         inputs = self._inputs(req)
         image = self._pull(inputs.ref, req, progress)
-        with Host(self.settings.connect) as host:
-            if lookup(host, inputs.name) is not None:
+        with Host(self.settings.connect) as host, contextlib.ExitStack() as undo:
+            if host.lookup(inputs.name) is not None:
                 raise UsageError(f"an instance or domain named {inputs.name!r} already exists")
             run = _Run(
                 host,
-                _Cleanup(host),
+                undo,
                 t0,
                 progress,
                 readiness or Readiness(),
@@ -252,19 +238,19 @@ class Launcher:
                 timings if timings is not None else {},
             )
             run.lap("download", t0)
+            run.t_define = time.monotonic()
+            plan = plan_launch(host, inputs, image)
             try:
-                return self._launch(run, inputs, image)
+                result = self._boot(run, plan, self._provision(run, plan))
+            except GuestPaused:
+                raise
             except (GuestTimeout, GuestFailed) as exc:
-                if isinstance(exc, GuestPaused):
-                    run.cleanup.run()
-                    raise
-                # The guest booted: keep it for inspection.
+                undo.pop_all()  # the guest booted: keep it for inspection
                 name = inputs.name
-                exc.hint = f"the instance is kept for inspection: 'qinst logs {name}'; remove it with 'qinst rm {name}'"
-                raise
-            except BaseException:
-                run.cleanup.run()
-                raise
+                hint = f"the instance is kept for inspection: 'qinst logs {name}'; remove it with 'qinst rm {name}'"
+                raise type(exc)(exc.message, hint=hint) from exc
+            undo.pop_all()
+            return result
 
     def _inputs(self, req: UpRequest) -> _Inputs:
         """Check everything the user gave, and build the seed, before anything is created."""
@@ -284,7 +270,7 @@ class Launcher:
             instance_id=seeds.new_instance_id(),
             user=user,
             ssh_keys=tuple(k.public for k in keys),
-            user_data=_read_user_data(req.user_data),
+            user_data=read_option_file(req.user_data, "--user-data"),
             user_data_source=str(req.user_data) if req.user_data else None,
             extra_config=req.extra_config,
         )
@@ -297,125 +283,116 @@ class Launcher:
                 return cached
         return self.store.pull(ref, source=req.source, latest=req.latest, progress=progress)
 
-    def _launch(self, run: _Run, inputs: _Inputs, image: CachedImage) -> UpResult:
-        host, cleanup, req, name = run.host, run.cleanup, inputs.req, inputs.name
-        t_define = time.monotonic()
-        network = _choose_network(host, req.network)
+    def _provision(self, run: _Run, plan: Plan) -> InstanceSpec:
+        """The network started, the base volume, the disk overlay and the seed volume; returns the full spec."""
+        host, image, name = run.host, plan.image, plan.name
+        if plan.network.kind in (NetworkKind.DEFAULT, NetworkKind.NETWORK):
+            host.ensure_network_active(plan.network.source)
         pool = host.pool()
         base = host.base_volume(pool, image.digest.filename, image.path, image.digest, run.progress)
-        disk_name, seed_name = f"{name}.qcow2", f"{name}-seed.iso"
         virtual = int(qemu_img_info(image.path).get("virtual-size", 0))
-        host.overlay_volume(pool, disk_name, base, req.disk_gib * GiB, image.format, virtual)
-        cleanup.add(f"volume {disk_name}", lambda: host.delete_volume(pool, disk_name))
-        seed_vol = host.upload_volume(pool, seed_name, io.BytesIO(inputs.iso), len(inputs.iso))
-        cleanup.add(f"volume {seed_name}", lambda: host.delete_volume(pool, seed_name))
-        ssh_port = 22
-        if network.kind is NetworkKind.USER:
-            # The forward listens on the daemon's host: a port free here says nothing about a remote one.
-            ssh_port = req.ssh_port or (free_port() if host.is_local else 20000 + secrets.randbelow(30000))
-        console = console_log_path(host, pool, name)
-        with libvirt_errors("cannot read the disk volume"):
-            disk_path = pool.storageVolLookupByName(disk_name).path()
-            seed_path = seed_vol.path()
-        accel = req.accel
-        if accel is Accel.AUTO:
-            kvm = host.kvm_available()
-            accel = Accel.KVM if kvm.usable else Accel.TCG
-            if not kvm.usable:
-                log.info("KVM is not usable here (%s): using TCG software emulation, which is slower", kvm.reason)
-        meta = Metadata(
-            image=inputs.ref.name,
-            digest=str(image.digest),
-            user=inputs.user,
-            network=str(network),
-            ssh_host="127.0.0.1" if network.kind is NetworkKind.USER else "",
-            ssh_port=ssh_port,
-            created=_created_at(),
-            instance_id=inputs.seed.instance_id,
-            private_key=_private_key(list(inputs.keys)),
-            console_log=str(console),
-            accel=str(accel),
-            volumes=(disk_name, seed_name) if host.is_local else (disk_name, seed_name, console.name),
-        )
-        spec = InstanceSpec(
-            name=name,
-            cpus=req.cpus,
-            memory_mib=req.memory_mib,
-            disk_path=disk_path,
-            seed_path=seed_path,
-            console_log=str(console),
-            network=network,
-            accel=accel,
-            firmware=req.firmware,
-            ssh_port=ssh_port,
-            metadata=meta,
-        )
-        dom, spec = self._start(host, cleanup, spec, fallback=req.accel is Accel.AUTO)
-        run.lap("define", t_define)
-        if not req.wait:
-            run.lap("total", run.t0)
-            return UpResult(Instance(name, "running", spec.metadata), run.timings)
-        run.readiness.restart()
-        try:
-            keys_seen = self._wait(run, dom, spec)
-        except GuestPaused:
-            if req.accel is not Accel.AUTO or spec.accel is not Accel.KVM:
-                raise
-            log.warning("the guest paused under KVM (KVM is present but fails here): relaunching it under TCG")
-            undefine(dom)
-            spec = _with_accel(spec, Accel.TCG)
-            dom = self._define_and_start(host, cleanup, spec)
+        disk = host.overlay_volume(pool, disk_volume(name), base, plan.req.disk_gib * GiB, image.format, virtual)
+        run.undo.callback(_quietly(f"volume {disk_volume(name)}", lambda: host.delete_volume(pool, disk_volume(name))))
+        seed_vol = host.upload_volume(pool, seed_volume(name), io.BytesIO(plan.iso), len(plan.iso))
+        run.undo.callback(_quietly(f"volume {seed_volume(name)}", lambda: host.delete_volume(pool, seed_volume(name))))
+        return replace(plan.spec, disk_path=host.volume_path(disk), seed_path=host.volume_path(seed_vol))
+
+    def _boot(self, run: _Run, plan: Plan, spec: InstanceSpec) -> UpResult:
+        """Define, start and wait, trying each accelerator in turn: a KVM guest that does not start, or that
+        pauses at once (KVM present but broken), is started again under the next one."""
+        host = run.host
+        for n, accel in enumerate(plan.accels):
+            spec = _with_accel(spec, accel)
+            more = n + 1 < len(plan.accels)
+            undo = run.undo.enter_context(contextlib.ExitStack())  # this attempt's logs and domain
+            undo.callback(_quietly(f"logs of {plan.name}", lambda: remove_logs(host, plan.name)))
+            try:
+                dom = host.define_and_start(domain_xml(spec), spec.name)  # undefines what does not start
+            except HypervisorError as exc:
+                undo.close()
+                if not more:
+                    raise
+                log.warning("the guest does not start under %s (%s): trying %s", accel, exc.message, plan.accels[n + 1])
+                continue
+            undo.callback(_quietly(f"domain {spec.name}", dom.undefine))
+            run.lap("define", run.t_define)
+            if not plan.req.wait:
+                run.lap("total", run.t0)
+                return UpResult(Instance(spec.name, "running", spec.metadata), run.timings)
             run.readiness.restart()
-            keys_seen = self._wait(run, dom, spec)
-        run.timings.update(run.readiness.durations())
-        run.lap("total", run.t0)
-        meta = replace(
-            spec.metadata,
-            ssh_host=_ssh_host(host, dom, spec.network)() or "",
-            host_keys="\n".join(f"{k} {b}" for k, b in keys_seen),
-        )
-        _set_metadata(dom, meta)
-        return UpResult(Instance(name, "running", meta), run.timings, ready=True)
+            try:
+                keys = self._wait(run, dom, spec)
+            except GuestPaused:
+                if not more:
+                    raise
+                log.warning("the guest paused under %s (present but failing here): relaunching it under %s",
+                            accel, plan.accels[n + 1])  # fmt: skip
+                undo.close()
+                continue
+            run.timings.update(run.readiness.durations())
+            run.lap("total", run.t0)
+            meta = replace(
+                spec.metadata,
+                ssh_host=_ssh_host(dom, spec.network)() or "",
+                host_keys="\n".join(f"{k} {b}" for k, b in keys),
+            )
+            dom.set_metadata(meta.to_xml(), METADATA_KEY, METADATA_NS)
+            return UpResult(Instance(spec.name, "running", meta), run.timings, ready=True)
+        raise AssertionError("plan.accels is never empty")
 
-    def _start(self, host: Host, cleanup: _Cleanup, spec: InstanceSpec, *, fallback: bool) -> tuple[Any, InstanceSpec]:
-        """Define and start; with --accel auto, a KVM guest that QEMU cannot start is started again under TCG."""
-        try:
-            return self._define_and_start(host, cleanup, spec), spec
-        except HypervisorError as exc:
-            if not (fallback and spec.accel is Accel.KVM):
-                raise
-            log.warning("the guest does not start under KVM (%s): using TCG software emulation", exc.message)
-        spec = _with_accel(spec, Accel.TCG)
-        return self._define_and_start(host, cleanup, spec), spec
-
-    def _define_and_start(self, host: Host, cleanup: _Cleanup, spec: InstanceSpec) -> Any:
-        xml = domain_xml(spec)
-        with libvirt_errors(f"libvirt refused the domain {spec.name}"):
-            dom = host.conn.defineXML(xml)
-        try:
-            with libvirt_errors(f"cannot start {spec.name}"):
-                dom.create()
-        except BaseException:
-            undefine(dom)
-            remove_logs(host, spec.name, spec.console_log)
-            raise
-        cleanup.add(f"logs of {spec.name}", lambda: remove_logs(host, spec.name, spec.console_log))
-        cleanup.add(f"domain {spec.name}", lambda: undefine(dom))
-        return dom
-
-    def _wait(self, run: _Run, dom: Any, spec: InstanceSpec) -> list[tuple[str, str]]:
+    def _wait(self, run: _Run, dom: Domain, spec: InstanceSpec) -> list[HostKey]:
         probe = Probe(
-            state=lambda: state_of(dom),
-            console=open_console(run.host, dom, spec.console_log),
-            ssh_host=_ssh_host(run.host, dom, spec.network),
+            state=dom.state,
+            console=open_console(run.host, dom, Path(spec.console_log)),
+            ssh_host=_ssh_host(dom, spec.network),
             ssh_port=spec.ssh_port,
             cancelled=run.cancel.is_set,
-            scan=host_key_scanner(run.host),
+            scan=key_checker(SshHop.from_uri(run.host.uri)),
         )
         try:
             return wait_ready(probe, timeout=run.timeout, readiness=run.readiness)
         finally:
             probe.console.close()
+
+
+def plan_launch(host: Host, inputs: _Inputs, image: CachedImage) -> Plan:
+    """Decide everything `up` will make: it reads the host (networks, KVM, pool path) but creates nothing."""
+    req, name = inputs.req, inputs.name
+    network = _choose_network(host, req.network)
+    ssh_port = 22
+    if network.kind is NetworkKind.USER:
+        # The forward listens on the daemon's host: a port free here says nothing about a remote one.
+        ssh_port = req.ssh_port or (free_port() if host.is_local else 20000 + secrets.randbelow(30000))
+    console = console_log_path(host, None if host.is_local else host.pool(), name)
+    accels = _accelerators(host, req.accel)
+    meta = Metadata(
+        image=inputs.ref.name,
+        digest=str(image.digest),
+        user=inputs.user,
+        network=str(network),
+        ssh_host="127.0.0.1" if network.kind is NetworkKind.USER else "",
+        ssh_port=ssh_port,
+        created=_created_at(),
+        instance_id=inputs.seed.instance_id,
+        private_key=_private_key(inputs.keys),
+        console_log=str(console),
+        accel=str(accels[0]),
+        volumes=owned_volumes(host, name),
+    )
+    spec = InstanceSpec(
+        name=name,
+        cpus=req.cpus,
+        memory_mib=req.memory_mib,
+        disk_path="",
+        seed_path="",
+        console_log=str(console),
+        network=network,
+        accel=accels[0],
+        firmware=req.firmware,
+        ssh_port=ssh_port,
+        metadata=meta,
+    )
+    return Plan(req, name, inputs.ref, image, inputs.seed, inputs.iso, network, ssh_port, accels, console, spec)
 
 
 def _with_accel(spec: InstanceSpec, accel: Accel) -> InstanceSpec:

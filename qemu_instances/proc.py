@@ -31,20 +31,9 @@ def run(
 
     With check=False a non-zero exit status is returned, not raised (a missing command or a timeout still raise).
     """
-    args = [os.fspath(a) for a in argv]
-    if shutil.which(args[0]) is None and not Path(args[0]).is_absolute():
-        raise error(f"{args[0]} not found", hint=hint or f"is the package that provides {args[0]} installed?")
+    args = _resolve(argv, error, hint)
     try:
-        proc = subprocess.run(
-            args,
-            input=input.decode() if input is not None else None,
-            stdin=subprocess.DEVNULL if input is None else None,
-            capture_output=True,
-            text=True,
-            env=_env(),
-            timeout=timeout,
-            check=False,
-        )
+        proc = _spawn(args, timeout, input)
     except subprocess.TimeoutExpired as exc:
         raise error(f"{' '.join(args)} did not finish within {timeout} s", hint=hint) from exc
     if check and proc.returncode != 0:
@@ -52,3 +41,37 @@ def run(
         last = detail[-1] if detail else f"exit status {proc.returncode}"
         raise error(f"{' '.join(args)} failed: {last}", hint=hint)
     return proc
+
+
+def try_run(argv: Sequence[Arg], *, timeout: float, hint: str | None = None) -> subprocess.CompletedProcess[str] | None:
+    """Run argv for its exit status and output; None when it did not finish within `timeout` seconds.
+
+    A missing command still raises QinstError: that is a broken set-up, not an answer.
+    """
+    args = _resolve(argv, QinstError, hint)
+    try:
+        return _spawn(args, timeout, None)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _resolve(argv: Sequence[Arg], error: type[QinstError], hint: str | None) -> list[str]:
+    args = [os.fspath(a) for a in argv]
+    if shutil.which(args[0]) is None and not Path(args[0]).is_absolute():
+        raise error(f"{args[0]} not found", hint=hint or f"is the package that provides {args[0]} installed?")
+    return args
+
+
+def _spawn(args: list[str], timeout: float | None, input: bytes | None) -> subprocess.CompletedProcess[str]:
+    # Output is decoded with replacement: a guest or a tool printing bytes that are not UTF-8 is not a crash.
+    return subprocess.run(
+        args,
+        input=input.decode() if input is not None else None,
+        stdin=subprocess.DEVNULL if input is None else None,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        env=_env(),
+        timeout=timeout,
+        check=False,
+    )

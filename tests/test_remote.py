@@ -6,79 +6,33 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import RunQinst
 from guest import domains, force_remove, unique_name, volumes
 
-from qemu_instances.remote import SshHop
+from qemu_instances.ssh import SshHop
+from testsupport.net import free_port
+from testsupport.sshd import Sshd, serving_sshd
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
 POOL_DIR = Path("/var/lib/libvirt/images/qinst")
 
 
-@dataclass(frozen=True)
-class Sshd:
-    uri: str
-    port: int
-    wrapper: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     """Debian's sshd on 127.0.0.1 only, key-only root login; a client ssh command that checks its host key."""
-    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
-    assert Path(sshd_bin).exists(), "openssh-server is missing (scripts/setup.sh --test installs it)"
-    d = tmp_path_factory.mktemp("sshd")
-    for key in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
-    (d / "authorized_keys").write_text((d / "client.pub").read_text())
-    port = _free_port()
-    (d / "sshd_config").write_text(
-        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host\nPidFile {d}/sshd.pid\n"
-        f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        "AllowTcpForwarding yes\n"
-    )
-    host_key = (d / "host.pub").read_text().split()
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
-    (d / "ssh_config").write_text(
-        f"Host *\n  IdentityFile {d}/client\n  IdentitiesOnly yes\n  UserKnownHostsFile {d}/known_hosts\n"
-        "  StrictHostKeyChecking yes\n  GlobalKnownHostsFile /dev/null\n"
-    )
-    wrapper = d / "ssh"
-    wrapper.write_text(f'#!/bin/sh\nexec ssh -F {d}/ssh_config "$@"\n')
-    wrapper.chmod(0o755)
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
-    proc = subprocess.Popen([sshd_bin, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")])
-    try:
-        deadline = time.monotonic() + 10
-        while subprocess.run([str(wrapper), "-p", str(port), "root@127.0.0.1", "true"], check=False).returncode:
-            assert time.monotonic() < deadline, (d / "sshd.log").read_text()
-            time.sleep(0.2)
-        yield Sshd(f"qemu+ssh://root@127.0.0.1:{port}/system?command={wrapper}", port, wrapper)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with serving_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
 
 
 def test_hop_from_uri() -> None:
     hop = SshHop.from_uri("qemu+ssh://admin@lab1.example:2222/system?keyfile=/k/id&command=/usr/bin/ssh")
     assert hop == SshHop("lab1.example", "admin", 2222, "/k/id", "/usr/bin/ssh")
-    assert hop.proxy_command() == ("/usr/bin/ssh -p 2222 -l admin -i /k/id -o BatchMode=yes -W %h:%p lab1.example")
+    assert hop.proxy_command() == ("/usr/bin/ssh -p 2222 -l admin -i /k/id -o BatchMode=yes -W %h:%p -- lab1.example")
     assert SshHop.from_uri("qemu:///system") is None
     assert SshHop.from_uri("qemu+tcp://host/system") is None
 
@@ -139,7 +93,7 @@ def test_hosts_table_placement_and_all_hosts(
 ) -> None:
     config = Path(vm_env["XDG_CONFIG_HOME"]) / "qinst" / "config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    dead = f"qemu+ssh://root@127.0.0.1:{_free_port()}/system?command={sshd.wrapper}"
+    dead = f"qemu+ssh://root@127.0.0.1:{free_port()}/system?command={sshd.wrapper}"
     config.write_text(
         f'[hosts.local]\nuri = "qemu:///system"\n\n[hosts.loop]\nuri = "{sshd.uri}"\n\n[hosts.gone]\nuri = "{dead}"\n'
     )

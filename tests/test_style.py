@@ -15,12 +15,12 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_lint() -> None:
-    proc = _run(str(BIN / "ruff"), "check", "qemu_instances", "tests", "bench")
+    proc = _run(str(BIN / "ruff"), "check", "qemu_instances", "tests", "bench", "testsupport")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_ruff_format() -> None:
-    proc = _run(str(BIN / "ruff"), "format", "--check", "qemu_instances", "tests", "bench")
+    proc = _run(str(BIN / "ruff"), "format", "--check", "qemu_instances", "tests", "bench", "testsupport")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -11,8 +11,6 @@ from qemu_instances.wait import (
     GuestPaused,
     Probe,
     Readiness,
-    host_keys,
-    known_hosts_line,
     wait_ready,
 )
 
@@ -124,10 +122,3 @@ def test_ssh_not_answering_yet_keeps_waiting_then_times_out() -> None:
 def test_cancel_stops_the_wait() -> None:
     with pytest.raises(Interrupted):
         wait_ready(_probe([BOOT], cancelled=True), timeout=60, readiness=Readiness())
-
-
-def test_known_hosts_lines() -> None:
-    console = BOOT + KEYS_BLOCK + DONE
-    keys = host_keys(console)
-    assert known_hosts_line("127.0.0.1", 2222, keys).splitlines()[1] == f"[127.0.0.1]:2222 {ED25519[0]} {ED25519[1]}"
-    assert known_hosts_line("10.0.0.5", 22, keys).startswith("10.0.0.5 ecdsa-sha2-nistp256 ")

@@ -1,1 +1,2 @@
-"""Test doubles and helpers shared by the tests (tests/) and the benchmarks (bench/)."""
+"""Helpers shared by tests/ and bench/: free ports, virsh, an OpenSSH server on loopback, HTTP file servers,
+running the real `qinst`. Both put the repository's root on sys.path (pytest: pythonpath = ["."])."""

@@ -1,0 +1,266 @@
+"""Guest SSH: the strict option list, known_hosts, host-key scans and probes, running commands, the jump host.
+
+It speaks plain values (address, port, user, the recorded host keys, the key file, the hop), never Instance.
+Host keys are always checked strictly against the keys the guest printed on its console.
+
+Public API:
+- SshHop.from_uri(uri)                  the hop through a remote libvirt host (qemu+ssh://), or None
+- known_hosts_line(host, port, keys)    known_hosts text for the guest's keys
+- write_known_hosts(path, host, port, keys)   write it atomically
+- SshTarget(host, port, user, known_hosts, key_file, hop)   where and how to log in
+- ssh_options(target) -> list[str]      the `-o` options (built here only), for ssh, scp and ssh -L alike
+- ssh_argv(target, command) -> list[str]   a full `ssh` command line, `--` before the destination
+- run(target, command, timeout) -> SshResult   one command, batch mode; never raises for its exit status
+- Connection(target)                    many commands over ONE connection (OpenSSH ControlMaster): .run(command)
+- scan_host_keys(host, port), key_checker(hop) -> KeyCheck   is the guest offering one of its printed keys?
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import parse_qs, urlsplit
+
+from qemu_instances.errors import QinstError
+from qemu_instances.files import write_atomically
+from qemu_instances.proc import try_run
+
+KEY_LINE = re.compile(r"((?:ssh|ecdsa|sk)-[\w@.-]+) ([A-Za-z0-9+/=]{32,})")
+HostKey = tuple[str, str]  # (type, base64 body)
+KeyCheck = Callable[[str, int, list[HostKey]], bool | None]
+"""(host, port, expected keys) -> True: SSH offers one of them; False: it offers others; None: no answer yet."""
+
+
+def escape_percent(value: str) -> str:
+    """ssh expands %-tokens in paths and commands given as options: a literal % is written %%."""
+    return value.replace("%", "%%")
+
+
+@dataclass(frozen=True)
+class SshHop:
+    """The SSH hop to a remote libvirt host, from its qemu+ssh URI.
+
+    A `user`-network guest's forward listens on the remote host's loopback, so qinst's ssh, key probe and smoke
+    checks go through the host (ProxyCommand ssh -W), with the identity and ssh command the URI names; the host's
+    own key is checked by the user's ssh configuration, the guest's by qinst.
+    """
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+    keyfile: str | None = None
+    command: str = "ssh"
+
+    @classmethod
+    def from_uri(cls, uri: str) -> SshHop | None:
+        """The hop for a qemu+ssh:// URI; None for local URIs (and other transports, reached directly)."""
+        parts = urlsplit(uri)
+        if not parts.hostname or not parts.scheme.endswith("+ssh"):
+            return None
+        query = parse_qs(parts.query)
+        return cls(
+            host=parts.hostname,
+            user=parts.username,
+            port=parts.port,
+            keyfile=query.get("keyfile", [None])[0],
+            command=query.get("command", ["ssh"])[0] or "ssh",
+        )
+
+    def proxy_command(self) -> str:
+        """An ssh ProxyCommand that opens a channel from the host to the guest's address (%h:%p)."""
+        argv = [self.command]
+        if self.port:
+            argv += ["-p", str(self.port)]
+        if self.user:
+            argv += ["-l", self.user]
+        if self.keyfile:
+            argv += ["-i", self.keyfile]
+        argv += ["-o", "BatchMode=yes", "-W", "%h:%p", "--", self.host]
+        return " ".join(a if a == "%h:%p" else escape_percent(shlex.quote(a)) for a in argv)
+
+    def ssh_options(self) -> list[str]:
+        return ["-o", f"ProxyCommand={self.proxy_command()}"]
+
+
+def known_hosts_line(host: str, port: int, keys: Sequence[HostKey]) -> str:
+    pattern = host if port == 22 else f"[{host}]:{port}"
+    return "".join(f"{pattern} {kind} {body}\n" for kind, body in keys)
+
+
+def write_known_hosts(path: Path, host: str, port: int, keys: Sequence[HostKey]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomically(path, known_hosts_line(host, port, keys).encode())
+    return path
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where and how to log in to a guest: its address, the user, the known_hosts file of its recorded keys."""
+
+    host: str
+    port: int
+    user: str
+    known_hosts: Path
+    key_file: str = ""  # a private key for -i, when qinst knows it
+    hop: SshHop | None = None
+
+
+@dataclass(frozen=True)
+class SshResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def require_ssh() -> None:
+    if shutil.which("ssh") is None:
+        raise QinstError("ssh not found", hint="install openssh-client")
+
+
+def ssh_options(target: SshTarget, *, batch: bool = False) -> list[str]:
+    """The options every ssh (and scp, and ssh -L) to the guest takes: strict host keys, its port, key and hop."""
+    opts = [
+        "-o", f"UserKnownHostsFile={escape_percent(str(target.known_hosts))}",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "LogLevel=ERROR",
+        "-o", f"Port={target.port}",
+    ]  # fmt: skip
+    if batch:
+        opts += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    if target.hop is not None:
+        # The guest's address (a forward on the host's loopback, or a NAT address) is reached through the host.
+        opts += target.hop.ssh_options()
+    if target.key_file and Path(target.key_file).exists():
+        opts += ["-o", f"IdentityFile={escape_percent(target.key_file)}", "-o", "IdentitiesOnly=yes"]
+    return opts
+
+
+def destination(target: SshTarget) -> str:
+    return f"{target.user}@{target.host}"
+
+
+def ssh_argv(target: SshTarget, command: Sequence[str] = (), *, batch: bool = False) -> list[str]:
+    """The system ssh's argv: nothing after `--` is read as an option, neither the destination nor the command."""
+    return ["ssh", *ssh_options(target, batch=batch), "--", destination(target), *command]
+
+
+def _timed(argv: list[str], timeout: float) -> SshResult:
+    started = time.monotonic()
+    proc = try_run(argv, timeout=timeout, hint="install openssh-client")
+    if proc is None:
+        return SshResult(255, "", f"ssh did not finish within {timeout:.0f} s", time.monotonic() - started)
+    return SshResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+def run(target: SshTarget, command: Sequence[str], timeout: float = 60.0) -> SshResult:
+    """Run a command in the guest over SSH (batch mode, host key checked); never raises for its exit status."""
+    return _timed(ssh_argv(target, command, batch=True), timeout)
+
+
+@dataclass
+class Connection:
+    """Many commands over one SSH connection: an OpenSSH control master, its socket in a private temp dir.
+
+    with Connection(target) as conn: conn.run(["uname", "-r"]); conn.run(["id"])
+    When the master cannot be set up, each run() connects on its own (ssh falls back by itself).
+    """
+
+    target: SshTarget
+    timeout: float = 30.0  # seconds the master may take to log in
+    _dir: Path | None = field(default=None, init=False)
+    _master: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def control_path(self) -> Path:
+        assert self._dir is not None, "use Connection as a context manager"
+        return self._dir / "control"
+
+    def _control_options(self, mode: str) -> list[str]:
+        return ["-o", f"ControlMaster={mode}", "-o", f"ControlPath={escape_percent(str(self.control_path))}"]
+
+    def __enter__(self) -> Connection:
+        require_ssh()
+        self._dir = Path(tempfile.mkdtemp(prefix="qinst-ssh-"))  # mode 0700: only we reach the socket
+        argv = ["ssh", *ssh_options(self.target, batch=True), *self._control_options("yes"), "-N", "--"]
+        self._master = subprocess.Popen(
+            [*argv, destination(self.target)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + self.timeout
+        while not self.control_path.exists() and self._master.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self
+
+    def run(self, command: Sequence[str], timeout: float = 60.0) -> SshResult:
+        argv = ["ssh", *ssh_options(self.target, batch=True), *self._control_options("no"), "--"]
+        return _timed([*argv, destination(self.target), *command], timeout)
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        if self._master is not None:
+            self._master.terminate()
+            try:
+                self._master.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._master.kill()
+                self._master.wait()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def scan_host_keys(host: str, port: int) -> list[HostKey]:
+    """The host keys the SSH server at host:port offers right now (empty when it does not answer)."""
+    proc = try_run(["ssh-keyscan", "-T", "2", "-p", str(port), "--", host], timeout=10, hint="install openssh-client")
+    return KEY_LINE.findall(proc.stdout) if proc is not None else []
+
+
+def check_host_keys(host: str, port: int, keys: list[HostKey]) -> bool | None:
+    """Ask the SSH server at host:port (directly, with ssh-keyscan) whether it offers one of `keys`."""
+    offered = scan_host_keys(host, port)
+    if not offered:
+        return None
+    return bool(set(offered) & set(keys))
+
+
+def check_host_keys_via(hop: SshHop) -> KeyCheck:
+    """The same check through the hop: ssh with a known_hosts of `keys` and no identity.
+
+    Host-key verification happens before authentication, so "Permission denied" proves the key matched.
+    """
+
+    def check(host: str, port: int, keys: list[HostKey]) -> bool | None:
+        with tempfile.TemporaryDirectory(prefix="qinst-known-") as tmp:
+            known = write_known_hosts(Path(tmp) / "hosts", host, port, keys)
+            argv = ssh_argv(SshTarget(host, port, "qinst-probe", known, hop=hop), ["true"], batch=True)
+            argv[1:1] = [
+                "-o", "ConnectTimeout=5", "-o", "PreferredAuthentications=publickey",
+                "-o", "IdentitiesOnly=yes", "-o", "IdentityFile=/dev/null",
+            ]  # fmt: skip
+            result = _timed(argv, 20)
+        if "Permission denied" in result.stderr:
+            return True
+        if "Host key verification failed" in result.stderr or "IDENTIFICATION HAS CHANGED" in result.stderr:
+            return False
+        return None
+
+    return check
+
+
+def key_checker(hop: SshHop | None) -> KeyCheck:
+    """How to ask a guest's SSH server for its host key: directly, or through the remote libvirt host."""
+    return check_host_keys if hop is None else check_host_keys_via(hop)

@@ -1,0 +1,111 @@
+"""ssh.py against a real OpenSSH server on 127.0.0.1: strict host keys, %-escaped paths, `--` before the
+destination, and many commands over one connection."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qemu_instances import ssh
+from qemu_instances.ssh import SshHop, SshTarget, known_hosts_line
+from testsupport.sshd import Sshd, serving_sshd
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    with serving_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+def _target(sshd: Sshd, tmp_path: Path, *, user: str = "root", keys: list[tuple[str, str]] | None = None) -> SshTarget:
+    known = ssh.write_known_hosts(tmp_path / "known_hosts", "127.0.0.1", sshd.port, keys or [sshd.host_key])
+    return SshTarget("127.0.0.1", sshd.port, user, known, key_file=str(sshd.client_key))
+
+
+def test_known_hosts_lines() -> None:
+    keys = [("ecdsa-sha2-nistp256", "AAAA" * 10), ("ssh-ed25519", "BBBB" * 10)]
+    assert known_hosts_line("127.0.0.1", 2222, keys).splitlines()[1] == f"[127.0.0.1]:2222 ssh-ed25519 {'BBBB' * 10}"
+    assert known_hosts_line("10.0.0.5", 22, keys).startswith("10.0.0.5 ecdsa-sha2-nistp256 ")
+
+
+def test_argv_ends_options_before_the_destination(tmp_path: Path) -> None:
+    target = SshTarget("127.0.0.1", 2222, "cloud", tmp_path / "k")
+    argv = ssh.ssh_argv(target, ["uname", "-a"])
+    assert argv[-4:] == ["--", "cloud@127.0.0.1", "uname", "-a"]
+    assert argv.count("--") == 1
+
+
+def test_run_checks_the_host_key(sshd: Sshd, tmp_path: Path) -> None:
+    ok = ssh.run(_target(sshd, tmp_path), ["echo", "hello"], timeout=30)
+    assert ok.ok and ok.stdout == "hello\n", ok.stderr
+    wrong = ssh.run(_target(sshd, tmp_path, keys=[("ssh-ed25519", "A" * 68)]), ["true"], timeout=30)
+    assert wrong.returncode == 255 and "Host key verification failed" in wrong.stderr
+
+
+def test_percent_in_paths_is_literal(sshd: Sshd, tmp_path: Path) -> None:
+    # ssh expands %d, %h... in UserKnownHostsFile and IdentityFile: qinst's paths must reach it verbatim.
+    odd = tmp_path / "cache%d" / "known%h"
+    odd.mkdir(parents=True)
+    key = odd / "id%u"
+    shutil.copy(sshd.client_key, key)
+    key.chmod(0o600)
+    known = ssh.write_known_hosts(odd / "hosts%p", "127.0.0.1", sshd.port, [sshd.host_key])
+    result = ssh.run(SshTarget("127.0.0.1", sshd.port, "root", known, key_file=str(key)), ["echo", "ok"], timeout=30)
+    assert result.ok and result.stdout == "ok\n", result.stderr
+
+
+def test_a_user_that_looks_like_an_option_is_not_one(sshd: Sshd, tmp_path: Path) -> None:
+    # The attack of issue 11: a user name read back from metadata carrying an ssh option.
+    witness = tmp_path / "pwned"
+    target = _target(sshd, tmp_path, user=f"-oProxyCommand=touch {witness}")
+    result = ssh.run(target, ["true"], timeout=30)
+    assert result.returncode != 0
+    assert not witness.exists()
+
+
+def test_hop_quotes_and_escapes(tmp_path: Path) -> None:
+    hop = SshHop("lab%h.example", user="ad min", keyfile="/k/id%d")
+    command = hop.proxy_command()
+    assert "'ad min'" in command and "/k/id%%d" in command and "lab%%h.example" in command
+    assert command.count("%h:%p") == 1 and "-- " in command
+
+
+def test_connection_runs_many_commands_over_one_session(sshd: Sshd, tmp_path: Path) -> None:
+    with ssh.Connection(_target(sshd, tmp_path)) as conn:
+        assert conn.control_path.exists(), "the control master did not come up"
+        directory = conn.control_path.parent
+        assert directory.stat().st_mode & 0o077 == 0  # a private directory: nobody else can use the socket
+        first = conn.run(["sh", "-c", "echo $PPID"], timeout=30)
+        second = conn.run(["sh", "-c", "echo $PPID"], timeout=30)
+        assert first.ok and second.ok, first.stderr + second.stderr
+        sessions = [conn.run(["echo", str(i)], timeout=30) for i in range(5)]
+        assert [s.stdout.strip() for s in sessions] == [str(i) for i in range(5)]
+    assert not directory.exists()
+
+
+def test_connection_master_is_reused(sshd: Sshd, tmp_path: Path) -> None:
+    # Each command over the master is a new session of the SAME sshd connection process: one login in the log.
+    log = sshd.directory / "sshd.log"
+    before = log.read_text().count("Accepted publickey")
+    with ssh.Connection(_target(sshd, tmp_path)) as conn:
+        for _ in range(4):
+            assert conn.run(["true"], timeout=30).ok
+    assert log.read_text().count("Accepted publickey") - before == 1
+
+
+def test_through_a_hop(sshd: Sshd, tmp_path: Path) -> None:
+    # The sshd is both the jump host (as a qemu+ssh URI names it) and the "guest" behind it: ProxyCommand ssh -W.
+    hop = SshHop.from_uri(sshd.uri)
+    assert hop is not None and hop.command == str(sshd.wrapper)
+    target = _target(sshd, tmp_path)
+    via = ssh.run(
+        SshTarget(target.host, target.port, "root", target.known_hosts, target.key_file, hop), ["echo", "via"]
+    )
+    assert via.ok and via.stdout == "via\n", via.stderr
+    check = ssh.key_checker(hop)
+    assert check("127.0.0.1", sshd.port, [sshd.host_key]) is True
+    assert check("127.0.0.1", sshd.port, [("ssh-ed25519", "A" * 68)]) is False
+    assert ssh.key_checker(None)("127.0.0.1", sshd.port, [sshd.host_key]) is True  # directly, with ssh-keyscan
