@@ -36,6 +36,7 @@ from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, Us
 from qemu_instances.host import Host, libvirt_errors
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qemu_img_info
 from qemu_instances.instances import Instance, host_key_scanner, lookup, remove_logs, state_of, undefine
+from qemu_instances.ports import start_with_port
 from qemu_instances.settings import Settings
 from qemu_instances.sshkeys import SshKey, resolve_keys
 from qemu_instances.wait import Console, ConsoleLog, ConsoleStream, GuestPaused, Probe, Readiness, wait_ready
@@ -350,7 +351,13 @@ class Launcher:
             ssh_port=ssh_port,
             metadata=meta,
         )
-        dom, spec = self._start(host, cleanup, spec, fallback=req.accel is Accel.AUTO)
+        # A picked port may be taken before QEMU binds it: then start again with another (ports.py).
+        pick = None if req.ssh_port else (free_port if host.is_local else lambda: 20000 + secrets.randbelow(30000))
+        dom, spec = start_with_port(
+            lambda s: self._start(host, cleanup, s, fallback=req.accel is Accel.AUTO),
+            spec,
+            pick if network.kind is NetworkKind.USER else None,
+        )
         run.lap("define", t_define)
         if not req.wait:
             run.lap("total", run.t0)

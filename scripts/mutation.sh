@@ -8,7 +8,7 @@ TARGETS=${QINST_MUTATION_TARGETS:-"digests.py:* download.py:* sshkeys.py:parse_p
 # The fast tests that exercise those modules (no VM boot, no libvirtd), so each mutant is judged in seconds.
 TESTS="tests/test_digests.py tests/test_pull.py tests/test_cli_images.py tests/test_sshkeys.py tests/test_wait.py
        tests/test_hostkeys.py tests/test_seed.py tests/test_cli_seed.py tests/test_images_ref.py
-       tests/test_promises_host.py"
+       tests/test_promises_*.py"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD

@@ -219,7 +219,9 @@ def test_ssh_argv_checks_host_keys_strictly(sshd: Sshd, tmp_path: Path) -> None:
     argv = ssh_argv(_instance(sshd, sshd.key), Settings(connect="qemu:///system", cache_dir=tmp_path))
     options = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-o"]
     assert "StrictHostKeyChecking=yes" in options
-    assert not [o for o in options if o.lower().startswith("stricthostkeychecking=") and o != "StrictHostKeyChecking=yes"]
+    assert not [
+        o for o in options if o.lower().startswith("stricthostkeychecking=") and o != "StrictHostKeyChecking=yes"
+    ]
     assert "GlobalKnownHostsFile=/dev/null" in options
     known = Path(next(o.split("=", 1)[1] for o in options if o.startswith("UserKnownHostsFile=")))
     assert known.read_text() == f"[127.0.0.1]:{sshd.port} {sshd.key[0]} {sshd.key[1]}\n"
