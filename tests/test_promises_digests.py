@@ -14,7 +14,7 @@ def test_the_algorithm_comes_from_the_file_name_not_its_directory() -> None:
     assert algorithm_for_checksums("https://mirror.example/sha512-images/SHA256SUMS") is Algorithm.SHA256
     assert algorithm_for_checksums("https://mirror.example/sha256-images/SHA512SUMS") is Algorithm.SHA512
     assert algorithm_for_checksums("SHA512SUMS") is Algorithm.SHA512  # a bare name, no directory
-    with pytest.raises(ImageError, match="cannot tell the digest algorithm of checksum file .*/SUMS"):
+    with pytest.raises(ImageError, match=r"cannot tell the digest algorithm of checksum file .*/SUMS"):
         algorithm_for_checksums("https://mirror.example/SHA512/SUMS")
 
 
