@@ -5,7 +5,8 @@
 # Each target is MODULE:FUNCTIONS (FUNCTIONS: comma-separated globs of function names; Class.method for methods;
 # * for the whole module). After the ssh.py merge, the host-key entries become ssh.py:... here - one line.
 TARGETS=${QINST_MUTATION_TARGETS:-"digests.py:* download.py:* sshkeys.py:parse_public_key,_check_key_body,_blob_fields,load_key_file,_read_public,generate_keypair,_make_private_dir,resolve_keys,_key_identity wait.py:host_keys,known_hosts_line,check_host_keys,check_host_keys_via,scan_host_keys,wait_for_ssh access.py:known_hosts_file,ssh_argv host.py:_hard_link,_send,Host.base_volume,Host._await_upload,Host.upload_volume,Host.volume_digest images.py:ImageStore.prune,Cache.stale_temporaries,_locked seed.py:validate_*,SeedSpec.__post_init__"}
-# The fast tests that exercise those modules (no VM boot, no libvirtd), so each mutant is judged in seconds.
+# The fast tests that exercise those modules (no VM boot; libvirtd and an sshd on 127.0.0.1 for the base-volume
+# and prune tests), so each mutant is judged in seconds.
 TESTS="tests/test_digests.py tests/test_pull.py tests/test_cli_images.py tests/test_sshkeys.py tests/test_wait.py
        tests/test_hostkeys.py tests/test_seed.py tests/test_cli_seed.py tests/test_images_ref.py
        tests/test_promises_*.py"
@@ -52,7 +53,7 @@ for t in $TESTS; do [ -f "$t" ] && test_args+=("\"$t\""); done
   echo "only_mutate = [$(IFS=,; echo "${only[*]}")]"
   echo "also_copy = [\"cloudinit_templates\"]"
   echo "pytest_add_cli_args_test_selection = [$(IFS=,; echo "${test_args[*]}")]"
-  echo 'pytest_add_cli_args = ["-m", "not vm and not libvirt", "-p", "no:cacheprovider", "-q"]'
+  echo 'pytest_add_cli_args = ["-m", "not vm", "-p", "no:cacheprovider", "-q"]'
   echo "use_git_change_detection = false"
   # Lines that only log, or only describe an error already raised, cannot change what qinst does.
   echo 'do_not_mutate_patterns = ["log\\.(debug|info|warning)\\("]'
