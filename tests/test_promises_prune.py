@@ -62,7 +62,8 @@ def own_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def _volume(pool: Any, name: str) -> None:
-    xml = f"<volume><name>{name}</name><capacity unit='bytes'>1024</capacity><target><format type='raw'/></target></volume>"
+    xml = f"<volume><name>{name}</name><capacity unit='bytes'>1024</capacity>"
+    xml += "<target><format type='raw'/></target></volume>"
     pool.createXML(xml, 0)
 
 
