@@ -18,7 +18,7 @@ keep=0
 mutmut=$repo/.venv/bin/mutmut
 if [ ! -x "$mutmut" ]; then
   # mutmut 3.8 needs Python >= 3.10 and fork(); pinned so that the mutants (and their numbering) stay stable.
-  "$repo/.venv/bin/pip" install -q "mutmut==3.8.1"
+  "$repo/.venv/bin/pip" install -q "mutmut==3.8.1"  # also the [mutation] extra of pyproject.toml
 fi
 
 # mutmut writes mutants/ next to pyproject.toml: work on a scratch copy so the worktree stays untouched.
