@@ -53,9 +53,10 @@ for t in $TESTS; do [ -f "$t" ] && test_args+=("\"$t\""); done
   echo "only_mutate = [$(IFS=,; echo "${only[*]}")]"
   echo "also_copy = [\"cloudinit_templates\"]"
   echo "pytest_add_cli_args_test_selection = [$(IFS=,; echo "${test_args[*]}")]"
-  echo 'pytest_add_cli_args = ["-m", "not vm", "-p", "no:cacheprovider", "-q"]'
+  echo 'pytest_add_cli_args = ["-m", "not vm", "-x", "-p", "no:cacheprovider", "-q"]'
+  echo 'timeout_multiplier = 5.0'  # a mutant that loops is judged in seconds, not minutes
   echo "use_git_change_detection = false"
-  # Lines that only log, or only describe an error already raised, cannot change what qinst does.
+  # Lines that only log (diagnostics on stderr) are not mutated: they change no result, file or exit code.
   echo 'do_not_mutate_patterns = ["log\\.(debug|info|warning)\\("]'
 } >>"$work/pyproject.toml"
 
