@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +57,40 @@ def test_generated_private_key_is_ed25519_without_a_passphrase(tmp_path: Path) -
     ).stdout.split()[:2]
     assert derived == key.public.split()[:2]
     assert ((tmp_path / "own").stat().st_mode & 0o777) == 0o700
+
+
+def test_without_ssh_keygen_the_error_says_which_package_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(QinstError, match="ssh-keygen not found") as err:
+        sshkeys.generate_keypair(tmp_path / "id")
+    assert err.value.hint == "ssh-keygen is in the openssh-client package"
+
+
+def test_a_named_pipe_is_not_read_to_its_end(tmp_path: Path) -> None:
+    """A wrong path (a pipe, a device) is read no further than the size limit: no waiting for an end."""
+    fifo = tmp_path / "key.pub"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def writer() -> None:
+        with fifo.open("wb") as f:
+            f.write(b"x" * (64 * 1024 + 1))
+            f.flush()
+            done.wait(20)  # keeps the pipe open: a reader that wants its end waits until this returns
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(UsageError, match="too large to be an SSH public key"):
+            sshkeys.load_key_file(fifo)
+        assert time.monotonic() - started < 10
+    finally:
+        done.set()
+        thread.join()
 
 
 def test_resolve_keys_falls_back_to_qinsts_own_pair_in_the_config_dir(home: Path, tmp_path: Path) -> None:  # noqa: F811
