@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of the code that carries qinst's security and data-safety claims (issue 16), with mutmut 3.
-# Not part of every CI run: it takes ~10-20 minutes on 2 cores. Usage: bash scripts/mutation.sh [--keep]
+# Not part of every CI run: it takes ~10-20 minutes on 2 cores. Usage: bash scripts/mutation.sh [--keep|--report]
 #
 # Each target is MODULE:FUNCTIONS (FUNCTIONS: comma-separated globs of function names; Class.method for methods;
 # * for the whole module). After the ssh.py merge, the host-key entries become ssh.py:... here - one line.
@@ -13,8 +13,10 @@ TESTS="tests/test_digests.py tests/test_pull.py tests/test_cli_images.py tests/t
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-keep=0
+keep=0 report_only=0
 [ "${1:-}" = "--keep" ] && keep=1
+# --report: only compare the last run's results (kept with --keep) with tests/mutation-equivalent.txt again.
+[ "${1:-}" = "--report" ] && keep=1 report_only=1
 mutmut=$repo/.venv/bin/mutmut
 if [ ! -x "$mutmut" ]; then
   # mutmut 3.8 needs Python >= 3.10 and fork(); pinned so that the mutants (and their numbering) stay stable.
@@ -23,10 +25,12 @@ fi
 
 # mutmut writes mutants/ next to pyproject.toml: work on a scratch copy so the worktree stays untouched.
 work=${QINST_MUTATION_DIR:-$repo/.mutation}
-rm -rf "$work"
-mkdir -p "$work"
-cp -r qemu_instances cloudinit_templates tests pyproject.toml "$work"/
-find "$work" -name __pycache__ -prune -exec rm -rf {} +
+if [ "$report_only" = 0 ]; then
+  rm -rf "$work"
+  mkdir -p "$work"
+  cp -r qemu_instances cloudinit_templates tests pyproject.toml "$work"/
+  find "$work" -name __pycache__ -prune -exec rm -rf {} +
+fi
 
 patterns=()
 only=()
@@ -46,7 +50,7 @@ for target in $TARGETS; do
 done
 test_args=()
 for t in $TESTS; do [ -f "$t" ] && test_args+=("\"$t\""); done
-{
+[ "$report_only" = 1 ] || {
   echo
   echo "[tool.mutmut]"
   echo "source_paths = [\"qemu_instances\"]"
@@ -62,12 +66,14 @@ for t in $TESTS; do [ -f "$t" ] && test_args+=("\"$t\""); done
 
 cd "$work"
 started=$(date +%s)
-"$mutmut" run --max-children "${QINST_MUTATION_JOBS:-2}" "${patterns[@]}" >"$work/run.log" 2>&1 || {
-  tail -40 "$work/run.log" >&2
-  echo "mutation: mutmut run failed (log: $work/run.log)" >&2
-  exit 1
-}
-"$mutmut" results --all true >"$work/results.txt"
+if [ "$report_only" = 0 ]; then
+  "$mutmut" run --max-children "${QINST_MUTATION_JOBS:-2}" "${patterns[@]}" >"$work/run.log" 2>&1 || {
+    tail -c 3000 "$work/run.log" >&2
+    echo "mutation: mutmut run failed (log: $work/run.log)" >&2
+    exit 1
+  }
+  "$mutmut" results --all true >"$work/results.txt"
+fi
 
 # Keep the selected mutants only (mutmut lists every function of the mutated files), then compare the survivors
 # with the explained ones in tests/mutation-equivalent.txt ("<mutant name>  <why it cannot change behaviour>").
