@@ -36,7 +36,7 @@ from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, Us
 from qemu_instances.host import Host, libvirt_errors
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qemu_img_info
 from qemu_instances.instances import Instance, host_key_scanner, lookup, remove_logs, state_of, undefine
-from qemu_instances.ports import start_with_port
+from qemu_instances.ports import HOSTFWD_TAKEN, start_with_port
 from qemu_instances.settings import Settings
 from qemu_instances.sshkeys import SshKey, resolve_keys
 from qemu_instances.wait import Console, ConsoleLog, ConsoleStream, GuestPaused, Probe, Readiness, wait_ready
@@ -389,8 +389,8 @@ class Launcher:
         try:
             return self._define_and_start(host, cleanup, spec), spec
         except HypervisorError as exc:
-            if not (fallback and spec.accel is Accel.KVM):
-                raise
+            if not (fallback and spec.accel is Accel.KVM) or HOSTFWD_TAKEN in exc.message:
+                raise  # a taken port is no reason to leave KVM: start_with_port picks another
             log.warning("the guest does not start under KVM (%s): using TCG software emulation", exc.message)
         spec = _with_accel(spec, Accel.TCG)
         return self._define_and_start(host, cleanup, spec), spec
