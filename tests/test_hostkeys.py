@@ -17,7 +17,7 @@ import pytest
 
 from qemu_instances.access import ssh_argv
 from qemu_instances.domain import METADATA_NS, Metadata
-from qemu_instances.errors import GuestFailed
+from qemu_instances.errors import GuestFailed, QinstError, UsageError
 from qemu_instances.host import Host
 from qemu_instances.instances import Instance, start
 from qemu_instances.settings import Settings
@@ -260,3 +260,61 @@ def test_the_marker_regex_is_not_greedy() -> None:
 def test_no_markers_no_keys() -> None:
     assert host_keys(f"{A[0]} {A[1]} root@vm\r\n" + DONE) == []
     assert host_keys("-----BEGIN SSH HOST KEY KEYS-----\r\n" + f"{A[0]} {A[1]}\r\n") == []  # never closed
+
+
+# -- known_hosts and the rest of the ssh command line ---------------------------------------------------------------
+
+
+def _inst(state: str = "running", **meta: object) -> Instance:
+    fields: dict[str, object] = {
+        "image": "qinst-test", "digest": "sha512:" + "0" * 128, "user": "debian", "network": "user",
+        "ssh_host": "127.0.0.1", "ssh_port": 2222, "host_keys": f"{A[0]} {A[1]}",
+    }  # fmt: skip
+    return Instance("hk", state, Metadata(**{**fields, **meta}))  # type: ignore[arg-type]
+
+
+def test_known_hosts_file_is_private_and_made_with_its_parents(tmp_path: Path) -> None:
+    settings = Settings(connect="qemu:///system", cache_dir=tmp_path / "a" / "cache")
+    argv = ssh_argv(_inst(), settings, ["ls", "-l"])
+    directory = tmp_path / "a" / "cache" / "known_hosts"
+    assert f"UserKnownHostsFile={directory / 'hk'}" in argv
+    assert (directory.stat().st_mode & 0o777) == 0o700
+    assert argv[argv.index("-p") + 1] == "2222"
+    assert argv[-4:] == ["debian@127.0.0.1", "--", "ls", "-l"]
+
+
+def test_the_key_is_passed_only_when_it_exists(tmp_path: Path) -> None:
+    settings = Settings(connect="qemu:///system", cache_dir=tmp_path)
+    assert "-i" not in ssh_argv(_inst(private_key=str(tmp_path / "gone")), settings)
+    key = tmp_path / "id"
+    key.write_text("")
+    argv = ssh_argv(_inst(private_key=str(key)), settings)
+    assert argv[argv.index("-i") : argv.index("-i") + 4] == ["-i", str(key), "-o", "IdentitiesOnly=yes"]
+
+
+def test_a_remote_host_is_reached_through_its_ssh_hop(tmp_path: Path) -> None:
+    settings = Settings(connect="qemu+ssh://admin@lab1.example:2200/system", cache_dir=tmp_path)
+    argv = ssh_argv(_inst(), settings)
+    assert argv[0] == "ssh" and "StrictHostKeyChecking=yes" in argv
+    proxy = [a for a in argv if a.startswith("ProxyCommand=")]
+    assert len(proxy) == 1 and "-W %h:%p" in proxy[0] and "lab1.example" in proxy[0]
+
+
+def test_ssh_refuses_without_a_key_an_address_or_a_running_guest(tmp_path: Path) -> None:
+    settings = Settings(connect="qemu:///system", cache_dir=tmp_path)
+    with pytest.raises(UsageError, match=r"^qinst has no verified host key for hk$") as err:
+        ssh_argv(_inst(host_keys=""), settings)
+    assert err.value.hint and "qinst up" in err.value.hint
+    with pytest.raises(UsageError, match=r"^hk has no known address \(network user\)$"):
+        ssh_argv(_inst(ssh_host=""), settings)
+    with pytest.raises(UsageError, match=r"^instance 'hk' is shutoff$") as err:
+        ssh_argv(_inst(state="shutoff"), settings)
+    assert err.value.hint == "start it: qinst start hk"
+
+
+def test_ssh_missing_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(QinstError, match=r"^ssh not found$") as err:
+        ssh_argv(_inst(), Settings(connect="qemu:///system", cache_dir=tmp_path))
+    assert err.value.hint == "install openssh-client"
