@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import os
+import struct
 import subprocess
 import threading
 import time
@@ -135,3 +137,27 @@ def test_an_import_holding_its_own_temporary_is_spared(tmp_path: Path) -> None:
         fcntl.flock(f, fcntl.LOCK_EX)
         assert store.prune(set()) == []
     assert [p for p, _ in store.prune(set())] == [tmp]
+
+
+# -- the key body --------------------------------------------------------------------------------------------------
+
+
+def _body(*fields: bytes) -> str:
+    return base64.b64encode(b"".join(struct.pack(">I", len(f)) + f for f in fields)).decode()
+
+
+def test_a_key_body_ending_in_an_empty_field_is_accepted() -> None:
+    line = f"ssh-ed25519 {_body(b'ssh-ed25519', bytes(32), b'')}"
+    assert sshkeys.parse_public_key(line, "k.pub") == line
+
+
+def test_a_field_length_beyond_the_blob_is_malformed_not_negative() -> None:
+    body = base64.b64encode(b"\xff\xff\xff\xff" + b"ssh-ed25519" + bytes(8)).decode()
+    with pytest.raises(UsageError, match=r"^k\.pub: the ssh-ed25519 key's body is truncated or malformed$"):
+        sshkeys.parse_public_key(f"ssh-ed25519 {body}", "k.pub")
+
+
+def test_a_key_body_with_characters_outside_base64_is_refused_as_such() -> None:
+    body = _body(b"ssh-ed25519", bytes(32))
+    with pytest.raises(UsageError, match=r"^k\.pub: the ssh-ed25519 key's body is not valid base64$"):
+        sshkeys.parse_public_key(f"ssh-ed25519 {body[:8]}*{body[8:]}", "k.pub")
