@@ -44,6 +44,7 @@ from qemu_instances.instances import (
     remove_logs,
     seed_volume,
 )
+from qemu_instances.ports import HOSTFWD_TAKEN, start_with_port
 from qemu_instances.settings import Settings
 from qemu_instances.ssh import HostKey, SshHop, key_checker
 from qemu_instances.sshkeys import SshKey, resolve_keys
@@ -307,11 +308,14 @@ class Launcher:
             undo = run.undo.enter_context(contextlib.ExitStack())  # this attempt's logs and domain
             undo.callback(_quietly(f"logs of {plan.name}", lambda: remove_logs(host, plan.name)))
             try:
-                dom = host.define_and_start(domain_xml(spec), spec.name)  # undefines what does not start
+                # undefines what does not start; a picked port taken before QEMU binds it is picked again (ports.py)
+                dom, spec = start_with_port(
+                    lambda s: (host.define_and_start(domain_xml(s), s.name), s), spec, _port_picker(host, plan)
+                )
             except HypervisorError as exc:
                 undo.close()
-                if not more:
-                    raise
+                if not more or HOSTFWD_TAKEN in exc.message:
+                    raise  # a taken port is no reason to leave KVM
                 log.warning("the guest does not start under %s (%s): trying %s", accel, exc.message, plan.accels[n + 1])
                 continue
             undo.callback(_quietly(f"domain {spec.name}", dom.undefine))
@@ -355,14 +359,25 @@ class Launcher:
             probe.console.close()
 
 
+def _pick_port(host: Host) -> int:
+    """A port for the SSH forward. It listens on the daemon's host: a port free here says nothing of a remote one."""
+    return free_port() if host.is_local else 20000 + secrets.randbelow(30000)
+
+
+def _port_picker(host: Host, plan: Plan) -> Callable[[], int] | None:
+    """How to pick another SSH forward port when the planned one is taken; None when the user chose it."""
+    if plan.req.ssh_port or plan.network.kind is not NetworkKind.USER:
+        return None
+    return lambda: _pick_port(host)
+
+
 def plan_launch(host: Host, inputs: _Inputs, image: CachedImage) -> Plan:
     """Decide everything `up` will make: it reads the host (networks, KVM, pool path) but creates nothing."""
     req, name = inputs.req, inputs.name
     network = _choose_network(host, req.network)
     ssh_port = 22
     if network.kind is NetworkKind.USER:
-        # The forward listens on the daemon's host: a port free here says nothing about a remote one.
-        ssh_port = req.ssh_port or (free_port() if host.is_local else 20000 + secrets.randbelow(30000))
+        ssh_port = req.ssh_port or _pick_port(host)
     console = console_log_path(host, None if host.is_local else host.pool(), name)
     accels = _accelerators(host, req.accel)
     meta = Metadata(

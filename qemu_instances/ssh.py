@@ -237,7 +237,7 @@ def check_host_keys(host: str, port: int, keys: list[HostKey]) -> bool | None:
     return bool(set(offered) & set(keys))
 
 
-def check_host_keys_via(hop: SshHop) -> KeyCheck:
+def check_host_keys_via(hop: SshHop | None) -> KeyCheck:
     """The same check through the hop: ssh with a known_hosts of `keys` and no identity.
 
     Host-key verification happens before authentication, so "Permission denied" proves the key matched.

@@ -139,8 +139,11 @@ def test_ctrl_c_during_up_removes_everything(vm_env: dict[str, str], ssh_key: Pa
         while name not in domains():
             assert proc.poll() is None and time.monotonic() < deadline, "the domain never appeared"
             time.sleep(0.2)
-        time.sleep(2)  # well inside the boot
-        proc.send_signal(sig)
+        console = Path("/var/log/libvirt/qemu") / f"{name}-console.log"
+        while "Linux version" not in (console.read_text(errors="replace") if console.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, "the guest's kernel never started"
+            time.sleep(0.2)
+        proc.send_signal(sig)  # well inside the boot: the kernel is running, cloud-init is not done
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == code, err
         assert "Traceback" not in err
@@ -156,5 +159,10 @@ def test_doctor_reports_this_host(qinst: RunQinst, vm_env: dict[str, str]) -> No
     assert text.stdout.splitlines()[0].startswith("ok   libvirt")
     checks = {c["name"]: c for c in json.loads(qinst("doctor", "--json", env=vm_env, timeout=120).stdout)}
     assert checks["tcg"]["ok"] is True
-    assert "kvm" in checks and isinstance(checks["kvm"]["ok"], bool) and checks["kvm"]["detail"]
+    assert checks["kvm"]["detail"]
+    caps = subprocess.run(["virsh", "-c", "qemu:///system", "capabilities"], capture_output=True, text=True).stdout
+    if not Path("/dev/kvm").exists() or "type='kvm'" not in caps:
+        assert checks["kvm"]["ok"] is False  # no KVM to offer: doctor must not claim it
+    elif checks["kvm"]["ok"] is False:
+        assert "falls back to TCG" in checks["kvm"]["hint"]  # offered but failing (these machines): said so
     assert {"libvirt", "pool", "networks", "qemu-img", "ssh"} <= set(checks)

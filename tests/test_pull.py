@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import random
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -395,11 +397,13 @@ def test_pinned_build_gone_without_latest_channel(qinst: RunQinst, mirror: Mirro
 
 @http
 def test_connection_refused_is_retried_then_reported(tmp_path: Path) -> None:
-    # Port 9 (discard) is closed on 127.0.0.1: every attempt is refused at once.
-    url = "http://127.0.0.1:9/x.qcow2"
-    store = ImageStore(Settings(cache_dir=tmp_path), policy=FAST)
-    with pytest.raises(DownloadError) as info:
-        store.pull(store.resolve(url, sha256="a" * 64))
+    # A port this test holds bound but not listening: every attempt is refused at once.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/x.qcow2"
+        store = ImageStore(Settings(cache_dir=tmp_path), policy=FAST)
+        with pytest.raises(DownloadError) as info:
+            store.pull(store.resolve(url, sha256="a" * 64))
     assert str(info.value).startswith(f"cannot download {url}: ")
     assert "gave up after 5 attempts" in str(info.value)
     assert info.value.exit_code == 3
@@ -436,16 +440,34 @@ def test_raw_image_from_catalog(mirror: Mirror, tmp_path: Path) -> None:
     assert store.cache.get(image.digest) == image  # the record beside the file says the same
 
 
+def flock_waiters(path: Path) -> int:
+    """Processes blocked in flock() on `path`, from /proc/locks ("-> FLOCK ..." lines name the file's inode)."""
+    try:
+        inode = path.stat().st_ino
+    except FileNotFoundError:
+        return 0
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(1 for line in lines if "->" in line and "FLOCK" in line and line.split()[-3].endswith(f":{inode}"))
+
+
 @http
 def test_concurrent_pulls_download_once(mirror: Mirror, tmp_path: Path) -> None:
-    # Slow the transfer so that the other processes arrive while the first one is downloading.
-    mirror.server.fault(DEBIAN_PINNED, delay=0.02)
+    # The body is held back (a very slow link) until the 7 other processes wait on the image's lock while the
+    # first one downloads: the test proves the overlap instead of hoping for it.
+    fault = mirror.server.fault(DEBIAN_PINNED, delay=0.5)
     cache = tmp_path / "cache"
     argv = [*qinst_argv(), *mirror.args(cache), "pull", "debian-12", "--json"]
     procs = [
         subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=qinst_env())
         for _ in range(8)
     ]
+    lock = cache / "images" / f".{Digest.parse(mirror.images.pinned.sha512).filename}.lock"
+    deadline = time.monotonic() + 120
+    while flock_waiters(lock) < 7:
+        assert time.monotonic() < deadline, f"the 8 pulls never overlapped ({flock_waiters(lock)} waiting)"
+        assert all(p.poll() is None for p in procs), "a pull ended before the others waited on the lock"
+        time.sleep(0.05)
+    fault.delay = 0.0
     results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
     assert [code for code, _, _ in results] == [0] * 8, [err for _, _, err in results]
     outputs = [json.loads(out) for _, out, _ in results]

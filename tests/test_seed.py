@@ -8,9 +8,11 @@ import email
 import email.policy
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -253,8 +255,20 @@ def test_a_user_multipart_keeps_its_parts_and_ours_comes_last() -> None:
 
 
 def test_the_multipart_is_reproducible() -> None:
+    """The same bytes in another interpreter (another hash seed, another random state), not only twice here."""
     spec = make_spec(user_data=USER_MULTIPART)
-    assert seed.render_user_data(spec) == seed.render_user_data(spec)
+    here = seed.render_user_data(spec)
+    assert here.count(b"--") >= 4  # a multipart, with its boundary
+    code = (
+        "import sys; from test_seed import *; "
+        "sys.stdout.buffer.write(seed.render_user_data(make_spec(user_data=USER_MULTIPART)))"
+    )
+    for hash_seed in ("1", "2"):
+        other = subprocess.run(
+            [sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        ).stdout  # fmt: skip
+        assert other == here
 
 
 # cloud-init's own handler merges the cloud-config parts of a multipart: our part must neither override the

@@ -113,6 +113,10 @@ def test_smoke_good_and_broken_in_parallel(qinst: RunQinst, vm_env: dict[str, st
     assert not {v for v in volumes() if v.startswith("smoke-qinst-test")}
 
 
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 @pytest.mark.vm
 @pytest.mark.libvirt
 def test_ctrl_c_stops_the_run_and_removes_its_instances(vm_env: dict[str, str]) -> None:
@@ -123,12 +127,16 @@ def test_ctrl_c_stops_the_run_and_removes_its_instances(vm_env: dict[str, str]) 
         while len({d for d in domains() if d.startswith("smoke-qinst-test")}) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, "the smoke boots never started"
             time.sleep(0.2)
-        time.sleep(2)
-        proc.send_signal(signal.SIGINT)
+        names = {d for d in domains() if d.startswith("smoke-qinst-test")}
+        logs = Path("/var/log/libvirt/qemu")
+        while not all("Linux version" in _text(logs / f"{d}-console.log") for d in names):
+            assert proc.poll() is None and time.monotonic() < deadline, "the smoke guests' kernels never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # both guests are booting
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 130, err
-        assert not {d for d in domains() if d.startswith("smoke-qinst-test")}
-        assert not {v for v in volumes() if v.startswith("smoke-qinst-test")}
+        assert not names & domains()  # other runs on this machine may have smoke domains of their own
+        assert not {v for v in volumes() for d in names if v.startswith(d)}
     finally:
         proc.kill()
         for name in {d for d in domains() if d.startswith("smoke-qinst-test")}:

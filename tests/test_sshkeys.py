@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from qemu_instances import sshkeys
-from qemu_instances.errors import UsageError
+from qemu_instances.errors import QinstError, UsageError
 from qemu_instances.sshkeys import SshKey
 
 needs_openssh = pytest.mark.skipif(
@@ -225,9 +225,9 @@ def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     sock = tmp_path / "agent.sock"
     process = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
     try:
-        for _ in range(100):
-            if sock.exists():
-                break
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "ssh-agent did not make its socket"
             time.sleep(0.02)
         monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
         yield sock
@@ -293,6 +293,6 @@ def test_generate_keypair_makes_a_fresh_ed25519_pair(tmp_path: Path) -> None:
 def test_generate_keypair_refuses_to_overwrite(tmp_path: Path) -> None:
     path = tmp_path / "key"
     path.write_text(PRIVATE_KEY)
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(QinstError, match=f"{path} already exists; refusing to overwrite a key"):
         sshkeys.generate_keypair(path)
     assert path.read_text() == PRIVATE_KEY

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Mutation testing of the code that carries qinst's security and data-safety claims (issue 16), with mutmut 3.
+# Not part of every CI run: it takes ~10-20 minutes on 2 cores. Usage: bash scripts/mutation.sh [--keep|--report]
+#
+# Each target is MODULE:FUNCTIONS (FUNCTIONS: comma-separated globs of function names; Class.method for methods;
+# * for the whole module). After the ssh.py merge, the host-key entries become ssh.py:... here - one line.
+TARGETS=${QINST_MUTATION_TARGETS:-"digests.py:* download.py:* sshkeys.py:parse_public_key,_check_key_body,_blob_fields,load_key_file,_read_public,generate_keypair,_make_private_dir,resolve_keys,_key_identity wait.py:host_keys,known_hosts_line,check_host_keys,check_host_keys_via,scan_host_keys,wait_for_ssh access.py:known_hosts_file,ssh_argv host.py:_hard_link,_send,Host.base_volume,Host._await_upload,Host.upload_volume,Host.volume_digest images.py:ImageStore.prune,Cache.stale_temporaries,_locked seed.py:validate_*,SeedSpec.__post_init__"}
+# The fast tests that exercise those modules (no VM boot; libvirtd and an sshd on 127.0.0.1 for the base-volume
+# and prune tests), so each mutant is judged in seconds.
+TESTS="tests/test_digests.py tests/test_pull.py tests/test_cli_images.py tests/test_sshkeys.py tests/test_wait.py
+       tests/test_hostkeys.py tests/test_seed.py tests/test_cli_seed.py tests/test_images_ref.py
+       tests/test_promises_*.py"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+keep=0 report_only=0
+[ "${1:-}" = "--keep" ] && keep=1
+# --report: only compare the last run's results (kept with --keep) with tests/mutation-equivalent.txt again.
+[ "${1:-}" = "--report" ] && keep=1 report_only=1
+mutmut=$repo/.venv/bin/mutmut
+if [ ! -x "$mutmut" ]; then
+  # mutmut 3.8 needs Python >= 3.10 and fork(); pinned so that the mutants (and their numbering) stay stable.
+  "$repo/.venv/bin/pip" install -q "mutmut==3.8.1"  # also the [mutation] extra of pyproject.toml
+fi
+
+# mutmut writes mutants/ next to pyproject.toml: work on a scratch copy so the worktree stays untouched.
+work=${QINST_MUTATION_DIR:-$repo/.mutation}
+if [ "$report_only" = 0 ]; then
+  rm -rf "$work"
+  mkdir -p "$work"
+  cp -r qemu_instances cloudinit_templates tests pyproject.toml "$work"/
+  find "$work" -name __pycache__ -prune -exec rm -rf {} +
+fi
+
+patterns=()
+only=()
+for target in $TARGETS; do
+  module=${target%%:*}
+  only+=("\"qemu_instances/$module\"")
+  IFS=, read -r -a functions <<<"${target#*:}"
+  for fn in "${functions[@]}"; do
+    if [ "$fn" = "*" ]; then
+      patterns+=("qemu_instances.${module%.py}.*")
+    elif [[ $fn == *.* ]]; then
+      patterns+=("qemu_instances.${module%.py}.xǁ${fn%%.*}ǁ${fn#*.}__mutmut_*")
+    else
+      patterns+=("qemu_instances.${module%.py}.x_${fn}__mutmut_*")
+    fi
+  done
+done
+test_args=()
+for t in $TESTS; do [ -f "$t" ] && test_args+=("\"$t\""); done
+[ "$report_only" = 1 ] || {
+  echo
+  echo "[tool.mutmut]"
+  echo "source_paths = [\"qemu_instances\"]"
+  echo "only_mutate = [$(IFS=,; echo "${only[*]}")]"
+  echo "also_copy = [\"cloudinit_templates\"]"
+  echo "pytest_add_cli_args_test_selection = [$(IFS=,; echo "${test_args[*]}")]"
+  echo 'pytest_add_cli_args = ["-m", "not vm", "-x", "-p", "no:cacheprovider", "-q"]'
+  echo 'timeout_multiplier = 5.0'  # a mutant that loops is judged in seconds, not minutes
+  echo "use_git_change_detection = false"
+  # Lines that only log (diagnostics on stderr) are not mutated: they change no result, file or exit code.
+  echo 'do_not_mutate_patterns = ["log\\.(debug|info|warning)\\("]'
+} >>"$work/pyproject.toml"
+
+cd "$work"
+started=$(date +%s)
+if [ "$report_only" = 0 ]; then
+  "$mutmut" run --max-children "${QINST_MUTATION_JOBS:-2}" "${patterns[@]}" >"$work/run.log" 2>&1 || {
+    tail -c 3000 "$work/run.log" >&2
+    echo "mutation: mutmut run failed (log: $work/run.log)" >&2
+    exit 1
+  }
+  "$mutmut" results --all true >"$work/results.txt"
+fi
+
+# Keep the selected mutants only (mutmut lists every function of the mutated files), then compare the survivors
+# with the explained ones in tests/mutation-equivalent.txt ("<mutant name>  <why it cannot change behaviour>").
+rc=0
+python3 - "$work/results.txt" "$repo/tests/mutation-equivalent.txt" "${patterns[@]}" <<'EOF' || rc=$?
+import fnmatch, sys
+results, explained_file, patterns = sys.argv[1], sys.argv[2], sys.argv[3:]
+status = {}
+for line in open(results, encoding="utf-8"):
+    name, _, verdict = line.strip().rpartition(": ")
+    if name and any(fnmatch.fnmatch(name, p) for p in patterns):
+        status[name] = verdict
+explained = {}
+try:
+    for line in open(explained_file, encoding="utf-8"):
+        if line.strip() and not line.startswith("#"):
+            name, _, why = line.strip().partition(" ")
+            explained[name] = why.strip()
+except FileNotFoundError:
+    pass
+killed = sum(v in ("killed", "timeout", "caught by type check") for v in status.values())
+survived = sorted(n for n, v in status.items() if v in ("survived", "no tests"))
+other = sorted(f"{n} ({v})" for n, v in status.items() if v not in ("killed", "timeout", "caught by type check", "survived", "no tests"))
+unexplained = [n for n in survived if n not in explained]
+for n in unexplained:
+    print(f"survived, unexplained: {n} ({status[n]})  -> mutmut show {n}")
+for n in other:
+    print(f"not judged: {n}")
+stale = sorted(set(explained) - set(survived))
+for n in stale:
+    print(f"explained but not a survivor (now killed, or renamed): {n}")
+print(f"{len(survived) - len(unexplained)} of {len(survived)} survivors explained in tests/mutation-equivalent.txt")
+print(f"{killed} killed, {len(survived)} survived")
+sys.exit(1 if unexplained or other else 0)
+EOF
+echo "mutation: $(( $(date +%s) - started )) s; mutants and logs in $work" >&2
+[ "$keep" = 1 ] || [ "$rc" != 0 ] || rm -rf "$work/mutants"
+exit $rc

@@ -1,0 +1,60 @@
+"""Small documents and stalled servers: cases the mutation run (scripts/mutation.sh) showed untested."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from httpserver import HTTPServer
+
+from qemu_instances.digests import Algorithm, Digest
+from qemu_instances.download import RetryPolicy, download_verified, fetch_bytes, new_session
+from qemu_instances.errors import DownloadError
+
+pytestmark = pytest.mark.http
+QUICK = RetryPolicy(attempts=2, backoff=0.01, max_backoff=0.02, timeout=(1.0, 1.0))
+
+
+def test_a_document_of_many_chunks_comes_whole(http_server: HTTPServer) -> None:
+    body = random.Random(41).randbytes(300_000)
+    url = http_server.add("/doc", body)
+    assert fetch_bytes(url, session=new_session(), policy=QUICK) == body
+
+
+def test_the_size_limit_is_inclusive(http_server: HTTPServer) -> None:
+    url = http_server.add("/doc", b"x" * 1000)
+    assert len(fetch_bytes(url, session=new_session(), policy=QUICK, limit=1000)) == 1000
+    with pytest.raises(DownloadError, match=f"^{url} is larger than 999 bytes; refusing it$"):
+        fetch_bytes(url, session=new_session(), policy=QUICK, limit=999)
+
+
+def test_http_400_is_an_error_not_a_body(http_server: HTTPServer) -> None:
+    url = http_server.add("/doc", b"not what you asked for")
+    http_server.fault("/doc", fail_times=1, fail_status=400)
+    with pytest.raises(DownloadError, match=f"cannot download {url}: HTTP 400") as err:
+        fetch_bytes(url, session=new_session(), policy=QUICK)
+    assert err.value.status == 400
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A server that accepts connections and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/x"
+
+
+def test_a_server_that_never_answers_is_given_up_on(silent_server: str, tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="gave up after 2 attempts"):
+        fetch_bytes(silent_server, session=new_session(), policy=QUICK)
+    digest = Digest(Algorithm.SHA256, hashlib.sha256(b"").hexdigest())
+    with pytest.raises(DownloadError, match="gave up after 2 attempts"):
+        download_verified(silent_server, tmp_path / "x", digest, session=new_session(), policy=QUICK)
+    assert time.monotonic() - started < 30

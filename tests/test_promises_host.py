@@ -1,0 +1,128 @@
+"""Base volumes on a remote libvirt host: uploaded once through a libvirt stream, hashed, marked; a volume without
+its `.verified` marker, truncated or corrupted, is re-hashed and replaced.
+
+The remote host is the real libvirtd reached over SSH (qemu+ssh://root@127.0.0.1 through the sshd of
+test_remote.py), with a transient pool of this test's own, so no volume another test made (a hard link of a local
+launch) can stand in for an upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from mirror import make_qcow2
+from test_remote import Sshd, sshd  # noqa: F401  (the fixture)
+
+from qemu_instances.digests import Algorithm, Digest, hash_file
+from qemu_instances.errors import HypervisorError
+from qemu_instances.host import VERIFIED, Host
+
+pytestmark = pytest.mark.libvirt
+
+
+@pytest.fixture
+def remote(sshd: Sshd, tmp_path: Path) -> Iterator[tuple[Host, Any, Path]]:  # noqa: F811
+    """(remote Host, its pool object, the pool's directory): a fresh transient directory pool."""
+    directory = tmp_path / "pool"
+    directory.mkdir()
+    root = ET.Element("pool", type="dir")
+    ET.SubElement(root, "name").text = f"qinst-upload-{secrets.token_hex(3)}"
+    ET.SubElement(ET.SubElement(root, "target"), "path").text = str(directory)
+    with Host(sshd.uri) as host:
+        assert not host.is_local
+        pool = host.conn.storagePoolCreateXML(ET.tostring(root, encoding="unicode"), 0)
+        try:
+            yield host, pool, directory
+        finally:
+            for vol in pool.listAllVolumes():
+                vol.delete(0)
+            pool.destroy()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[Path, Digest]:
+    path = make_qcow2(tmp_path / "base.qcow2", 2, seed=31).file
+    return path, hash_file(path, Algorithm.SHA512)
+
+
+def _sha512(path: Path) -> str:
+    return hashlib.sha512(path.read_bytes()).hexdigest()
+
+
+def test_upload_verified_marked_and_not_repeated(remote: tuple[Host, Any, Path], image: tuple[Path, Digest]) -> None:
+    host, pool, directory = remote
+    source, digest = image
+    vol = host.base_volume(pool, digest.filename, source, digest)
+    uploaded = directory / digest.filename
+    assert vol.path() == str(uploaded)
+    assert _sha512(uploaded) == digest.hex and uploaded.stat().st_ino != source.stat().st_ino  # a copy, not a link
+    assert (directory / (digest.filename + VERIFIED)).read_text() == str(digest)
+    before = uploaded.stat()
+    host.base_volume(pool, digest.filename, source, digest)
+    after = uploaded.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "uploaded twice"
+
+
+def test_a_truncated_volume_is_replaced_even_when_marked(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    host, pool, directory = remote
+    source, digest = image
+    host.base_volume(pool, digest.filename, source, digest)
+    with (directory / digest.filename).open("r+b") as f:
+        f.truncate(source.stat().st_size // 2)
+    pool.refresh(0)
+    host.base_volume(pool, digest.filename, source, digest)
+    assert _sha512(directory / digest.filename) == digest.hex
+
+
+def test_an_unmarked_volume_is_rehashed_and_replaced_when_corrupt(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    host, pool, directory = remote
+    source, digest = image
+    host.base_volume(pool, digest.filename, source, digest)
+    host.delete_volume(pool, digest.filename + VERIFIED)
+    with (directory / digest.filename).open("r+b") as f:  # same size, one byte changed
+        f.seek(4096)
+        byte = f.read(1)
+        f.seek(4096)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    host.base_volume(pool, digest.filename, source, digest)
+    assert _sha512(directory / digest.filename) == digest.hex
+    assert (directory / (digest.filename + VERIFIED)).read_text() == str(digest)
+
+
+def test_an_unmarked_complete_volume_is_rehashed_marked_and_kept(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    host, pool, directory = remote
+    source, digest = image
+    host.base_volume(pool, digest.filename, source, digest)
+    host.delete_volume(pool, digest.filename + VERIFIED)
+    before = (directory / digest.filename).stat()
+    host.base_volume(pool, digest.filename, source, digest)
+    after = (directory / digest.filename).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert (directory / (digest.filename + VERIFIED)).read_text() == str(digest)
+
+
+def test_bytes_that_do_not_match_the_digest_leave_no_volume(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    host, pool, _ = remote
+    source, _ = image
+    wrong = Digest(Algorithm.SHA512, "0" * 128)
+    with pytest.raises(HypervisorError, match=f"the bytes sent for {wrong.filename} do not match its digest"):
+        host.base_volume(pool, wrong.filename, source, wrong)
+    pool.refresh(0)
+    assert pool.listVolumes() == []
+    with pytest.raises(libvirt.libvirtError):
+        pool.storageVolLookupByName(wrong.filename + VERIFIED)

@@ -1,0 +1,94 @@
+"""Prune against the real libvirtd (qemu:///system): an image that a defined qinst domain names is kept.
+
+The shared `qinst` pool of this machine belongs to every test running on it, so prune is pointed at a pool of
+this test's own (a transient directory pool with a unique name) holding base volumes of both images.
+"""
+
+from __future__ import annotations
+
+import secrets
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from mirror import make_qcow2
+
+from qemu_instances import host as host_module
+from qemu_instances import instances
+from qemu_instances.domain import METADATA_NS, Metadata
+from qemu_instances.images import ImageStore
+from qemu_instances.settings import Settings
+
+pytestmark = pytest.mark.libvirt
+URI = "qemu:///system"
+
+
+def _define(conn: Any, name: str, digest: str) -> Any:
+    """A defined (never started) qinst domain whose metadata names `digest`."""
+    root = ET.Element("domain", type="qemu")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "memory", unit="MiB").text = "64"
+    ET.SubElement(ET.SubElement(root, "os"), "type", arch="x86_64", machine="q35").text = "hvm"
+    node = ET.fromstring(Metadata(image="kept", digest=digest, user="u", network="none").to_xml())
+    for el in node.iter():
+        el.tag = f"{{{METADATA_NS}}}{el.tag}"
+    ET.SubElement(root, "metadata").append(node)
+    return conn.defineXML(ET.tostring(root, encoding="unicode"))
+
+
+@pytest.fixture
+def own_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    name = f"qinst-prune-{secrets.token_hex(3)}"
+    directory = tmp_path / "pool"
+    directory.mkdir()
+    directory.chmod(0o755)
+    conn = libvirt.open(URI)
+    root = ET.Element("pool", type="dir")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(ET.SubElement(root, "target"), "path").text = str(directory)
+    pool = conn.storagePoolCreateXML(ET.tostring(root, encoding="unicode"), 0)
+    monkeypatch.setattr(host_module, "POOL_NAME", name)
+    monkeypatch.setattr(instances, "POOL_NAME", name)
+    try:
+        yield pool
+    finally:
+        for vol in pool.listAllVolumes():
+            vol.delete(0)
+        pool.destroy()
+        conn.close()
+
+
+def _volume(pool: Any, name: str) -> None:
+    xml = f"<volume><name>{name}</name><capacity unit='bytes'>1024</capacity>"
+    xml += "<target><format type='raw'/></target></volume>"
+    pool.createXML(xml, 0)
+
+
+def test_prune_keeps_the_image_of_a_defined_instance(tmp_path: Path, own_pool: Any) -> None:
+    settings = Settings(connect=URI, cache_dir=tmp_path / "cache")
+    store = ImageStore(settings)
+    kept = store.pull(store.resolve(str(make_qcow2(tmp_path / "kept.qcow2", 1, seed=21).file)))
+    gone = store.pull(store.resolve(str(make_qcow2(tmp_path / "gone.qcow2", 1, seed=22).file)))
+    for image in (kept, gone):
+        _volume(own_pool, image.digest.filename)
+        _volume(own_pool, image.digest.filename + host_module.VERIFIED)
+    name = f"qinst-prune-{secrets.token_hex(3)}"
+    conn = libvirt.open(URI)
+    dom = _define(conn, name, str(kept.digest))
+    try:
+        removed = dict(instances.prune(settings, store))
+    finally:
+        dom.undefine()
+        conn.close()
+    assert set(removed) == {
+        str(gone.path),
+        f"volume {own_pool.name()}/{gone.digest.filename}",
+        f"volume {own_pool.name()}/{gone.digest.filename}{host_module.VERIFIED}",
+    }
+    assert removed[str(gone.path)] == gone.size
+    assert kept.path.exists() and not gone.path.exists()
+    own_pool.refresh(0)
+    assert sorted(own_pool.listVolumes()) == [kept.digest.filename, kept.digest.filename + host_module.VERIFIED]
