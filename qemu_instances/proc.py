@@ -40,7 +40,9 @@ def run(
             input=input.decode() if input is not None else None,
             stdin=subprocess.DEVNULL if input is None else None,
             capture_output=True,
-            text=True,
+            # A guest's SSH banner or a tool's message may hold any bytes: never fail on decoding them.
+            encoding="utf-8",
+            errors="replace",
             env=_env(),
             timeout=timeout,
             check=False,

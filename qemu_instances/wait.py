@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import re
 import tempfile
@@ -65,6 +66,8 @@ class ConsoleLog:
     path: Path
     text: str = ""
     _offset: int = 0
+    # Bytes that are not UTF-8 become U+FFFD; a character split between two reads is kept whole.
+    _decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
     def read(self) -> str:
         try:
@@ -74,7 +77,7 @@ class ConsoleLog:
         except FileNotFoundError:
             return self.text
         self._offset += len(chunk)
-        self.text += chunk.decode("utf-8", "replace")
+        self.text += self._decoder.decode(chunk)
         return self.text
 
     def tail(self, n: int = 20) -> str:
@@ -89,6 +92,7 @@ class ConsoleStream:
 
     def __init__(self, conn: Any, dom: Any) -> None:
         self.text = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
         try:
             dom.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
@@ -108,7 +112,7 @@ class ConsoleStream:
             if not data:  # the console closed (the domain stopped)
                 self._open = False
                 break
-            self.text += data.decode("utf-8", "replace")
+            self.text += self._decoder.decode(data)
         return self.text
 
     def tail(self, n: int = 20) -> str:
