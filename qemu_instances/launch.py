@@ -170,12 +170,7 @@ def _private_key(keys: list[SshKey]) -> str:
 
 
 def _read_user_data(path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read user-data {path}: {exc.strerror}") from exc
+    return None if path is None else seeds.read_input_file(path, "--user-data")
 
 
 def _set_metadata(dom: Any, meta: Metadata) -> None:

@@ -13,8 +13,10 @@ import functools
 import hashlib
 import importlib.resources
 import io
+import os
 import re
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from time import struct_time
 from typing import Any
 
@@ -57,6 +59,7 @@ PART_TYPES = {
     "#cloud-boothook": "text/cloud-boothook",
 }
 ACCEPTED_FORMATS = "#cloud-config, a #! script, #include, #cloud-boothook, or a MIME multipart message"
+MAX_INPUT_FILE = 16 << 20  # bytes: cloud-init's own limit on user data is far below; a seed is read whole
 
 # In a multipart message, cloud-init merges each cloud-config part into the ones before it with that part's
 # Merge-Type. Ours comes last and neither replaces the user's values nor drops their list items: the same
@@ -92,6 +95,27 @@ class SeedSpec:
         validate_user(self.user)
         for key in self.ssh_keys:
             parse_public_key(key, "SSH key")
+
+
+def read_input_file(path: Path, what: str) -> bytes:
+    """The bytes of a file the user gave (user-data, network-config): a regular file of at most 16 MiB.
+
+    A FIFO, a device or a folder is refused without reading it (a FIFO would block, /dev/zero never ends).
+    """
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
+        raise UsageError(f"{what}: the file name {str(path)!r} holds a control character")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise UsageError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{what}: {path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_INPUT_FILE + 1)
+    if len(data) > MAX_INPUT_FILE:
+        raise UsageError(f"{what}: {path} is larger than {MAX_INPUT_FILE >> 20} MiB")
+    return data
 
 
 def validate_hostname(name: str) -> str:

@@ -67,7 +67,9 @@ class ConsoleLog:
     text: str = ""
     _offset: int = 0
     # Bytes that are not UTF-8 become U+FFFD; a character split between two reads is kept whole.
-    _decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    _decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
 
     def read(self) -> str:
         try:

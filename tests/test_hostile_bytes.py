@@ -5,6 +5,7 @@ The SSH server is a real TCP server on 127.0.0.1 that answers like a broken or h
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import threading
@@ -42,10 +43,8 @@ def bad_sshd() -> Iterator[int]:
             with conn:
                 conn.sendall(BANNER)
                 conn.settimeout(2)
-                try:
+                with contextlib.suppress(OSError):
                     conn.recv(4096)
-                except OSError:
-                    pass
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
