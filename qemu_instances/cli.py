@@ -354,18 +354,20 @@ def list_(
     as_json: JsonOpt = False,
 ) -> None:
     """List qinst's instances: name, state, image, address, age."""
-    from qemu_instances.instances import list_instances, open_host
+    from qemu_instances.instances import list_instances, open_host, orphans
 
     if all_hosts:
         _list_all_hosts(ctx, as_json)
         return
     with open_host(_settings(ctx, connects=True)) as host:
         found = list_instances(host)
+        lost = orphans(host)  # volumes of an `up` killed before its domain was defined: 'qinst rm NAME'
     if as_json:
-        _print_json([i.to_json() for i in found])
+        _print_json([i.to_json() for i in found] + [o.to_json() for o in lost])
         return
     _table(
-        [[i.name, i.state, i.metadata.image, i.address, _age(i.metadata.created)] for i in found],
+        [[i.name, i.state, i.metadata.image, i.address, _age(i.metadata.created)] for i in found]
+        + [[o.name, "orphan", "-", "-", "-"] for o in lost],
         ["NAME", "STATE", "IMAGE", "ADDRESS", "AGE"],
     )
 

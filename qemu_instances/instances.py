@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import libvirt
 
 from qemu_instances.digests import Digest
 from qemu_instances.domain import (
+    NAME_RE,
     Metadata,
     metadata_from_domain_xml,
 )
@@ -125,10 +127,73 @@ def get_instance(host: Host, name: str) -> tuple[Any, Instance]:
     return dom, inst
 
 
+# The volumes `up` makes for an instance NAME, before its domain exists (the console log: on remote hosts).
+INSTANCE_VOLUMES = (".qcow2", "-seed.iso", "-console.log")
+ORPHAN_GRACE = 600.0  # seconds: younger volumes without a domain may belong to an `up` still running
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """Volumes of an instance whose domain does not exist (an `up` killed before it defined the domain)."""
+
+    name: str
+    volumes: tuple[str, ...]
+    age: float | None = None  # seconds since the newest volume changed, when libvirt says
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "state": "orphan", "volumes": list(self.volumes)}
+
+
+def orphans(host: Host) -> list[Orphan]:
+    """Instance volumes in qinst's pool named for no domain at all, grouped by instance name."""
+    if POOL_NAME not in host.pool_names():
+        return []
+    pool = host.pool(create=False)
+    with libvirt_errors("cannot list domains"):
+        names = {dom.name() for dom in host.conn.listAllDomains(0)}
+    found: dict[str, list[str]] = {}
+    for vol in host.volume_names(pool):
+        for suffix in INSTANCE_VOLUMES:
+            name = vol.removesuffix(suffix)
+            if vol.endswith(suffix) and NAME_RE.fullmatch(name) and name not in names:
+                found.setdefault(name, []).append(vol)
+    return [Orphan(name, tuple(vols), _newest_age(host, pool, vols)) for name, vols in sorted(found.items())]
+
+
+def _newest_age(host: Host, pool: Any, vols: list[str]) -> float | None:
+    ages = []
+    for name in vols:
+        vol = host.volume(pool, name)
+        with contextlib.suppress(libvirt.libvirtError, ET.ParseError, ValueError):
+            mtime = ET.fromstring(vol.XMLDesc(0)).findtext("target/timestamps/mtime") if vol else None
+            if mtime:
+                ages.append(time.time() - float(mtime))
+    return min(ages) if ages else None
+
+
+def _remove_orphan(host: Host, orphan: Orphan) -> list[tuple[str, int]]:
+    """Delete an orphan's volumes and console log; (volume, size) of each volume deleted."""
+    from qemu_instances.launch import console_log_path  # launch imports this module
+
+    pool = host.pool(create=False)
+    removed = []
+    for name in orphan.volumes:
+        vol = host.volume(pool, name)
+        size = vol.info()[2] if vol is not None else 0
+        if host.delete_volume(pool, name):
+            removed.append((name, size))
+    remove_logs(host, orphan.name, str(console_log_path(host, pool, orphan.name)))
+    return removed
+
+
 def prune(settings: Settings, store: ImageStore) -> list[tuple[str, int]]:
-    """Remove cached images and base volumes that no instance uses, and stale partial downloads."""
+    """Remove cached images and base volumes that no instance uses, stale partial downloads, and the volumes of
+    instances whose domain is gone (older than ORPHAN_GRACE)."""
     removed: list[tuple[str, int]] = []
     with Host(settings.connect) as host:
+        for orphan in orphans(host):
+            if orphan.age is None or orphan.age > ORPHAN_GRACE:
+                removed += [(f"volume {POOL_NAME}/{vol}", size) for vol, size in _remove_orphan(host, orphan)]
         in_use = {i.metadata.digest for i in list_instances(host)}
         pool = host.pool(create=False) if POOL_NAME in host.pool_names() else None
         if pool is not None:
@@ -160,6 +225,8 @@ def open_host(settings: Settings) -> Host:
 
 def remove(host: Host, name: str, *, force: bool = False) -> list[str]:
     """Remove instance `name`: its domain and every volume qinst made for it. Returns what was removed."""
+    if lookup(host, name) is None and (orphan := next((o for o in orphans(host) if o.name == name), None)):
+        return [f"volume {vol}" for vol, _ in _remove_orphan(host, orphan)]
     dom, inst = get_instance(host, name)
     if inst.state not in ("shutoff", "crashed") and not force:
         raise UsageError(f"instance {name!r} is {inst.state}", hint=f"stop it first, or: qinst rm --force {name}")

@@ -33,6 +33,7 @@ from qemu_instances.domain import (
     validate_name,
 )
 from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, UsageError
+from qemu_instances.faults import _test_pause
 from qemu_instances.host import Host, libvirt_errors
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qemu_img_info
 from qemu_instances.instances import Instance, host_key_scanner, lookup, remove_logs, state_of, undefine
@@ -302,8 +303,10 @@ class Launcher:
         virtual = int(qemu_img_info(image.path).get("virtual-size", 0))
         host.overlay_volume(pool, disk_name, base, req.disk_gib * GiB, image.format, virtual)
         cleanup.add(f"volume {disk_name}", lambda: host.delete_volume(pool, disk_name))
+        _test_pause("overlay")
         seed_vol = host.upload_volume(pool, seed_name, io.BytesIO(inputs.iso), len(inputs.iso))
         cleanup.add(f"volume {seed_name}", lambda: host.delete_volume(pool, seed_name))
+        _test_pause("seed")
         ssh_port = 22
         if network.kind is NetworkKind.USER:
             # The forward listens on the daemon's host: a port free here says nothing about a remote one.
@@ -387,6 +390,7 @@ class Launcher:
         xml = domain_xml(spec)
         with libvirt_errors(f"libvirt refused the domain {spec.name}"):
             dom = host.conn.defineXML(xml)
+        _test_pause("define")
         try:
             with libvirt_errors(f"cannot start {spec.name}"):
                 dom.create()
@@ -407,6 +411,7 @@ class Launcher:
             cancelled=run.cancel.is_set,
             scan=host_key_scanner(run.host),
         )
+        _test_pause("wait")
         try:
             return wait_ready(probe, timeout=run.timeout, readiness=run.readiness)
         finally:
