@@ -298,6 +298,9 @@ def up(
     ),
     source: Annotated[str, typer.Option("--source", help="upstream or aleph.")] = "upstream",
     latest: Annotated[bool, typer.Option("--latest", help="Take the newest upstream build.")] = False,
+    ignore_cloud_init_errors: Annotated[
+        bool, typer.Option("--ignore-cloud-init-errors", help="Succeed (with a warning) when cloud-init had errors.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Launch an instance and wait until it is ready."""
@@ -322,6 +325,7 @@ def up(
         timeout=timeout,
         source=_choice(Source, source, "--source"),
         latest=latest,
+        ignore_cloud_init_errors=ignore_cloud_init_errors,
     )
     from qemu_instances.fleet import for_host, place
 

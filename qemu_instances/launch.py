@@ -39,7 +39,16 @@ from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qem
 from qemu_instances.instances import Instance, host_key_scanner, lookup, remove_logs, state_of, undefine
 from qemu_instances.settings import Settings
 from qemu_instances.sshkeys import SshKey, resolve_keys
-from qemu_instances.wait import Console, ConsoleLog, ConsoleStream, GuestPaused, Probe, Readiness, wait_ready
+from qemu_instances.wait import (
+    CloudInitErrors,
+    Console,
+    ConsoleLog,
+    ConsoleStream,
+    GuestPaused,
+    Probe,
+    Readiness,
+    wait_ready,
+)
 
 if TYPE_CHECKING:
     from qemu_instances.download import Progress
@@ -69,6 +78,7 @@ class UpRequest:
     source: Source = Source.UPSTREAM
     latest: bool = False
     extra_config: dict[str, Any] | None = None  # more cloud-config (smoke checks)
+    ignore_cloud_init_errors: bool = False  # a reachable guest whose cloud-init had errors is a success
 
 
 @dataclass
@@ -208,6 +218,7 @@ class _Run:
     cancel: threading.Event
     timeout: float
     timings: dict[str, float] = field(default_factory=dict)
+    ignore_cloud_init_errors: bool = False
 
     def lap(self, phase: str, since: float) -> None:
         self.timings[phase] = round(time.monotonic() - since, 2)
@@ -246,6 +257,7 @@ class Launcher:
                 cancel or threading.Event(),
                 req.timeout,
                 timings if timings is not None else {},
+                ignore_cloud_init_errors=req.ignore_cloud_init_errors,
             )
             run.lap("download", t0)
             try:
@@ -257,6 +269,11 @@ class Launcher:
                 # The guest booted: keep it for inspection.
                 name = inputs.name
                 exc.hint = f"the instance is kept for inspection: 'qinst logs {name}'; remove it with 'qinst rm {name}'"
+                if isinstance(exc, CloudInitErrors):
+                    exc.hint = (
+                        f"the guest is kept and reachable: 'qinst ssh {name}' works; remove it with "
+                        f"'qinst rm --force {name}', or accept such errors with --ignore-cloud-init-errors"
+                    )
                 raise
             except BaseException:
                 run.cleanup.run()
@@ -367,11 +384,7 @@ class Launcher:
             keys_seen = self._wait(run, dom, spec)
         run.timings.update(run.readiness.durations())
         run.lap("total", run.t0)
-        meta = replace(
-            spec.metadata,
-            ssh_host=_ssh_host(host, dom, spec.network)() or "",
-            host_keys="\n".join(f"{k} {b}" for k, b in keys_seen),
-        )
+        meta = _reachable(host, dom, spec, keys_seen)
         _set_metadata(dom, meta)
         return UpResult(Instance(name, "running", meta), run.timings, ready=True)
 
@@ -414,8 +427,23 @@ class Launcher:
         _test_pause("wait")
         try:
             return wait_ready(probe, timeout=run.timeout, readiness=run.readiness)
+        except CloudInitErrors as exc:
+            _set_metadata(dom, _reachable(run.host, dom, spec, exc.keys))  # so that `qinst ssh` works
+            if not run.ignore_cloud_init_errors:
+                raise
+            log.warning("%s (accepted: --ignore-cloud-init-errors)", exc.message.splitlines()[0].rstrip(":"))
+            return exc.keys
         finally:
             probe.console.close()
+
+
+def _reachable(host: Host, dom: Any, spec: InstanceSpec, keys: list[tuple[str, str]]) -> Metadata:
+    """spec's metadata with the guest's address and the host keys SSH was seen to offer."""
+    return replace(
+        spec.metadata,
+        ssh_host=_ssh_host(host, dom, spec.network)() or "",
+        host_keys="\n".join(f"{k} {b}" for k, b in keys),
+    )
 
 
 def _with_accel(spec: InstanceSpec, accel: Accel) -> InstanceSpec:

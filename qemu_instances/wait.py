@@ -26,6 +26,9 @@ CLOUD_INIT_FAILED = re.compile(
     r"[^\r\n]*\[(?:WARNING|ERROR|CRITICAL)\]: (?:Failed running |Failed to run module |Running module \S+ .*failed)"
     r"[^\r\n]*"
 )
+# The module a failure belongs to, in cloud-init's console lines ("Running module scripts_user (...) failed").
+FAILED_MODULE = re.compile(r"(?:Running module|Failed to run module) ([A-Za-z0-9_-]+)")
+ERRORS_SSH_GRACE = 60.0  # seconds: after cloud-init finished with errors, how long SSH may take to answer
 HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
 KEY_LINE = re.compile(r"((?:ssh|ecdsa|sk)-[\w@.-]+) ([A-Za-z0-9+/=]{32,})")
 POLL = 0.5  # seconds: readiness is noticed within a second of happening
@@ -40,6 +43,16 @@ class Phase(StrEnum):
 
 class GuestPaused(GuestFailed):
     """The domain paused by itself (under KVM here: an emulation failure)."""
+
+
+class CloudInitErrors(GuestFailed):
+    """cloud-init finished with errors, but SSH offers a host key the guest printed: the guest is reachable."""
+
+    def __init__(self, failures: list[str], keys: list[tuple[str, str]]) -> None:
+        self.modules = sorted({m for line in failures for m in FAILED_MODULE.findall(line)})
+        named = f" in module(s) {', '.join(self.modules)}" if self.modules else ""
+        super().__init__(f"cloud-init finished with errors{named}:\n" + "\n".join(failures[-10:]))
+        self.keys = keys
 
 
 class Console(Protocol):
@@ -232,6 +245,7 @@ def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[tu
     """
     deadline = time.monotonic() + timeout
     next_scan = 0.0
+    failures: list[str] = []
     while True:
         if probe.cancelled():
             raise Interrupted("stopped while waiting for the guest")
@@ -252,9 +266,9 @@ def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[tu
             readiness.mark(Phase.CLOUD_INIT)
             if "DataSourceNone" in done.group(0):
                 raise GuestFailed(f"cloud-init found no NoCloud seed: {done.group(0).strip()}")
-            failures = [m.group(0).strip() for m in CLOUD_INIT_FAILED.finditer(text)]
-            if failures:
-                raise GuestFailed("cloud-init reported errors:\n" + "\n".join(failures[-10:]))
+            if not failures and (failures := [m.group(0).strip() for m in CLOUD_INIT_FAILED.finditer(text)]):
+                # Still check SSH (not for long), so that the guest stays reachable for inspection.
+                deadline = min(deadline, time.monotonic() + ERRORS_SSH_GRACE)
             keys = host_keys(text)
             if not keys:
                 raise GuestFailed(
@@ -273,8 +287,12 @@ def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[tu
                     )
                 if verdict:
                     readiness.mark(Phase.SSH)
+                    if failures:
+                        raise CloudInitErrors(failures, keys)
                     return keys
         if time.monotonic() > deadline:
+            if failures:
+                raise GuestFailed("cloud-init reported errors, and SSH did not answer:\n" + "\n".join(failures[-10:]))
             reached = ", ".join(readiness.phases) or "nothing"
             raise GuestTimeout(
                 f"the guest was not ready within {timeout:.0f} s (reached: {reached})\n{probe.console.tail()}"
