@@ -28,7 +28,7 @@ CLOUD_INIT_FAILED = re.compile(
 )
 # The module a failure belongs to, in cloud-init's console lines ("Running module scripts_user (...) failed").
 FAILED_MODULE = re.compile(r"(?:Running module|Failed to run module) ([A-Za-z0-9_-]+)")
-ERRORS_SSH_GRACE = 60.0  # seconds: after cloud-init finished with errors, how long SSH may take to answer
+ERRORS_SSH_GRACE = 120.0  # seconds: after cloud-init finished with errors, how long SSH may take to answer
 HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
 KEY_LINE = re.compile(r"((?:ssh|ecdsa|sk)-[\w@.-]+) ([A-Za-z0-9+/=]{32,})")
 POLL = 0.5  # seconds: readiness is noticed within a second of happening

@@ -82,7 +82,7 @@ def _up(
 ) -> subprocess.CompletedProcess[str]:
     return _run(
         "up", "qinst-test", "--name", name, "--network", "user:restrict", "--ssh-key", str(ssh_key),
-        "--user-data", str(user_data), "--disk", "3", "--timeout", str(BOOT), *extra,
+        "--user-data", str(user_data), "--disk", "3", "--accel", "tcg", "--timeout", str(BOOT), *extra,
         env=env, timeout=BOOT + 120,
     )  # fmt: skip
 
@@ -111,8 +111,8 @@ def test_up_exits_5_naming_the_module_and_the_guest_stays_reachable(
 ) -> None:
     name, up = failed_up
     assert up.returncode == 5, up.stderr
-    assert "cloud-init finished with errors in module(s) scripts" in up.stderr
-    assert f"'qinst ssh {name}' works" in up.stderr
+    assert "cloud-init finished with errors in module(s) scripts" in up.stderr, up.stderr
+    assert f"'qinst ssh {name}' works" in up.stderr, up.stderr
     ssh = _run("ssh", name, "--", "cat", "/run/cloud-init/result.json", env=vm_env)
     assert ssh.returncode == 0, ssh.stderr
     assert json.loads(ssh.stdout)["v1"]["errors"]
@@ -134,8 +134,8 @@ def test_up_ignore_cloud_init_errors_succeeds_with_a_warning(
     try:
         up = _up(name, vm_env, ssh_key, user_data, "--ignore-cloud-init-errors")
         assert up.returncode == 0, up.stderr
-        assert "qinst: warning: cloud-init finished with errors in module(s) scripts" in up.stderr
-        assert "--ignore-cloud-init-errors" in up.stderr and f"{name} is ready" in up.stderr
+        assert "qinst: warning: cloud-init finished with errors in module(s) scripts" in up.stderr, up.stderr
+        assert "--ignore-cloud-init-errors" in up.stderr and f"{name} is ready" in up.stderr, up.stderr
         ssh = _run("ssh", name, "--", "true", env=vm_env)
         assert ssh.returncode == 0, ssh.stderr
     finally:
