@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 from qemu_instances.errors import ConfigError, UsageError
+from qemu_instances.validate import read_regular_file
 
 CONFIG_NAME = "config.toml"
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -20,11 +21,9 @@ def load_hosts(config_dir: Path) -> dict[str, str]:
     """Host name -> libvirt URI, from config_dir/config.toml (empty when there is no file)."""
     path = config_dir / CONFIG_NAME
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_regular_file(path, "config file", 1 << 20, ConfigError).decode("utf-8")
     except FileNotFoundError:
         return {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:

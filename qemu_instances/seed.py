@@ -13,10 +13,8 @@ import functools
 import hashlib
 import importlib.resources
 import io
-import os
 import re
 import secrets
-import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -38,6 +36,7 @@ import yaml
 
 from qemu_instances.errors import QinstError, UsageError
 from qemu_instances.sshkeys import parse_public_key
+from qemu_instances.validate import read_regular_file
 
 TEMPLATES_PACKAGE = "cloudinit_templates"
 VOLUME_LABEL = "cidata"  # what NoCloud looks for (or CIDATA)
@@ -105,17 +104,9 @@ def read_input_file(path: Path, what: str) -> bytes:
     if any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
         raise UsageError(f"{what}: the file name {str(path)!r} holds a control character")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError as exc:
-        raise UsageError(f"{what}: cannot read {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UsageError(f"{what}: {path} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_INPUT_FILE + 1)
-    if len(data) > MAX_INPUT_FILE:
-        raise UsageError(f"{what}: {path} is larger than {MAX_INPUT_FILE >> 20} MiB")
-    return data
+        return read_regular_file(path, what, MAX_INPUT_FILE)
+    except FileNotFoundError:
+        raise UsageError(f"{what}: {path} does not exist") from None
 
 
 def validate_hostname(name: str) -> str:

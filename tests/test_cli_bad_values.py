@@ -122,3 +122,10 @@ def test_malformed_config_file(qinst: RunQinst, env: dict[str, str], content: by
     config.parent.mkdir(parents=True)
     config.write_bytes(content)
     _one_clear_error(qinst("images", env=env), 3, *words)
+
+
+def test_config_file_that_is_a_fifo_does_not_hang(qinst: RunQinst, env: dict[str, str]) -> None:
+    config = Path(env["XDG_CONFIG_HOME"]) / "qinst" / "config.toml"
+    config.parent.mkdir(parents=True)
+    os.mkfifo(config)
+    _one_clear_error(qinst("images", env=env, timeout=30), 3, "config.toml", "not a regular file")
