@@ -28,7 +28,6 @@ CLOUD_INIT_FAILED = re.compile(
 )
 # The module a failure belongs to, in cloud-init's console lines ("Running module scripts_user (...) failed").
 FAILED_MODULE = re.compile(r"(?:Running module|Failed to run module) ([A-Za-z0-9_-]+)")
-ERRORS_SSH_GRACE = 120.0  # seconds: after cloud-init finished with errors, how long SSH may take to answer
 HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
 KEY_LINE = re.compile(r"((?:ssh|ecdsa|sk)-[\w@.-]+) ([A-Za-z0-9+/=]{32,})")
 POLL = 0.5  # seconds: readiness is noticed within a second of happening
@@ -266,9 +265,8 @@ def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[tu
             readiness.mark(Phase.CLOUD_INIT)
             if "DataSourceNone" in done.group(0):
                 raise GuestFailed(f"cloud-init found no NoCloud seed: {done.group(0).strip()}")
-            if not failures and (failures := [m.group(0).strip() for m in CLOUD_INIT_FAILED.finditer(text)]):
-                # Still check SSH (not for long), so that the guest stays reachable for inspection.
-                deadline = min(deadline, time.monotonic() + ERRORS_SSH_GRACE)
+            # With errors, SSH is still checked (within the same timeout): the guest stays reachable for inspection.
+            failures = [m.group(0).strip() for m in CLOUD_INIT_FAILED.finditer(text)]
             keys = host_keys(text)
             if not keys:
                 raise GuestFailed(
