@@ -194,7 +194,7 @@ def check_host_keys_via(ssh_options: list[str]) -> KeyCheck:
 def scan_host_keys(host: str, port: int) -> list[tuple[str, str]]:
     """The host keys the SSH server at host:port offers right now (empty when it does not answer)."""
     try:
-        out = run(["ssh-keyscan", "-T", "2", "-p", str(port), host], timeout=10).stdout
+        out = run(["ssh-keyscan", "-T", "10", "-p", str(port), host], timeout=30).stdout
     except QinstError:
         return []
     return KEY_LINE.findall(out)
@@ -243,7 +243,7 @@ def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[tu
     GuestTimeout after `timeout` seconds.
     """
     deadline = time.monotonic() + timeout
-    next_scan = 0.0
+    next_scan, scans = 0.0, 0
     failures: list[str] = []
     while True:
         if probe.cancelled():
@@ -276,7 +276,10 @@ def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[tu
                 )
             host = probe.ssh_host()
             if host and time.monotonic() >= next_scan:
-                next_scan = time.monotonic() + 1.0
+                # Back off: each unanswered scan can leave a pre-auth sshd child in a slow guest, and too many
+                # make sshd drop every new connection ("Exceeded MaxStartups").
+                scans += 1
+                next_scan = time.monotonic() + min(10.0, float(scans))
                 verdict = probe.scan(host, probe.ssh_port, keys)
                 if verdict is False:
                     raise GuestFailed(
