@@ -173,6 +173,25 @@ class _ProgressBar:
             self._progress.stop()
 
 
+# Option callbacks: values checked while parsing, before the command makes anything.
+def _seconds(param: typer.CallbackParam, value: float) -> float:
+    from qemu_instances.validate import seconds
+
+    return seconds(value, param.opts[0])
+
+
+def _output_file(param: typer.CallbackParam, value: Path | None) -> Path | None:
+    from qemu_instances.validate import output_file
+
+    return None if value is None else output_file(value, param.opts[0])
+
+
+def _output_dir(param: typer.CallbackParam, value: Path | None) -> Path | None:
+    from qemu_instances.validate import output_dir
+
+    return None if value is None else output_dir(value, param.opts[0])
+
+
 def _store(ctx: typer.Context) -> ImageStore:
     from qemu_instances.images import ImageStore
 
@@ -283,9 +302,9 @@ def up(
     ctx: typer.Context,
     image: Annotated[str, typer.Argument(help="Catalog name or alias, aleph:<hash>, local file, or URL.")],
     name: Annotated[str | None, typer.Option("--name", help="Instance name (default <image>-<4 chars>).")] = None,
-    cpus: Annotated[int, typer.Option("--cpus", help="Virtual CPUs.")] = 2,
-    memory: Annotated[int, typer.Option("--memory", help="Memory in MiB.")] = 1024,
-    disk: Annotated[int, typer.Option("--disk", help="Disk size in GiB (the root fs grows to it).")] = 10,
+    cpus: Annotated[int, typer.Option("--cpus", min=1, help="Virtual CPUs.")] = 2,
+    memory: Annotated[int, typer.Option("--memory", min=64, help="Memory in MiB.")] = 1024,
+    disk: Annotated[int, typer.Option("--disk", min=1, help="Disk size in GiB (the root fs grows to it).")] = 10,
     ssh_key: Annotated[
         list[Path] | None, typer.Option("--ssh-key", help="Public key file (repeatable).", show_default=False)
     ] = None,
@@ -295,15 +314,22 @@ def up(
         str | None,
         typer.Option("--network", help="default | network:NAME | bridge:DEV | user | user:restrict | none."),
     ] = None,
-    ssh_port: Annotated[int | None, typer.Option("--ssh-port", help="Host port for SSH (user network).")] = None,
+    ssh_port: Annotated[
+        int | None, typer.Option("--ssh-port", min=1, max=65535, help="Host port for SSH (user network).")
+    ] = None,
     accel: Annotated[str, typer.Option("--accel", help="auto | kvm | tcg.")] = "auto",
     firmware: Annotated[str, typer.Option("--firmware", help="bios | uefi.")] = "bios",
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until cloud-init finished and SSH answers.")] = (
         True
     ),
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the guest.")] = 300.0,
+    timeout: Annotated[float, typer.Option("--timeout", callback=_seconds, help="Seconds to wait for the guest.")] = (
+        300.0
+    ),
     source: Annotated[str, typer.Option("--source", help="upstream or aleph.")] = "upstream",
     latest: Annotated[bool, typer.Option("--latest", help="Take the newest upstream build.")] = False,
+    ignore_cloud_init_errors: Annotated[
+        bool, typer.Option("--ignore-cloud-init-errors", help="Succeed (with a warning) when cloud-init had errors.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Launch an instance and wait until it is ready."""
@@ -328,6 +354,7 @@ def up(
         timeout=timeout,
         source=_choice(Source, source, "--source"),
         latest=latest,
+        ignore_cloud_init_errors=ignore_cloud_init_errors,
     )
     from qemu_instances.fleet import for_host, place
 
@@ -360,18 +387,20 @@ def list_(
     as_json: JsonOpt = False,
 ) -> None:
     """List qinst's instances: name, state, image, address, age."""
-    from qemu_instances.instances import list_instances, open_host
+    from qemu_instances.instances import list_instances, open_host, orphans
 
     if all_hosts:
         _list_all_hosts(ctx, as_json)
         return
     with open_host(_settings(ctx, connects=True)) as host:
         found = list_instances(host)
+        lost = orphans(host)  # volumes of an `up` killed before its domain was defined: 'qinst rm NAME'
     if as_json:
-        _print_json([i.to_json() for i in found])
+        _print_json([i.to_json() for i in found] + [o.to_json() for o in lost])
         return
     _table(
-        [[i.name, i.to_json()["state"], i.metadata.image, i.address, _age(i.metadata.created)] for i in found],
+        [[i.name, i.to_json()["state"], i.metadata.image, i.address, _age(i.metadata.created)] for i in found]
+        + [[o.name, "orphan", "-", "-", "-"] for o in lost],
         ["NAME", "STATE", "IMAGE", "ADDRESS", "AGE"],
     )
 
@@ -482,7 +511,7 @@ def start(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Instance name.")],
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until SSH answers.")] = True,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for SSH.")] = 300.0,
+    timeout: Annotated[float, typer.Option("--timeout", callback=_seconds, help="Seconds to wait for SSH.")] = 300.0,
 ) -> None:
     """Start a stopped instance (and wait until SSH answers with its recorded host key)."""
     from qemu_instances import instances
@@ -519,12 +548,18 @@ def rm(
 def smoke(
     ctx: typer.Context,
     images: Annotated[list[str], typer.Argument(help="Images to boot-test.")],
-    junit: Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report here.")] = None,
-    parallel: Annotated[
-        int | None, typer.Option("--parallel", help="Boots at once (default: what cores and memory allow).")
+    junit: Annotated[
+        Path | None, typer.Option("--junit", callback=_output_file, help="Write a JUnit XML report here.")
     ] = None,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds each image may take to become ready.")] = 600.0,
-    artifacts: Annotated[Path | None, typer.Option("--artifacts", help="Console and cloud-init logs go here.")] = None,
+    parallel: Annotated[
+        int | None, typer.Option("--parallel", min=1, help="Boots at once (default: what cores and memory allow).")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", callback=_seconds, help="Seconds each image may take to become ready.")
+    ] = 600.0,
+    artifacts: Annotated[
+        Path | None, typer.Option("--artifacts", callback=_output_dir, help="Console and cloud-init logs go here.")
+    ] = None,
     keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep failed instances for inspection.")] = False,
     accel: Annotated[str, typer.Option("--accel", help="auto | kvm | tcg.")] = "auto",
     network: Annotated[str, typer.Option("--network", help="Network for the guests (as for up).")] = "user",
@@ -573,7 +608,7 @@ def smoke(
 @app.command()
 def seed(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option("--out", help="Where to write the ISO.")],
+    out: Annotated[Path, typer.Option("--out", callback=_output_file, help="Where to write the ISO.")],
     hostname: Annotated[str, typer.Option("--hostname", help="Guest host name.")] = "qinst",
     instance_id: Annotated[
         str | None, typer.Option("--instance-id", help="cloud-init instance id (default random).")

@@ -10,7 +10,8 @@ import re
 import tomllib
 from pathlib import Path
 
-from qemu_instances.errors import UsageError
+from qemu_instances.errors import ConfigError, UsageError
+from qemu_instances.validate import read_regular_file
 
 CONFIG_NAME = "config.toml"
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -20,24 +21,27 @@ def load_hosts(config_dir: Path) -> dict[str, str]:
     """Host name -> libvirt URI, from config_dir/config.toml (empty when there is no file)."""
     path = config_dir / CONFIG_NAME
     try:
-        text = path.read_text()
+        text = read_regular_file(path, "config file", 1 << 20, ConfigError).decode("utf-8")
     except FileNotFoundError:
         return {}
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path}: invalid TOML: {exc}") from exc
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     unknown = sorted(set(data) - {"hosts"})
     if unknown:
-        raise UsageError(f"{path}: unknown key {unknown[0]!r} (hosts go under [hosts.NAME])")
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (hosts go under [hosts.NAME])")
+    table = data.get("hosts", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: key 'hosts' must be a table of [hosts.NAME] entries, not {type(table).__name__}")
     hosts: dict[str, str] = {}
-    for name, entry in (data.get("hosts") or {}).items():
+    for name, entry in table.items():
         if not _HOST_NAME.fullmatch(name) or name == "auto":
-            raise UsageError(f"{path}: invalid host name {name!r}")
+            raise ConfigError(f"{path}: invalid host name {name!r} in key 'hosts'")
         if not isinstance(entry, dict) or set(entry) != {"uri"} or not isinstance(entry["uri"], str):
-            raise UsageError(f'{path}: [hosts.{name}] needs exactly one key, uri = "qemu+ssh://..."')
+            raise ConfigError(f'{path}: key hosts.{name} needs exactly one key, uri = "qemu+ssh://..."')
         hosts[name] = entry["uri"]
     return hosts
 

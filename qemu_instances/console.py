@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import codecs
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +20,11 @@ class Console(Protocol):
     def close(self) -> None: ...
 
 
+def utf8_decoder() -> codecs.IncrementalDecoder:
+    """A decoder for a console's byte stream: never fails, and keeps a character split between two reads whole."""
+    return codecs.getincrementaldecoder("utf-8")("replace")
+
+
 def tail_lines(text: str, n: int = 20) -> str:
     """The last n non-blank lines of console text, without carriage returns."""
     lines = [line.rstrip("\r") for line in text.splitlines() if line.strip()]
@@ -32,6 +38,8 @@ class ConsoleLog:
     path: Path
     text: str = ""
     _offset: int = 0
+    # Bytes that are not UTF-8 become U+FFFD; a character split between two reads is kept whole.
+    _decoder: codecs.IncrementalDecoder = field(default_factory=lambda: utf8_decoder())
 
     def read(self) -> str:
         try:
@@ -41,7 +49,7 @@ class ConsoleLog:
         except FileNotFoundError:
             return self.text
         self._offset += len(chunk)
-        self.text += chunk.decode("utf-8", "replace")
+        self.text += self._decoder.decode(chunk)
         return self.text
 
     def tail(self, n: int = 20) -> str:

@@ -239,11 +239,16 @@ def _namespaced(element: ET.Element) -> ET.Element:
 
 
 def metadata_from_domain_xml(xml: str) -> Metadata | None:
-    """qinst's record from a domain's XML, or None for a domain qinst did not create."""
-    root = ET.fromstring(xml)
-    node = root.find(f"metadata/{{{METADATA_NS}}}instance")
-    if node is None:
-        return None
-    for el in node.iter():
-        el.tag = el.tag.split("}", 1)[-1]
-    return Metadata.from_xml(ET.tostring(node, encoding="unicode"))
+    """qinst's record from a domain's XML, or None for a domain qinst did not create.
+
+    The XML is untrusted (anyone who can define a domain writes it): what cannot be read is a UsageError."""
+    try:
+        root = ET.fromstring(xml)
+        node = root.find(f"metadata/{{{METADATA_NS}}}instance")
+        if node is None:
+            return None
+        for el in node.iter():
+            el.tag = el.tag.split("}", 1)[-1]
+        return Metadata.from_xml(ET.tostring(node, encoding="unicode"))
+    except (ET.ParseError, ValueError, TypeError) as exc:
+        raise UsageError(f"unreadable qinst metadata: {str(exc)[:100]!r}") from exc

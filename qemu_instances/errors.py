@@ -6,6 +6,7 @@ QinstError                 exit 1  unexpected failure
 │   ├── CatalogError               malformed catalog, unknown image name
 │   ├── DownloadError              HTTP/network failure after retries
 │   └── DigestMismatch             the bytes are not the ones pinned
+├── ConfigError            exit 3  malformed config file (like a malformed catalog)
 ├── HypervisorError        exit 4  libvirt unreachable, define/start failed
 ├── GuestTimeout           exit 5  the guest did not become ready in time
 ├── GuestFailed            exit 5  the guest failed while booting (panic, paused, cloud-init errors)
@@ -57,6 +58,10 @@ class DigestMismatch(ImageError):
         self.url = url
         self.expected = expected
         self.actual = actual
+
+
+class ConfigError(QinstError):
+    exit_code = 3
 
 
 class HypervisorError(QinstError):

@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 from qemu_instances.errors import UsageError
+from qemu_instances.validate import read_regular_file
+
+MAX_OPTION_FILE = 16 << 20  # bytes: cloud-init's own limit on user data is far below; a seed is read whole
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -20,10 +23,14 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def read_option_file(path: Path | None, option: str) -> bytes | None:
-    """The bytes of a file named by a command-line option (None when the option was not given)."""
+    """The bytes of a file named by a command-line option (None when the option was not given): a regular file of
+    at most 16 MiB. A FIFO, a device or a folder is refused without reading it (a FIFO would block, /dev/zero never
+    ends); so is a name holding a control character (a newline in a name is a mistake or an attack)."""
     if path is None:
         return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
+        raise UsageError(f"{option}: the file name {str(path)!r} holds a control character")
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {option} {path}: {exc.strerror}") from exc
+        return read_regular_file(path, option, MAX_OPTION_FILE)
+    except FileNotFoundError:
+        raise UsageError(f"{option}: {path} does not exist") from None

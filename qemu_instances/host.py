@@ -24,9 +24,10 @@ from urllib.parse import urlsplit
 
 import libvirt
 
-from qemu_instances.console import tail_lines
+from qemu_instances.console import tail_lines, utf8_decoder
 from qemu_instances.digests import Digest
 from qemu_instances.errors import HypervisorError
+from qemu_instances.faults import _test_pause
 
 if TYPE_CHECKING:
     from qemu_instances.download import Progress
@@ -210,6 +211,7 @@ class Host:
         """Define the domain and start it; a domain that does not start is undefined again (and the error raised)."""
         with libvirt_errors(f"libvirt refused the domain {name}"):
             dom = Domain(self, self.conn.defineXML(xml))
+        _test_pause("define")
         try:
             dom.start()
         except BaseException:
@@ -323,6 +325,14 @@ class Host:
         """The bytes the volume takes on the host."""
         with libvirt_errors("cannot read a volume's size"):
             return int(vol.info()[2])
+
+    def volume_age(self, vol: Volume) -> float | None:
+        """Seconds since the volume last changed, when libvirt says (None otherwise)."""
+        try:
+            mtime = ET.fromstring(vol.XMLDesc(0)).findtext("target/timestamps/mtime")
+            return time.time() - float(mtime) if mtime else None
+        except (libvirt.libvirtError, ET.ParseError, ValueError):
+            return None
 
     def pool_free(self, pool: Pool) -> int:
         with libvirt_errors("cannot read the storage pool"):
@@ -555,6 +565,7 @@ class ConsoleStream:
 
     def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
         self.text = ""
+        self._decoder = utf8_decoder()  # not UTF-8 becomes U+FFFD; a character split between reads stays whole
         with libvirt_errors("cannot open the serial console"):
             self._stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
             dom.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
@@ -572,7 +583,7 @@ class ConsoleStream:
             if not data:  # the console closed (the domain stopped)
                 self._open = False
                 break
-            self.text += data.decode("utf-8", "replace")
+            self.text += self._decoder.decode(data)
         return self.text
 
     def tail(self, n: int = 20) -> str:

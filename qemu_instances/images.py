@@ -140,7 +140,12 @@ def qemu_img_info(path: Path) -> dict[str, Any]:
         error=ImageError,
         hint="is qemu-utils installed?",
     ).stdout
-    info: dict[str, Any] = json.loads(out)
+    try:
+        info = json.loads(out)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise ImageError(f"qemu-img info {path}: not the JSON object expected: {out[:80]!r}")
     return info
 
 

@@ -170,8 +170,70 @@ def get_instance(host: Host, name: str, *, valid: bool = True) -> tuple[Domain, 
     return dom, inst
 
 
+ORPHAN_GRACE = 600.0  # seconds: younger volumes without a domain may belong to an `up` still running
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """Volumes of an instance whose domain does not exist (an `up` killed before it defined the domain)."""
+
+    name: str
+    volumes: tuple[str, ...]
+    age: float | None = None  # seconds since the newest volume changed, when libvirt says
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "state": "orphan", "volumes": list(self.volumes)}
+
+
+def orphans(host: Host) -> list[Orphan]:
+    """Instance volumes in qinst's pool named for no domain at all, grouped by instance name."""
+    if POOL_NAME not in host.pool_names():
+        return []
+    pool = host.pool(create=False)
+    names = {dom.name for dom in host.domains()}
+    found: dict[str, list[str]] = {}
+    for vol in host.volume_names(pool):
+        for suffix in (disk_volume(""), seed_volume(""), console_log_name("")):
+            name = vol.removesuffix(suffix)
+            if vol.endswith(suffix) and _valid_name(name) and name not in names:
+                found.setdefault(name, []).append(vol)
+    return [Orphan(name, tuple(vols), _newest_age(host, pool, vols)) for name, vols in sorted(found.items())]
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        validate_name(name)
+    except UsageError:
+        return False
+    return True
+
+
+def _newest_age(host: Host, pool: Any, vols: list[str]) -> float | None:
+    ages = []
+    for name in vols:
+        vol = host.volume(pool, name)
+        age = host.volume_age(vol) if vol is not None else None
+        if age is not None:
+            ages.append(age)
+    return min(ages) if ages else None
+
+
+def _remove_orphan(host: Host, orphan: Orphan) -> list[tuple[str, int]]:
+    """Delete an orphan's volumes and console log; (volume, size) of each volume deleted."""
+    pool = host.pool(create=False)
+    removed = []
+    for name in orphan.volumes:
+        vol = host.volume(pool, name)
+        size = host.volume_size(vol) if vol is not None else 0
+        if host.delete_volume(pool, name):
+            removed.append((name, size))
+    remove_logs(host, orphan.name)
+    return removed
+
+
 def prune(settings: Settings, store: ImageStore) -> list[tuple[str, int]]:
-    """Remove cached images and base volumes that no instance uses, and stale partial downloads.
+    """Remove cached images and base volumes that no instance uses, stale partial downloads, and the volumes of
+    instances whose domain is gone (older than ORPHAN_GRACE).
 
     While any instance's record is invalid, nothing is pruned: which image it uses cannot be known.
     """
@@ -184,6 +246,9 @@ def prune(settings: Settings, store: ImageStore) -> list[tuple[str, int]]:
                 f"instance {invalid[0]!r} has invalid qinst metadata: cannot tell which images are in use",
                 hint=f"remove it first: qinst rm --force {invalid[0]}",
             )
+        for orphan in orphans(host):
+            if orphan.age is None or orphan.age > ORPHAN_GRACE:
+                removed += [(f"volume {POOL_NAME}/{vol}", size) for vol, size in _remove_orphan(host, orphan)]
         in_use = {i.metadata.digest for i in found}
         pool = host.pool(create=False) if POOL_NAME in host.pool_names() else None
         if pool is not None:
@@ -209,6 +274,8 @@ def remove(host: Host, name: str, *, force: bool = False) -> list[str]:
 
     An instance with invalid metadata is removed only with force.
     """
+    if host.lookup(name) is None and (orphan := next((o for o in orphans(host) if o.name == name), None)):
+        return [f"volume {vol}" for vol, _ in _remove_orphan(host, orphan)]  # an `up` killed before define
     dom, inst = get_instance(host, name, valid=False)
     if inst.invalid and not force:
         inst.require_valid()

@@ -33,6 +33,7 @@ from qemu_instances.domain import (
     validate_name,
 )
 from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, UsageError
+from qemu_instances.faults import _test_pause
 from qemu_instances.files import read_option_file
 from qemu_instances.host import Domain, Host
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qemu_img_info
@@ -48,7 +49,7 @@ from qemu_instances.ports import HOSTFWD_TAKEN, start_with_port
 from qemu_instances.settings import Settings
 from qemu_instances.ssh import HostKey, SshHop, key_checker
 from qemu_instances.sshkeys import SshKey, resolve_keys
-from qemu_instances.wait import GuestPaused, Probe, Readiness, wait_ready
+from qemu_instances.wait import CloudInitErrors, GuestPaused, Probe, Readiness, wait_ready
 
 if TYPE_CHECKING:
     from qemu_instances.download import Progress
@@ -78,6 +79,7 @@ class UpRequest:
     source: Source = Source.UPSTREAM
     latest: bool = False
     extra_config: dict[str, Any] | None = None  # more cloud-config (smoke checks)
+    ignore_cloud_init_errors: bool = False  # a reachable guest whose cloud-init had errors is a success
 
 
 @dataclass
@@ -199,6 +201,7 @@ class _Run:
     timeout: float
     timings: dict[str, float] = field(default_factory=dict)
     t_define: float = 0.0  # when planning began: "define" times plan, provision and define together
+    ignore_cloud_init_errors: bool = False
 
     def lap(self, phase: str, since: float) -> None:
         self.timings[phase] = round(time.monotonic() - since, 2)
@@ -237,6 +240,7 @@ class Launcher:
                 cancel or threading.Event(),
                 req.timeout,
                 timings if timings is not None else {},
+                ignore_cloud_init_errors=req.ignore_cloud_init_errors,
             )
             run.lap("download", t0)
             run.t_define = time.monotonic()
@@ -248,6 +252,13 @@ class Launcher:
             except (GuestTimeout, GuestFailed) as exc:
                 undo.pop_all()  # the guest booted: keep it for inspection
                 name = inputs.name
+                if isinstance(exc, CloudInitErrors):
+                    raise CloudInitErrors(
+                        exc.failures,
+                        exc.keys,
+                        hint=f"the guest is kept and reachable: 'qinst ssh {name}' works; remove it with "
+                        f"'qinst rm --force {name}', or accept such errors with --ignore-cloud-init-errors",
+                    ) from exc
                 hint = f"the instance is kept for inspection: 'qinst logs {name}'; remove it with 'qinst rm {name}'"
                 raise type(exc)(exc.message, hint=hint) from exc
             undo.pop_all()
@@ -294,8 +305,10 @@ class Launcher:
         virtual = int(qemu_img_info(image.path).get("virtual-size", 0))
         disk = host.overlay_volume(pool, disk_volume(name), base, plan.req.disk_gib * GiB, image.format, virtual)
         run.undo.callback(_quietly(f"volume {disk_volume(name)}", lambda: host.delete_volume(pool, disk_volume(name))))
+        _test_pause("overlay")
         seed_vol = host.upload_volume(pool, seed_volume(name), io.BytesIO(plan.iso), len(plan.iso))
         run.undo.callback(_quietly(f"volume {seed_volume(name)}", lambda: host.delete_volume(pool, seed_volume(name))))
+        _test_pause("seed")
         return replace(plan.spec, disk_path=host.volume_path(disk), seed_path=host.volume_path(seed_vol))
 
     def _boot(self, run: _Run, plan: Plan, spec: InstanceSpec) -> UpResult:
@@ -335,12 +348,7 @@ class Launcher:
                 continue
             run.timings.update(run.readiness.durations())
             run.lap("total", run.t0)
-            meta = replace(
-                spec.metadata,
-                ssh_host=_ssh_host(dom, spec.network)() or "",
-                host_keys="\n".join(f"{k} {b}" for k, b in keys),
-            )
-            dom.set_metadata(meta.to_xml(), METADATA_KEY, METADATA_NS)
+            meta = _record_reachable(dom, spec, keys)
             return UpResult(Instance(spec.name, "running", meta), run.timings, ready=True)
         raise AssertionError("plan.accels is never empty")
 
@@ -353,10 +361,28 @@ class Launcher:
             cancelled=run.cancel.is_set,
             scan=key_checker(SshHop.from_uri(run.host.uri)),
         )
+        _test_pause("wait")
         try:
             return wait_ready(probe, timeout=run.timeout, readiness=run.readiness)
+        except CloudInitErrors as exc:
+            _record_reachable(dom, spec, exc.keys)  # the guest is reachable: `qinst ssh` works whatever happens next
+            if not run.ignore_cloud_init_errors:
+                raise
+            log.warning("%s (accepted: --ignore-cloud-init-errors)", exc.message.splitlines()[0].rstrip(":"))
+            return exc.keys
         finally:
             probe.console.close()
+
+
+def _record_reachable(dom: Domain, spec: InstanceSpec, keys: list[HostKey]) -> Metadata:
+    """Record in the domain the guest's address and the host keys SSH was seen to offer; return that metadata."""
+    meta = replace(
+        spec.metadata,
+        ssh_host=_ssh_host(dom, spec.network)() or "",
+        host_keys="\n".join(f"{k} {b}" for k, b in keys),
+    )
+    dom.set_metadata(meta.to_xml(), METADATA_KEY, METADATA_NS)
+    return meta
 
 
 def _pick_port(host: Host) -> int:

@@ -225,7 +225,8 @@ class Connection:
 
 def scan_host_keys(host: str, port: int) -> list[HostKey]:
     """The host keys the SSH server at host:port offers right now (empty when it does not answer)."""
-    proc = try_run(["ssh-keyscan", "-T", "2", "-p", str(port), "--", host], timeout=10, hint="install openssh-client")
+    # -T 10: a guest under heavy emulation may take seconds to answer; an early give-up only makes the next try later.
+    proc = try_run(["ssh-keyscan", "-T", "10", "-p", str(port), "--", host], timeout=30, hint="install openssh-client")
     return KEY_LINE.findall(proc.stdout) if proc is not None else []
 
 

@@ -22,9 +22,12 @@ CLOUD_INIT_FAILED = re.compile(
     r"[^\r\n]*\[(?:WARNING|ERROR|CRITICAL)\]: (?:Failed running |Failed to run module |Running module \S+ .*failed)"
     r"[^\r\n]*"
 )
+# The module a failure belongs to, in cloud-init's console lines ("Running module scripts_user (...) failed").
+FAILED_MODULE = re.compile(r"(?:Running module|Failed to run module) ([A-Za-z0-9_-]+)")
 HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
 POLL = 0.5  # seconds: readiness is noticed within a second of happening
 __all__ = [
+    "CloudInitErrors",
     "Console",
     "ConsoleLog",
     "GuestPaused",
@@ -46,6 +49,17 @@ class Phase(StrEnum):
 
 class GuestPaused(GuestFailed):
     """The domain paused by itself (under KVM here: an emulation failure)."""
+
+
+class CloudInitErrors(GuestFailed):
+    """cloud-init finished with errors, but SSH offers a host key the guest printed: the guest is reachable."""
+
+    def __init__(self, failures: list[str], keys: list[HostKey], hint: str | None = None) -> None:
+        self.failures = failures
+        self.modules = sorted({m for line in failures for m in FAILED_MODULE.findall(line)})
+        named = f" in module(s) {', '.join(self.modules)}" if self.modules else ""
+        super().__init__(f"cloud-init finished with errors{named}:\n" + "\n".join(failures[-10:]), hint=hint)
+        self.keys = keys
 
 
 def host_keys(console_text: str) -> list[HostKey]:
@@ -97,7 +111,8 @@ def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[Ho
     GuestTimeout after `timeout` seconds.
     """
     deadline = time.monotonic() + timeout
-    next_scan = 0.0
+    next_scan, scans = 0.0, 0
+    failures: list[str] = []
     while True:
         if probe.cancelled():
             raise Interrupted("stopped while waiting for the guest")
@@ -118,9 +133,8 @@ def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[Ho
             readiness.mark(Phase.CLOUD_INIT)
             if "DataSourceNone" in done.group(0):
                 raise GuestFailed(f"cloud-init found no NoCloud seed: {done.group(0).strip()}")
+            # With errors, SSH is still checked (within the same timeout): the guest stays reachable for inspection.
             failures = [m.group(0).strip() for m in CLOUD_INIT_FAILED.finditer(text)]
-            if failures:
-                raise GuestFailed("cloud-init reported errors:\n" + "\n".join(failures[-10:]))
             keys = host_keys(text)
             if not keys:
                 raise GuestFailed(
@@ -130,7 +144,10 @@ def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[Ho
                 )
             host = probe.ssh_host()
             if host and time.monotonic() >= next_scan:
-                next_scan = time.monotonic() + 1.0
+                # Back off: each unanswered scan can leave a pre-auth sshd child in a slow guest, and too many
+                # make sshd drop every new connection ("Exceeded MaxStartups").
+                scans += 1
+                next_scan = time.monotonic() + min(10.0, float(scans))
                 verdict = probe.scan(host, probe.ssh_port, keys)
                 if verdict is False:
                     raise GuestFailed(
@@ -139,8 +156,12 @@ def wait_ready(probe: Probe, *, timeout: float, readiness: Readiness) -> list[Ho
                     )
                 if verdict:
                     readiness.mark(Phase.SSH)
+                    if failures:
+                        raise CloudInitErrors(failures, keys)
                     return keys
         if time.monotonic() > deadline:
+            if failures:
+                raise GuestFailed("cloud-init reported errors, and SSH did not answer:\n" + "\n".join(failures[-10:]))
             reached = ", ".join(readiness.phases) or "nothing"
             raise GuestTimeout(
                 f"the guest was not ready within {timeout:.0f} s (reached: {reached})\n{probe.console.tail()}"

@@ -94,7 +94,7 @@ def test_cloud_init_module_failures_fail_the_launch() -> None:
         "[   40.2] cloud-init[520]: 2026-11-28 13:19:03,124 - cc_scripts_user.py[WARNING]: Failed to run module "
         "scripts-user (scripts in /var/lib/cloud/instance/scripts)\r\n"
     )
-    with pytest.raises(GuestFailed, match="cloud-init reported errors") as err:
+    with pytest.raises(GuestFailed, match=r"cloud-init finished with errors in module\(s\) scripts-user") as err:
         wait_ready(_probe([BOOT + KEYS_BLOCK + failed + DONE]), timeout=5, readiness=Readiness())
     assert "Failed running /var/lib/cloud/instance/scripts/runcmd" in err.value.message
 
