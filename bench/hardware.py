@@ -174,6 +174,30 @@ def vcpus(n: int) -> Change:
     return change
 
 
+def on_root_bus(root: ET.Element) -> None:
+    """Every PCI device of qinst's domain on q35's root bus (integrated endpoints): libvirt adds no root ports."""
+    devices = _devices(root)
+    slot = 2
+    pci = [*devices.iterfind("disk"), *devices.iterfind("rng"), *devices.iterfind("memballoon")]
+    if devices.find("channel") is not None:
+        pci.append(ET.SubElement(devices, "controller", type="virtio-serial", index="0"))
+    for dev in pci:
+        if dev.get("model") == "none":
+            continue
+        ET.SubElement(dev, "address", type="pci", domain="0x0000", bus="0x00", slot=f"0x{slot:02x}", function="0x0")
+        slot += 1
+
+
+def cpu_features(**policies: str) -> Change:
+    def change(root: ET.Element) -> None:
+        cpu = root.find("cpu")
+        assert cpu is not None
+        for name, policy in policies.items():
+            ET.SubElement(cpu, "feature", policy=policy, name=name)
+
+    return change
+
+
 def uefi(root: ET.Element) -> None:
     os_el = root.find("os")
     assert os_el is not None
@@ -198,6 +222,8 @@ VARIANTS: dict[str, tuple[str, Change | None]] = {
     "pc": ("machine i440fx (pc) instead of q35", machine("pc")),
     "qemu64": ("CPU model qemu64 instead of maximum", cpu_model("qemu64")),
     "haswell": ("CPU model Haswell-noTSX (named) instead of maximum", cpu_model("Haswell-noTSX")),
+    "no-la57": ("CPU maximum without la57 (4-level paging)", cpu_features(la57="disable")),
+    "q35-flat": ("q35, the virtio devices on the root bus (no pcie-root-ports)", on_root_bus),
     "usb-none": ("no USB controller", add_device("controller", type="usb", model="none")),
     "balloon-none": ("no memballoon", add_device("memballoon", model="none")),
     "rng-none": ("no virtio-rng", remove_device("rng")),
@@ -218,6 +244,15 @@ VARIANTS: dict[str, tuple[str, Change | None]] = {
     "lean": (
         "no USB, no balloon",
         both(add_device("controller", type="usb", model="none"), add_device("memballoon", model="none")),
+    ),
+    "candidate": (
+        "no USB, no balloon, virt-install's timers, devices on the root bus",
+        both(
+            add_device("controller", type="usb", model="none"),
+            add_device("memballoon", model="none"),
+            timers(rtc="catchup", pit="delay", hpet="no"),
+            on_root_bus,
+        ),
     ),
     "virt-install": ("virt-install --import --print-xml (i440fx, seed on IDE CD-ROM)", None),
 }
@@ -341,25 +376,36 @@ MILESTONES = {
 }
 
 
-def boot(conn: libvirt.virConnect, xml: str, console: Path) -> tuple[float, str, dict[str, float]]:
-    """Seconds from define+start to cloud-init's final line on the console, its datasource, the milestones seen."""
-    t0 = time.perf_counter()
-    dom = conn.defineXML(xml)
-    dom.create()
-    deadline = time.monotonic() + BOOT_TIMEOUT
-    data = b""
-    seen: dict[str, float] = {}
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            data = console.read_bytes()
-        now = time.perf_counter() - t0
-        for key, marker in MILESTONES.items():
-            if key not in seen and marker in data:
-                seen[key] = round(now, 2)
-        if found := DONE.search(data):
-            return now, found[1].decode(), seen
+def boot(
+    conn: libvirt.virConnect, items: list[tuple[str, str, Path]]
+) -> dict[str, tuple[float, str, dict[str, float]]]:
+    """Define and start each (variant, XML, console log) in turn, then watch all their consoles at once: for each,
+    seconds from its own define+start to cloud-init's final line, the datasource it names, the milestones seen."""
+    started: dict[str, tuple[float, Path]] = {}
+    for variant, xml, console in items:
+        t0 = time.perf_counter()
+        conn.defineXML(xml).create()
+        started[variant] = (t0, console)
+    deadline = time.monotonic() + BOOT_TIMEOUT * len(items)
+    seen: dict[str, dict[str, float]] = {v: {} for v in started}
+    done: dict[str, tuple[float, str, dict[str, float]]] = {}
+    while time.monotonic() < deadline and len(done) < len(started):
+        for variant, (t0, console) in started.items():
+            if variant in done:
+                continue
+            data = b""
+            with contextlib.suppress(OSError):
+                data = console.read_bytes()
+            now = time.perf_counter() - t0
+            for key, marker in MILESTONES.items():
+                if key not in seen[variant] and marker in data:
+                    seen[variant][key] = round(now, 2)
+            if found := DONE.search(data):
+                done[variant] = (now, found[1].decode(), seen[variant])
         time.sleep(0.1)
-    raise RuntimeError(f"no cloud-init final line within {BOOT_TIMEOUT:.0f} s: {console}")
+    if missing := sorted(started.keys() - done.keys()):
+        raise RuntimeError(f"no cloud-init final line in time: {', '.join(missing)}")
+    return done
 
 
 def loadavg() -> float:
@@ -371,6 +417,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all variants (default 3)")
     parser.add_argument(
         "--variants", default="qinst,virt-install", help=f"comma-separated, from: {', '.join(VARIANTS)}"
+    )
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="boot a round's variants at the same time (each sees the same foreign load; for a busy host)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--image-dir", type=Path, help="test image result dir (default: /tmp/test_image_path's)")
@@ -391,6 +442,7 @@ def main() -> None:
     except KeyboardInterrupt:
         log("interrupted: the results of the rounds done so far follow")
     results = summarize(chosen, samples, rounds)
+    results["together"] = args.together
     results["xml"] = xmls
     results["host"] = {"machine": platform.node(), "cpus": os.cpu_count(), "qemu": _qemu_version()}
     print(markdown(results))
@@ -414,23 +466,27 @@ def run(
         (work / "base.qcow2").chmod(0o644)
         boots = Boots(work, work / "base.qcow2")
         for r in range(args.rounds):
-            order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]
+            order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]  # each variant goes first in turn
+            groups = [order] if args.together else [[v] for v in order]
             got: dict[str, Any] = {}
-            for variant in order:
-                name, xml, console = boots.prepare(variant)
-                xmls.setdefault(variant, xml)
+            for group in groups:
+                prepared = {v: boots.prepare(v) for v in group}
+                for v, (_, xml, _) in prepared.items():
+                    xmls.setdefault(v, xml)
                 load = loadavg()
                 try:
-                    seconds, source, seen = boot(conn, xml, console)
+                    results = boot(conn, [(v, xml, console) for v, (_, xml, console) in prepared.items()])
                 finally:
-                    remove_domain(name)
-                    shutil.rmtree(work / name, ignore_errors=True)
-                if source != "DataSourceNoCloud":
-                    raise RuntimeError(f"{variant}: cloud-init found no seed ({source})")
-                samples[variant].append(seconds)
-                got[variant] = {"seconds": round(seconds, 2), "load_before": load, "milestones": seen}
-                marks = " ".join(f"{k}={v:.0f}" for k, v in seen.items())
-                log(f"round {r + 1}/{args.rounds} {variant}: {seconds:.1f} s (load {load:.2f}; {marks})")
+                    for name, _, _ in prepared.values():
+                        remove_domain(name)
+                        shutil.rmtree(work / name, ignore_errors=True)
+                for variant, (seconds, source, seen) in results.items():
+                    if source != "DataSourceNoCloud":
+                        raise RuntimeError(f"{variant}: cloud-init found no seed ({source})")
+                    samples[variant].append(seconds)
+                    got[variant] = {"seconds": round(seconds, 2), "load_before": load, "milestones": seen}
+                    marks = " ".join(f"{k}={v:.0f}" for k, v in seen.items())
+                    log(f"round {r + 1}/{args.rounds} {variant}: {seconds:.1f} s (load {load:.2f}; {marks})")
             rounds.append(got)
     finally:
         conn.close()
