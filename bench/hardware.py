@@ -157,6 +157,8 @@ def timers(**present: str) -> Change:
         clock = root.find("clock")
         assert clock is not None
         for name, value in present.items():
+            for old in clock.findall(f"timer[@name='{name}']"):
+                clock.remove(old)
             if value == "no":
                 ET.SubElement(clock, "timer", name=name, present="no")
             else:
@@ -179,10 +181,10 @@ def on_root_bus(root: ET.Element) -> None:
     devices = _devices(root)
     slot = 2
     pci = [*devices.iterfind("disk"), *devices.iterfind("rng"), *devices.iterfind("memballoon")]
-    if devices.find("channel") is not None:
+    if devices.find("channel") is not None and devices.find("controller[@type='virtio-serial']") is None:
         pci.append(ET.SubElement(devices, "controller", type="virtio-serial", index="0"))
     for dev in pci:
-        if dev.get("model") == "none":
+        if dev.get("model") == "none" or dev.find("address") is not None:
             continue
         ET.SubElement(dev, "address", type="pci", domain="0x0000", bus="0x00", slot=f"0x{slot:02x}", function="0x0")
         slot += 1
@@ -196,6 +198,24 @@ def cpu_features(**policies: str) -> Change:
             ET.SubElement(cpu, "feature", policy=policy, name=name)
 
     return change
+
+
+def before(root: ET.Element) -> None:
+    """qinst's guest hardware before bench/hardware.py chose it: libvirt's placement, USB, balloon, HPET."""
+    devices = _devices(root)
+    for dev in devices:
+        for address in dev.findall("address"):
+            dev.remove(address)
+    for dev in devices.findall("controller"):
+        if dev.get("type") in ("usb", "virtio-serial"):
+            devices.remove(dev)
+    for dev in devices.findall("memballoon"):
+        devices.remove(dev)
+    ET.SubElement(devices, "memballoon", model="virtio")
+    clock = root.find("clock")
+    assert clock is not None
+    for timer in clock.findall("timer"):
+        clock.remove(timer)
 
 
 def uefi(root: ET.Element) -> None:
@@ -219,6 +239,7 @@ def both(*changes: Change) -> Change:
 # name -> (what it is, the change to qinst's domain); "virt-install" is built by virt-install itself.
 VARIANTS: dict[str, tuple[str, Change | None]] = {
     "qinst": ("qinst's domain as domain.py builds it", None),
+    "qinst-before": ("qinst's domain before this benchmark's choices (commit a997b32)", before),
     "pc": ("machine i440fx (pc) instead of q35", machine("pc")),
     "qemu64": ("CPU model qemu64 instead of maximum", cpu_model("qemu64")),
     "haswell": ("CPU model Haswell-noTSX (named) instead of maximum", cpu_model("Haswell-noTSX")),
