@@ -457,13 +457,15 @@ def main() -> None:
     samples: dict[str, list[float]] = {v: [] for v in chosen}
     rounds: list[dict[str, Any]] = []
     xmls: dict[str, str] = {}
+    orders: list[list[str]] = []
     try:
         with interrupt_on_sigterm():
-            run(args, chosen, base, work, conn, samples, rounds, xmls)
+            run(args, chosen, base, work, conn, samples, rounds, xmls, orders)
     except KeyboardInterrupt:
         log("interrupted: the results of the rounds done so far follow")
     results = summarize(chosen, samples, rounds)
     results["together"] = args.together
+    results["start_orders"] = orders  # with --together, later starters were seen to finish sooner: rotate it
     results["xml"] = xmls
     results["host"] = {"machine": platform.node(), "cpus": os.cpu_count(), "qemu": _qemu_version()}
     print(markdown(results))
@@ -480,6 +482,7 @@ def run(
     samples: dict[str, list[float]],
     rounds: list[dict[str, Any]],
     xmls: dict[str, str],
+    orders: list[list[str]],
 ) -> None:
     try:
         # A copy libvirt's QEMU user can read (the image cache under /root is not), as the pool's base would be.
@@ -509,6 +512,7 @@ def run(
                     marks = " ".join(f"{k}={v:.0f}" for k, v in seen.items())
                     log(f"round {r + 1}/{args.rounds} {variant}: {seconds:.1f} s (load {load:.2f}; {marks})")
             rounds.append(got)
+            orders.append(order)
     finally:
         conn.close()
         for name in [n for n in _domains() if n.startswith(PREFIX)]:
