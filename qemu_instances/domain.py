@@ -147,7 +147,14 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return node
 
 
-def _disk(devices: ET.Element, path: str, target: str, fmt: str, *, readonly: bool = False) -> None:
+def _root_slot(device: ET.Element, slot: int) -> None:
+    """Put a PCI device on q35's root bus as an integrated endpoint: libvirt then adds no pcie-root-port for it,
+    one device (and one hot-plug controller) less for the guest kernel to probe at boot (see README, Guest hardware).
+    """
+    _sub(device, "address", type="pci", domain="0x0000", bus="0x00", slot=f"0x{slot:02x}", function="0x0")
+
+
+def _disk(devices: ET.Element, path: str, target: str, fmt: str, slot: int, *, readonly: bool = False) -> None:
     disk = _sub(devices, "disk", type="file", device="disk")
     _sub(disk, "driver", name="qemu", type=fmt, discard="unmap" if not readonly else "ignore")
     _sub(disk, "source", file=path)
@@ -155,6 +162,7 @@ def _disk(devices: ET.Element, path: str, target: str, fmt: str, *, readonly: bo
     _sub(disk, "target", dev=target, bus="virtio")
     if readonly:
         _sub(disk, "readonly")
+    _root_slot(disk, slot)
 
 
 def _interface(devices: ET.Element, network: Network) -> None:
@@ -208,13 +216,23 @@ def domain_xml(spec: InstanceSpec) -> str:
         _sub(root, "cpu", mode="host-passthrough")
     else:
         _sub(root, "cpu", mode="maximum", check="none")
-    _sub(root, "clock", offset="utc")
+    clock = _sub(root, "clock", offset="utc")
+    # virt-install's timers for modern guests: no HPET (KVM guests use kvmclock; under TCG the guest falls back to
+    # acpi_pm), RTC ticks caught up, PIT ticks delayed rather than injected in a burst.
+    _sub(clock, "timer", name="rtc", tickpolicy="catchup")
+    _sub(clock, "timer", name="pit", tickpolicy="delay")
+    _sub(clock, "timer", name="hpet", present="no")
     _sub(root, "on_poweroff", "destroy")
     _sub(root, "on_reboot", "restart")
     _sub(root, "on_crash", "destroy")
     devices = _sub(root, "devices")
-    _disk(devices, spec.disk_path, "vda", "qcow2")
-    _disk(devices, spec.seed_path, "vdb", "raw", readonly=True)
+    # Guest hardware chosen by bench/hardware.py (README, "Guest hardware"): the disks, the virtio-serial
+    # controller and the RNG on q35's root bus (slots 0x02-0x05; the user-mode NIC sits at 0x1e), no USB
+    # controller (no tablet or keyboard is needed without graphics), no memory balloon.
+    _disk(devices, spec.disk_path, "vda", "qcow2", 0x02)
+    _disk(devices, spec.seed_path, "vdb", "raw", 0x03, readonly=True)
+    _root_slot(_sub(devices, "controller", type="virtio-serial", index="0"), 0x04)
+    _sub(devices, "controller", type="usb", model="none")
     _interface(devices, spec.network)
     serial = _sub(devices, "serial", type="pty")
     _sub(serial, "log", file=spec.console_log, append="off")
@@ -223,9 +241,10 @@ def domain_xml(spec: InstanceSpec) -> str:
     _sub(console, "target", type="serial", port="0")
     channel = _sub(devices, "channel", type="unix")
     _sub(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
-    rng = _sub(devices, "rng", model="virtio")
+    rng = _sub(devices, "rng", model="virtio")  # entropy for the guest's first boot (sshd's host keys)
     _sub(rng, "backend", "/dev/urandom", model="random")
-    _sub(devices, "memballoon", model="virtio")
+    _root_slot(rng, 0x05)
+    _sub(devices, "memballoon", model="none")
     if spec.network.kind is NetworkKind.USER:
         _user_network(root, spec.network, spec.ssh_port)
     return ET.tostring(root, encoding="unicode")

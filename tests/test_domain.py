@@ -80,6 +80,33 @@ def test_tcg_domain_devices() -> None:
     assert root.find("devices/rng").get("model") == "virtio"  # type: ignore[union-attr]
 
 
+def test_lean_guest_hardware() -> None:
+    """What bench/hardware.py measured as fastest without losing a feature (README, Guest hardware)."""
+    root = ET.fromstring(domain_xml(_spec()))
+    assert root.find("devices/controller[@type='usb']").get("model") == "none"  # type: ignore[union-attr]
+    assert root.find("devices/memballoon").get("model") == "none"  # type: ignore[union-attr]
+    assert root.find("devices/video") is None and root.find("devices/graphics") is None
+    timers = {t.get("name"): t.attrib for t in root.iterfind("clock/timer")}
+    assert timers["hpet"]["present"] == "no"
+    assert timers["rtc"]["tickpolicy"] == "catchup" and timers["pit"]["tickpolicy"] == "delay"
+    # The PCI devices sit on q35's root bus, each in its own slot, clear of the user-mode NIC's 0x1e.
+    addresses = [a for a in root.iterfind("devices/*/address") if a.get("type") == "pci"]
+    assert len(addresses) == 4  # two disks, the virtio-serial controller (agent channel), the RNG
+    assert {a.get("bus") for a in addresses} == {"0x00"}
+    slots = [int(a.get("slot", ""), 16) for a in addresses]
+    assert len(set(slots)) == len(slots) and 0x1E not in slots and all(0 < s < 0x1E for s in slots)
+    args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    assert args[3].endswith("bus=pcie.0,addr=0x1e")
+
+
+def test_kvm_keeps_host_passthrough_and_the_same_devices() -> None:
+    tcg = ET.fromstring(domain_xml(_spec()))
+    kvm = ET.fromstring(domain_xml(_spec(accel=Accel.KVM)))
+    assert kvm.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
+    assert ET.tostring(kvm.find("devices")) == ET.tostring(tcg.find("devices"))  # type: ignore[arg-type]
+    assert ET.tostring(kvm.find("clock")) == ET.tostring(tcg.find("clock"))  # type: ignore[arg-type]
+
+
 def test_kvm_and_uefi_without_secure_boot() -> None:
     root = ET.fromstring(domain_xml(_spec(accel=Accel.KVM, firmware=Firmware.UEFI)))
     assert root.get("type") == "kvm"
