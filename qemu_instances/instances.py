@@ -20,8 +20,10 @@ from qemu_instances.domain import (
     metadata_from_domain_xml,
 )
 from qemu_instances.errors import HypervisorError, UsageError
-from qemu_instances.host import POOL_NAME, VERIFIED, Host, libvirt_errors
+from qemu_instances.forwarding import Forward
+from qemu_instances.host import POOL_NAME, VERIFIED, Host, forget_snapshots, libvirt_errors, snapshot_count
 from qemu_instances.images import ImageStore
+from qemu_instances.mounts import Mount
 from qemu_instances.remote import SshHop
 from qemu_instances.settings import Settings
 from qemu_instances.wait import (
@@ -53,6 +55,7 @@ class Instance:
     name: str
     state: str
     metadata: Metadata
+    snapshots: int = 0
 
     @property
     def address(self) -> str:
@@ -70,6 +73,9 @@ class Instance:
             "ssh": {"host": m.ssh_host or None, "port": m.ssh_port, "user": m.user},
             "created": m.created,
             "accel": m.accel,
+            "forwards": [Forward.parse(f).to_json() for f in m.forwards],
+            "mounts": [Mount.from_record(r).to_json() for r in m.mounts],
+            "snapshots": self.snapshots,
         }
 
 
@@ -99,7 +105,7 @@ def _instance(dom: Any) -> Instance | None:
         xml = dom.XMLDesc(0)
         name = dom.name()
     meta = metadata_from_domain_xml(xml)
-    return Instance(name, state_of(dom)[0], meta) if meta else None
+    return Instance(name, state_of(dom)[0], meta, snapshot_count(dom)) if meta else None
 
 
 def list_instances(host: Host) -> list[Instance]:
@@ -163,8 +169,10 @@ def remove(host: Host, name: str, *, force: bool = False) -> list[str]:
     dom, inst = get_instance(host, name)
     if inst.state not in ("shutoff", "crashed") and not force:
         raise UsageError(f"instance {name!r} is {inst.state}", hint=f"stop it first, or: qinst rm --force {name}")
+    if inst.snapshots:
+        forget_snapshots(dom)  # libvirt keeps a domain with snapshots; the snapshots go with the overlay volume
     undefine(dom)
-    removed = [f"domain {name}"]
+    removed = [f"domain {name}"] + ([f"{inst.snapshots} snapshot(s)"] if inst.snapshots else [])
     pool = host.pool(create=False)
     if not host.is_local:
         host.volume_names(pool)  # refreshes the pool: the console log is a file virtlogd made there

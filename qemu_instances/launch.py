@@ -33,9 +33,13 @@ from qemu_instances.domain import (
     validate_name,
 )
 from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, UsageError
+from qemu_instances.forwarding import Forward, check_free, parse_forwards
 from qemu_instances.host import Host, libvirt_errors
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qemu_img_info
 from qemu_instances.instances import Instance, host_key_scanner, lookup, remove_logs, state_of, undefine
+from qemu_instances.mounts import Mount
+from qemu_instances.mounts import cloud_config as mounts_cloud_config
+from qemu_instances.mounts import resolve as resolve_mounts
 from qemu_instances.settings import Settings
 from qemu_instances.sshkeys import SshKey, resolve_keys
 from qemu_instances.wait import Console, ConsoleLog, ConsoleStream, GuestPaused, Probe, Readiness, wait_ready
@@ -68,6 +72,8 @@ class UpRequest:
     source: Source = Source.UPSTREAM
     latest: bool = False
     extra_config: dict[str, Any] | None = None  # more cloud-config (smoke checks)
+    forwards: tuple[str, ...] = ()  # --forward [ADDR:]HOSTPORT:GUESTPORT (user-mode networks)
+    mounts: tuple[str, ...] = ()  # --mount HOSTDIR[:GUESTDIR][:rw]
 
 
 @dataclass
@@ -275,6 +281,9 @@ class Launcher:
             raise UsageError(f"invalid --ssh-port {req.ssh_port}")
         if req.network:
             Network.parse(req.network)
+        parse_forwards(req.forwards, taken=[req.ssh_port] if req.ssh_port else [])
+        for text in req.mounts:
+            Mount.parse(text)
         ref = self.store.resolve(req.image)
         user = seeds.validate_user(req.user or (ref.entry.default_user if ref.entry else "cloud"))
         keys = tuple(resolve_keys(list(req.ssh_keys), self.settings.config_dir))
@@ -301,18 +310,21 @@ class Launcher:
         host, cleanup, req, name = run.host, run.cleanup, inputs.req, inputs.name
         t_define = time.monotonic()
         network = _choose_network(host, req.network)
+        forwards, mounts, iso = self._forwards_and_mounts(host, network, inputs)
         pool = host.pool()
         base = host.base_volume(pool, image.digest.filename, image.path, image.digest, run.progress)
         disk_name, seed_name = f"{name}.qcow2", f"{name}-seed.iso"
         virtual = int(qemu_img_info(image.path).get("virtual-size", 0))
         host.overlay_volume(pool, disk_name, base, req.disk_gib * GiB, image.format, virtual)
         cleanup.add(f"volume {disk_name}", lambda: host.delete_volume(pool, disk_name))
-        seed_vol = host.upload_volume(pool, seed_name, io.BytesIO(inputs.iso), len(inputs.iso))
+        seed_vol = host.upload_volume(pool, seed_name, io.BytesIO(iso), len(iso))
         cleanup.add(f"volume {seed_name}", lambda: host.delete_volume(pool, seed_name))
         ssh_port = 22
         if network.kind is NetworkKind.USER:
             # The forward listens on the daemon's host: a port free here says nothing about a remote one.
             ssh_port = req.ssh_port or (free_port() if host.is_local else 20000 + secrets.randbelow(30000))
+            while not req.ssh_port and ssh_port in {f.host_port for f in forwards}:
+                ssh_port = free_port() if host.is_local else 20000 + secrets.randbelow(30000)
         console = console_log_path(host, pool, name)
         with libvirt_errors("cannot read the disk volume"):
             disk_path = pool.storageVolLookupByName(disk_name).path()
@@ -336,6 +348,8 @@ class Launcher:
             console_log=str(console),
             accel=str(accel),
             volumes=(disk_name, seed_name) if host.is_local else (disk_name, seed_name, console.name),
+            forwards=tuple(str(f) for f in forwards),
+            mounts=tuple(m.record() for m in mounts),
         )
         spec = InstanceSpec(
             name=name,
@@ -376,6 +390,26 @@ class Launcher:
         )
         _set_metadata(dom, meta)
         return UpResult(Instance(name, "running", meta), run.timings, ready=True)
+
+    def _forwards_and_mounts(
+        self, host: Host, network: Network, inputs: _Inputs
+    ) -> tuple[tuple[Forward, ...], tuple[Mount, ...], bytes]:
+        """--forward rules (user-mode networks only; free here when the host is this machine), --mount folders with
+        the host's driver, and the seed ISO that mounts them."""
+        req = inputs.req
+        forwards = parse_forwards(req.forwards, taken=[req.ssh_port] if req.ssh_port else [])
+        if forwards and network.kind is not NetworkKind.USER:
+            raise UsageError(
+                f"--forward needs a user-mode network (--network user), not {network}",
+                hint="on other networks, open forwards while you need them: qinst forward NAME HOSTPORT:GUESTPORT",
+            )
+        if host.is_local:
+            check_free(forwards)
+        mounts = resolve_mounts(host, req.mounts)
+        if not mounts:
+            return forwards, mounts, inputs.iso
+        extra = seeds.merge_cloud_config(inputs.seed.extra_config or {}, mounts_cloud_config(mounts))
+        return forwards, mounts, seeds.build_seed_iso(replace(inputs.seed, extra_config=extra))
 
     def _start(self, host: Host, cleanup: _Cleanup, spec: InstanceSpec, *, fallback: bool) -> tuple[Any, InstanceSpec]:
         """Define and start; with --accel auto, a KVM guest that QEMU cannot start is started again under TCG."""
