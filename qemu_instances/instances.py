@@ -188,7 +188,8 @@ def remove_logs(host: Host, name: str, console_log: str) -> None:
     if not console_log or not host.is_local:
         return
     console = Path(console_log)
-    for path in (console, console.with_name(f"{name}.log")):
+    virtiofsd = console.parent.glob(f"{name}-fs*-virtiofsd.log")  # libvirt's log of each --mount's virtiofsd
+    for path in (console, console.with_name(f"{name}.log"), *virtiofsd):
         with contextlib.suppress(OSError):
             path.unlink()
 

@@ -264,3 +264,4 @@ def test_rm_removes_snapshots_volumes_and_domains(guests: Guests, qinst: RunQins
         assert name not in domains()
         assert not {v for v in volumes() if v.startswith(name)}
         assert virsh("snapshot-list", name).returncode != 0  # no domain, so no snapshot either
+        assert not list(Path("/var/log/libvirt/qemu").glob(f"{name}*"))  # console, libvirt's and virtiofsd's logs
