@@ -330,6 +330,24 @@ def up(
     ignore_cloud_init_errors: Annotated[
         bool, typer.Option("--ignore-cloud-init-errors", help="Succeed (with a warning) when cloud-init had errors.")
     ] = False,
+    forward: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--forward",
+            metavar="[ADDR:]HOSTPORT:GUESTPORT",
+            help="Forward a TCP port (repeatable; user-mode networks; ADDR defaults to 127.0.0.1).",
+            show_default=False,
+        ),
+    ] = None,
+    mount: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mount",
+            metavar="HOSTDIR[:GUESTDIR][:rw]",
+            help="Share a folder of the libvirt host (repeatable; read-only unless :rw; a remote host's own folder).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Launch an instance and wait until it is ready."""
@@ -355,6 +373,8 @@ def up(
         source=_choice(Source, source, "--source"),
         latest=latest,
         ignore_cloud_init_errors=ignore_cloud_init_errors,
+        forwards=tuple(forward or ()),
+        mounts=tuple(mount or ()),
     )
     from qemu_instances.fleet import for_host, place
 
@@ -399,10 +419,20 @@ def list_(
         _print_json([i.to_json() for i in found] + [o.to_json() for o in lost])
         return
     _table(
-        [[i.name, i.to_json()["state"], i.metadata.image, i.address, _age(i.metadata.created)] for i in found]
-        + [[o.name, "orphan", "-", "-", "-"] for o in lost],
-        ["NAME", "STATE", "IMAGE", "ADDRESS", "AGE"],
+        [
+            [i.name, i.to_json()["state"], i.metadata.image, i.address, _age(i.metadata.created), _forwards(i)]
+            for i in found
+        ]
+        + [[o.name, "orphan", "-", "-", "-", "-"] for o in lost],
+        ["NAME", "STATE", "IMAGE", "ADDRESS", "AGE", "FORWARDS"],
     )
+
+
+def _forwards(inst: Any) -> str:
+    from qemu_instances.forwarding import Forward
+
+    shown = [Forward.parse(f) for f in inst.metadata.forwards]
+    return ",".join(f"{f.addr}:{f.host_port}->{f.guest_port}" for f in shown) or "-"
 
 
 def _list_all_hosts(ctx: typer.Context, as_json: bool) -> None:
@@ -463,6 +493,138 @@ def ssh(
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvp(argv[0], argv)
+
+
+@app.command()
+def cp(
+    ctx: typer.Context,
+    paths: Annotated[list[str], typer.Argument(help="SRC... DST; NAME:PATH is a path in instance NAME.")],
+    recursive: Annotated[bool, typer.Option("-r", "--recursive", help="Copy folders.")] = False,
+) -> None:
+    """Copy files between this machine and an instance (scp, host key checked)."""
+    from qemu_instances.instances import get_instance, open_host
+    from qemu_instances.transfer import copy, plan
+
+    if len(paths) < 2:
+        raise typer.BadParameter("give at least a source and a destination", param_hint="SRC... DST")
+    copy_plan = plan(paths[:-1], paths[-1])
+    settings = _settings(ctx, connects=True)
+    with open_host(settings) as host:
+        _, inst = get_instance(host, copy_plan.instance)
+    copy(inst, settings, copy_plan, recursive=recursive)
+
+
+@app.command()
+def forward(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Instance name.")],
+    forwards: Annotated[list[str], typer.Argument(metavar="[ADDR:]HOSTPORT:GUESTPORT...", help="TCP forwards.")],
+) -> None:
+    """Forward ports to an instance while this runs (an SSH tunnel; any network). Ctrl-C ends it."""
+    from qemu_instances.forwarding import Terminated, check_free, parse_forwards, run_tunnel, tunnel_argv
+    from qemu_instances.instances import get_instance, open_host
+
+    parsed = parse_forwards(forwards)
+    check_free(parsed)
+    settings = _settings(ctx, connects=True)
+    with open_host(settings) as host:
+        _, inst = get_instance(host, name)
+    argv = tunnel_argv(inst, settings, parsed)
+
+    def ready() -> None:
+        for f in parsed:
+            sys.stderr.write(f"forwarding {f.addr}:{f.host_port} -> {name}:{f.guest_port}\n")
+        sys.stderr.write("press Ctrl-C to stop\n")
+
+    try:
+        run_tunnel(argv, parsed, ready)
+    except KeyboardInterrupt:
+        sys.stderr.write("stopped\n")
+        raise typer.Exit(130) from None
+    except Terminated:
+        sys.stderr.write("stopped\n")
+        raise typer.Exit(143) from None
+
+
+snapshot_app = typer.Typer(help="Snapshots of an instance: create, list, restore, delete.", no_args_is_help=True)
+app.add_typer(snapshot_app, name="snapshot")
+
+
+@snapshot_app.command("create")
+def snapshot_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Instance name.")],
+    snap: Annotated[str, typer.Argument(help="Snapshot name.")],
+) -> None:
+    """Snapshot an instance: with its memory when it runs, its disk only when it is stopped."""
+    from qemu_instances import snapshots
+    from qemu_instances.instances import open_host
+
+    with open_host(_settings(ctx, connects=True)) as host:
+        made = snapshots.create(host, name, snap)
+    kind = "memory and disk: restore resumes it running" if made.memory else "disk only: the instance was stopped"
+    sys.stderr.write(f"{name}: snapshot {snap} created ({kind})\n")
+
+
+@snapshot_app.command("list")
+def snapshot_list(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="Instance name.")], as_json: JsonOpt = False
+) -> None:
+    """List an instance's snapshots, oldest first."""
+    import datetime as dt
+
+    from qemu_instances import snapshots
+    from qemu_instances.instances import open_host
+
+    with open_host(_settings(ctx, connects=True)) as host:
+        found = snapshots.snapshots(host, name)
+    rows: list[dict[str, Any]] = [
+        {
+            "name": s.name,
+            "created": dt.datetime.fromtimestamp(s.created, dt.UTC).isoformat(),
+            "state": s.state,
+            "memory": s.memory,
+        }
+        for s in found
+    ]
+    if as_json:
+        _print_json(rows)
+        return
+    _table(
+        [[r["name"], r["created"], r["state"], "memory+disk" if r["memory"] else "disk"] for r in rows],
+        ["NAME", "CREATED", "STATE", "KIND"],
+    )
+
+
+@snapshot_app.command("restore")
+def snapshot_restore(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Instance name.")],
+    snap: Annotated[str, typer.Argument(help="Snapshot name.")],
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for SSH after the restore.")] = 300.0,
+) -> None:
+    """Return an instance to a snapshot (running again if the snapshot holds its memory)."""
+    from qemu_instances import snapshots
+    from qemu_instances.instances import open_host
+
+    with open_host(_settings(ctx, connects=True)) as host:
+        inst = snapshots.restore(host, name, snap, timeout=timeout)
+    sys.stderr.write(f"{name}: restored to {snap} ({inst.state})\n")
+
+
+@snapshot_app.command("delete")
+def snapshot_delete(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Instance name.")],
+    snap: Annotated[str, typer.Argument(help="Snapshot name.")],
+) -> None:
+    """Delete one snapshot of an instance."""
+    from qemu_instances import snapshots
+    from qemu_instances.instances import open_host
+
+    with open_host(_settings(ctx, connects=True)) as host:
+        snapshots.delete(host, name, snap)
+    sys.stderr.write(f"{name}: snapshot {snap} deleted\n")
 
 
 @app.command()

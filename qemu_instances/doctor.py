@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qemu_instances.errors import HypervisorError
-from qemu_instances.host import POOL_NAME, Host
+from qemu_instances.host import POOL_NAME, Host, domain_capabilities
+from qemu_instances.mounts import choose_driver
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ def run_checks(uri: str) -> list[Check]:
                 required=False,
             )
         )
+        _, why = choose_driver(domain_capabilities(host), local=host.is_local)
+        checks.append(Check("mounts", True, f"up --mount shares folders by {why}", required=False))
     for tool, package in (("qemu-img", "qemu-utils"), ("ssh", "openssh-client"), ("ssh-keyscan", "openssh-client")):
         path = shutil.which(tool)
         checks.append(Check(tool, path is not None, path or "not found", "" if path else f"install {package}"))

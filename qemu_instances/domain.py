@@ -9,12 +9,15 @@ from enum import StrEnum
 from typing import Any
 
 from qemu_instances.errors import UsageError
+from qemu_instances.forwarding import Forward, recorded_forwards
+from qemu_instances.mounts import Driver, Mount, recorded_mounts, tag
 
 METADATA_NS = "http://qinst.invalid/xmlns/instance/1"
 METADATA_KEY = "qinst"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 USER_NETDEV = "qinstnet0"
+_LISTS = {"volumes": "volume", "forwards": "forward", "mounts": "mount"}  # Metadata's list fields: their items
 
 
 class Accel(StrEnum):
@@ -93,15 +96,17 @@ class Metadata:
     console_log: str = ""
     accel: str = ""
     volumes: tuple[str, ...] = ()  # volume names in the pool that belong to this instance
+    forwards: tuple[str, ...] = ()  # `up --forward` rules, ADDR:HOSTPORT:GUESTPORT
+    mounts: tuple[str, ...] = ()  # `up --mount` folders, as mounts.Mount.record() writes them
 
     def to_xml(self) -> str:
         root = ET.Element("instance")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "volumes":
-                vols = ET.SubElement(root, "volumes")
+            if f.name in _LISTS:
+                vols = ET.SubElement(root, f.name)
                 for v in value:
-                    ET.SubElement(vols, "volume").text = v
+                    ET.SubElement(vols, _LISTS[f.name]).text = v
             else:
                 ET.SubElement(root, f.name.replace("_", "-")).text = str(value)
         return ET.tostring(root, encoding="unicode")
@@ -111,12 +116,14 @@ class Metadata:
         root = ET.fromstring(text)
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name == "volumes":
-                values["volumes"] = tuple(v.text or "" for v in root.iterfind("volumes/volume"))
+            if f.name in _LISTS:
+                values[f.name] = tuple(v.text or "" for v in root.iterfind(f"{f.name}/{_LISTS[f.name]}"))
                 continue
             node = root.find(f.name.replace("_", "-"))
             if node is not None:
                 values[f.name] = int(node.text or 0) if f.name == "ssh_port" else (node.text or "")
+        values["forwards"] = recorded_forwards(values["forwards"])
+        values["mounts"] = recorded_mounts(values["mounts"])
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
@@ -177,10 +184,37 @@ def _interface(devices: ET.Element, network: Network) -> None:
     _sub(iface, "model", type="virtio")
 
 
-def _user_network(root: ET.Element, network: Network, ssh_port: int) -> None:
+def _extra_hostfwds(forwards: tuple[str, ...]) -> str:
+    """`up --forward` rules, beside the SSH one."""
+    return "".join(f",{Forward.parse(f).hostfwd}" for f in forwards)
+
+
+def _filesystems(devices: ET.Element, mounts: tuple[str, ...]) -> None:
+    """`up --mount` folders: virtiofs (passthrough is the only mode virtiofsd has) or 9p (mapped)."""
+    for index, record in enumerate(mounts):
+        mount = Mount.from_record(record)
+        virtiofs = mount.driver is Driver.VIRTIOFS
+        fs = _sub(devices, "filesystem", type="mount", accessmode="passthrough" if virtiofs else "mapped")
+        if virtiofs:
+            _sub(fs, "driver", type="virtiofs")
+        _sub(fs, "source", dir=mount.host_dir)
+        _sub(fs, "target", dir=tag(index))
+        if mount.readonly and not virtiofs:  # libvirt 9.0 refuses <readonly/> on virtiofs: the guest mounts it ro
+            _sub(fs, "readonly")
+
+
+def _shared_memory(root: ET.Element, mounts: tuple[str, ...]) -> None:
+    """virtiofs needs the guest's memory shared with virtiofsd."""
+    if any(Mount.from_record(m).driver is Driver.VIRTIOFS for m in mounts):
+        backing = _sub(root, "memoryBacking")
+        _sub(backing, "source", type="memfd")
+        _sub(backing, "access", mode="shared")
+
+
+def _user_network(root: ET.Element, network: Network, ssh_port: int, forwards: tuple[str, ...] = ()) -> None:
     # Debian 12's libvirt has passt disabled, so <portForward> is refused: user-mode networking (SLIRP) with a
     # hostfwd bound to 127.0.0.1 goes on QEMU's command line, with its NIC on a fixed slot of q35's root bus.
-    netdev = f"user,id={USER_NETDEV},hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
+    netdev = f"user,id={USER_NETDEV},hostfwd=tcp:127.0.0.1:{ssh_port}-:22" + _extra_hostfwds(forwards)
     if network.restrict:
         netdev += ",restrict=on"
     cmdline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
@@ -245,8 +279,10 @@ def domain_xml(spec: InstanceSpec) -> str:
     _sub(rng, "backend", "/dev/urandom", model="random")
     _root_slot(rng, 0x05)
     _sub(devices, "memballoon", model="none")
+    _filesystems(devices, spec.metadata.mounts)
+    _shared_memory(root, spec.metadata.mounts)
     if spec.network.kind is NetworkKind.USER:
-        _user_network(root, spec.network, spec.ssh_port)
+        _user_network(root, spec.network, spec.ssh_port, spec.metadata.forwards)
     return ET.tostring(root, encoding="unicode")
 
 

@@ -593,3 +593,89 @@ class ConsoleStream:
         with contextlib.suppress(libvirt.libvirtError):
             self._stream.abort()
         self._open = False
+
+
+# -- snapshots and guest capabilities (qinst snapshot, up --mount) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A domain snapshot as libvirt describes it (read back: untrusted, parsed defensively)."""
+
+    name: str
+    state: str  # the guest's state when it was taken: running, shutoff, ...
+    created: int  # seconds since the epoch
+    memory: bool  # whether it holds the guest's memory (restore resumes it running)
+    description: str
+
+
+def domain_capabilities(host: Host) -> str:
+    """libvirt's domain capabilities XML for q35 x86_64 guests (what devices QEMU offers here)."""
+    with libvirt_errors("cannot read the host's domain capabilities"):
+        return str(host.conn.getDomainCapabilities(None, "x86_64", "q35", None, 0))
+
+
+def create_snapshot(dom: Domain, name: str, description: str) -> None:
+    """An internal snapshot: disks and, for a running guest, its memory (libvirt decides from the state)."""
+    root = ET.Element("domainsnapshot")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "description").text = description
+    with libvirt_errors(f"cannot create snapshot {name!r}"):
+        dom._dom.snapshotCreateXML(ET.tostring(root, encoding="unicode"), 0)
+
+
+def _snapshot(dom: Domain, name: str) -> Any:
+    try:
+        return dom._dom.snapshotLookupByName(name, 0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+            raise HypervisorError(f"no snapshot named {name!r}", hint="'qinst snapshot list NAME' lists them") from exc
+        raise HypervisorError(f"cannot look up snapshot {name!r}: {tidy(exc.get_error_message())}") from exc
+
+
+def list_snapshots(dom: Domain) -> list[SnapshotInfo]:
+    """The domain's snapshots, oldest first."""
+    found = []
+    with libvirt_errors("cannot list snapshots"):
+        snaps = [snap.getXMLDesc(0) for snap in dom._dom.listAllSnapshots(0)]
+    for xml in snaps:
+        root = ET.fromstring(xml)
+        memory = root.find("memory")
+        created = root.findtext("creationTime") or "0"
+        found.append(
+            SnapshotInfo(
+                name=root.findtext("name") or "",
+                state=root.findtext("state") or "",
+                created=int(created) if created.isdigit() else 0,
+                memory=memory is not None and memory.get("snapshot") == "internal",
+                description=root.findtext("description") or "",
+            )
+        )
+    return sorted(found, key=lambda s: (s.created, s.name))
+
+
+def snapshot_count(dom: Domain) -> int:
+    with libvirt_errors("cannot count snapshots"):
+        return int(dom._dom.snapshotNum(0))
+
+
+def revert_snapshot(dom: Domain, name: str) -> None:
+    """Return the guest to the snapshot: running again if it holds memory, as it was otherwise."""
+    snap = _snapshot(dom, name)
+    with libvirt_errors(f"cannot restore snapshot {name!r}"):
+        dom._dom.revertToSnapshot(snap, 0)
+
+
+def delete_snapshot(dom: Domain, name: str) -> None:
+    snap = _snapshot(dom, name)
+    with libvirt_errors(f"cannot delete snapshot {name!r}"):
+        snap.delete(0)
+
+
+def forget_snapshots(dom: Domain) -> int:
+    """Drop every snapshot's libvirt record before the domain and its volumes (which hold them) are removed."""
+    with libvirt_errors("cannot remove the instance's snapshots"):
+        snaps = dom._dom.listAllSnapshots(0)
+        for snap in snaps:
+            snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+    return len(snaps)

@@ -20,8 +20,10 @@ from typing import Any
 from qemu_instances.digests import Digest
 from qemu_instances.domain import Metadata, Network, metadata_from_domain_xml, validate_name
 from qemu_instances.errors import HypervisorError, UsageError
-from qemu_instances.host import POOL_NAME, VERIFIED, Domain, Host
+from qemu_instances.forwarding import Forward
+from qemu_instances.host import POOL_NAME, VERIFIED, Domain, Host, forget_snapshots, snapshot_count
 from qemu_instances.images import ImageStore
+from qemu_instances.mounts import Mount
 from qemu_instances.seed import validate_hostname, validate_instance_id, validate_user
 from qemu_instances.settings import Settings
 from qemu_instances.ssh import KEY_LINE, SshHop, key_checker
@@ -40,6 +42,7 @@ class Instance:
     state: str
     metadata: Metadata
     invalid: str = ""
+    snapshots: int = 0
 
     @property
     def address(self) -> str:
@@ -64,6 +67,9 @@ class Instance:
             "ssh": {"host": m.ssh_host or None, "port": m.ssh_port, "user": m.user},
             "created": m.created,
             "accel": m.accel,
+            "forwards": [Forward.parse(f).to_json() for f in m.forwards],
+            "mounts": [Mount.from_record(r).to_json() for r in m.mounts],
+            "snapshots": self.snapshots,
         }
         if self.invalid:
             data["invalid"] = self.invalid
@@ -123,6 +129,10 @@ def validate_metadata(name: str, meta: Metadata) -> Metadata:
         raise UsageError(f"invalid accel {meta.accel[:20]!r}")
     if meta.console_log and Path(meta.console_log).name != console_log_name(name):
         raise UsageError("console-log is not this instance's console log")
+    for forward in meta.forwards:
+        Forward.parse(forward)
+    for mount in meta.mounts:
+        Mount.from_record(mount)
     strangers = set(meta.volumes) - {disk_volume(name), seed_volume(name), console_log_name(name)}
     if strangers:
         raise UsageError(f"volumes names another instance's volume {sorted(strangers)[0][:80]!r}")
@@ -137,7 +147,7 @@ def _instance(dom: Domain) -> Instance | None:
         meta = metadata_from_domain_xml(xml)
         if meta is None:
             return None
-        return Instance(name, state, validate_metadata(name, meta))
+        return Instance(name, state, validate_metadata(name, meta), snapshots=snapshot_count(dom))
     except UsageError as exc:
         reason = exc.message
     except (ET.ParseError, ValueError, TypeError) as exc:
@@ -281,8 +291,10 @@ def remove(host: Host, name: str, *, force: bool = False) -> list[str]:
         inst.require_valid()
     if inst.state not in ("shutoff", "crashed") and not force:
         raise UsageError(f"instance {name!r} is {inst.state}", hint=f"stop it first, or: qinst rm --force {name}")
+    # libvirt keeps a domain with snapshots: drop their records (the snapshots themselves go with the overlay volume)
+    snapshots = forget_snapshots(dom)
     dom.undefine()
-    removed = [f"domain {name}"]
+    removed = [f"domain {name}"] + ([f"{snapshots} snapshot(s)"] if snapshots else [])
     try:
         validate_name(name)
     except UsageError:
@@ -303,7 +315,8 @@ def remove_logs(host: Host, name: str) -> None:
     if not host.is_local:
         return
     console = console_log_path(host, None, name)
-    for path in (console, console.with_name(f"{name}.log")):
+    virtiofsd = console.parent.glob(f"{name}-fs*-virtiofsd.log")  # libvirt's log of each --mount's virtiofsd
+    for path in (console, console.with_name(f"{name}.log"), *virtiofsd):
         with contextlib.suppress(OSError):
             path.unlink()
 

@@ -35,6 +35,7 @@ from qemu_instances.domain import (
 from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, UsageError
 from qemu_instances.faults import _test_pause
 from qemu_instances.files import read_option_file
+from qemu_instances.forwarding import Forward, check_free, parse_forwards
 from qemu_instances.host import Domain, Host
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qemu_img_info
 from qemu_instances.instances import (
@@ -45,6 +46,9 @@ from qemu_instances.instances import (
     remove_logs,
     seed_volume,
 )
+from qemu_instances.mounts import Mount
+from qemu_instances.mounts import cloud_config as mounts_cloud_config
+from qemu_instances.mounts import resolve as resolve_mounts
 from qemu_instances.ports import HOSTFWD_TAKEN, start_with_port
 from qemu_instances.settings import Settings
 from qemu_instances.ssh import HostKey, SshHop, key_checker
@@ -80,6 +84,8 @@ class UpRequest:
     latest: bool = False
     extra_config: dict[str, Any] | None = None  # more cloud-config (smoke checks)
     ignore_cloud_init_errors: bool = False  # a reachable guest whose cloud-init had errors is a success
+    forwards: tuple[str, ...] = ()  # --forward [ADDR:]HOSTPORT:GUESTPORT (user-mode networks)
+    mounts: tuple[str, ...] = ()  # --mount HOSTDIR[:GUESTDIR][:rw]
 
 
 @dataclass
@@ -273,6 +279,9 @@ class Launcher:
             raise UsageError(f"invalid --ssh-port {req.ssh_port}")
         if req.network:
             Network.parse(req.network)
+        parse_forwards(req.forwards, taken=[req.ssh_port] if req.ssh_port else [])
+        for text in req.mounts:
+            Mount.parse(text)
         ref = self.store.resolve(req.image)
         user = seeds.validate_user(req.user or (ref.entry.default_user if ref.entry else "cloud"))
         keys = tuple(resolve_keys(list(req.ssh_keys), self.settings.config_dir))
@@ -397,13 +406,37 @@ def _port_picker(host: Host, plan: Plan) -> Callable[[], int] | None:
     return lambda: _pick_port(host)
 
 
+def _forwards_and_mounts(
+    host: Host, network: Network, inputs: _Inputs
+) -> tuple[tuple[Forward, ...], tuple[Mount, ...], bytes]:
+    """--forward rules (user-mode networks only; free here when the host is this machine), --mount folders with
+    the host's driver, and the seed ISO that mounts them."""
+    req = inputs.req
+    forwards = parse_forwards(req.forwards, taken=[req.ssh_port] if req.ssh_port else [])
+    if forwards and network.kind is not NetworkKind.USER:
+        raise UsageError(
+            f"--forward needs a user-mode network (--network user), not {network}",
+            hint="on other networks, open forwards while you need them: qinst forward NAME HOSTPORT:GUESTPORT",
+        )
+    if host.is_local:
+        check_free(forwards)
+    mounts = resolve_mounts(host, req.mounts)
+    if not mounts:
+        return forwards, mounts, inputs.iso
+    extra = seeds.merge_cloud_config(inputs.seed.extra_config or {}, mounts_cloud_config(mounts))
+    return forwards, mounts, seeds.build_seed_iso(replace(inputs.seed, extra_config=extra))
+
+
 def plan_launch(host: Host, inputs: _Inputs, image: CachedImage) -> Plan:
     """Decide everything `up` will make: it reads the host (networks, KVM, pool path) but creates nothing."""
     req, name = inputs.req, inputs.name
     network = _choose_network(host, req.network)
+    forwards, mounts, iso = _forwards_and_mounts(host, network, inputs)
     ssh_port = 22
     if network.kind is NetworkKind.USER:
         ssh_port = req.ssh_port or _pick_port(host)
+        while not req.ssh_port and ssh_port in {f.host_port for f in forwards}:
+            ssh_port = _pick_port(host)
     console = console_log_path(host, None if host.is_local else host.pool(), name)
     accels = _accelerators(host, req.accel)
     meta = Metadata(
@@ -419,6 +452,8 @@ def plan_launch(host: Host, inputs: _Inputs, image: CachedImage) -> Plan:
         console_log=str(console),
         accel=str(accels[0]),
         volumes=owned_volumes(host, name),
+        forwards=tuple(str(f) for f in forwards),
+        mounts=tuple(m.record() for m in mounts),
     )
     spec = InstanceSpec(
         name=name,
@@ -433,7 +468,7 @@ def plan_launch(host: Host, inputs: _Inputs, image: CachedImage) -> Plan:
         ssh_port=ssh_port,
         metadata=meta,
     )
-    return Plan(req, name, inputs.ref, image, inputs.seed, inputs.iso, network, ssh_port, accels, console, spec)
+    return Plan(req, name, inputs.ref, image, inputs.seed, iso, network, ssh_port, accels, console, spec)
 
 
 def _with_accel(spec: InstanceSpec, accel: Accel) -> InstanceSpec:

@@ -126,7 +126,7 @@ def test_ls_rm_and_prune_of_orphan_volumes(qinst: RunQinst, tmp_path: Path) -> N
         {"name": "gone-1", "state": "orphan", "volumes": ["gone-1-seed.iso", "gone-1.qcow2"]}
     ]
     table = qinst(*args, "ls").stdout.splitlines()
-    assert table[1].split() == ["gone-1", "orphan", "-", "-", "-"]
+    assert table[1].split() == ["gone-1", "orphan", "-", "-", "-", "-"]
 
     rm = qinst(*args, "rm", "gone-1")
     assert rm.returncode == 0, rm.stderr

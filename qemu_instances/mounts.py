@@ -1,0 +1,169 @@
+"""Host folder mounts: `up --mount HOSTDIR[:GUESTDIR][:rw]`, shared by virtiofs or, failing that, 9p.
+
+The folder is the libvirt host's: a local folder for a local daemon, the remote machine's for qemu+ssh://.
+virtiofs is used when the host's libvirt offers it and (on a local host) virtiofsd is installed; libvirt then
+needs the guest's memory shared (memfd). Otherwise virtio-9p with accessmode "mapped": files the guest creates
+belong to QEMU's user on the host and their guest owner and mode live in extended attributes, so a guest can
+never create a host file owned by root or with a set-uid bit.
+
+The guest mounts each folder from /etc/fstab (with nofail), written by the seed, so it is mounted when `up`
+returns and again after every reboot. Read-only is the default: QEMU refuses writes with 9p; with virtiofs,
+libvirt 9.0 has no read-only virtiofs, so the guest mounts it `ro` (root in the guest could remount it).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from qemu_instances.errors import UsageError
+
+if TYPE_CHECKING:
+    from qemu_instances.host import Host
+
+VIRTIOFSD_PATHS = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/lib/virtiofsd")
+_SAFE_PATH = re.compile(r"/[^\s:,\\'\"]*")  # fstab fields and QEMU options: no blanks, colons, commas, quotes
+
+
+class Driver(StrEnum):
+    VIRTIOFS = "virtiofs"
+    NINEP = "9p"
+
+    @property
+    def fstype(self) -> str:
+        return str(self)
+
+    def mount_options(self, readonly: bool) -> str:
+        mode = "ro" if readonly else "rw"
+        if self is Driver.NINEP:
+            return f"trans=virtio,version=9p2000.L,msize=262144,{mode},nofail"
+        return f"{mode},nofail"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One shared folder: host_dir on the libvirt host at guest_dir in the guest."""
+
+    host_dir: str
+    guest_dir: str
+    readonly: bool = True
+    driver: Driver = Driver.VIRTIOFS
+
+    @classmethod
+    def parse(cls, text: str, driver: Driver = Driver.VIRTIOFS) -> Mount:
+        """`HOSTDIR[:GUESTDIR][:rw|:ro]` (paths absolute, without blanks, colons or commas)."""
+        parts = text.split(":")
+        readonly = True
+        if len(parts) > 1 and parts[-1] in ("rw", "ro"):
+            readonly = parts.pop() == "ro"
+        if len(parts) > 2 or not parts[0]:
+            raise UsageError(f"invalid --mount {text!r}", hint="use HOSTDIR[:GUESTDIR][:rw] with absolute paths")
+        host_dir = _checked_path(parts[0], text)
+        guest_dir = _checked_path(parts[1], text) if len(parts) == 2 else host_dir
+        if guest_dir in ("/", "/boot", "/etc", "/usr", "/var", "/proc", "/sys", "/dev", "/run"):
+            raise UsageError(f"refusing to mount over the guest's {guest_dir}")
+        return cls(host_dir, guest_dir, readonly, driver)
+
+    def record(self) -> str:
+        """How the instance's metadata records it: DRIVER:ro|rw:HOSTDIR:GUESTDIR."""
+        return f"{self.driver}:{'ro' if self.readonly else 'rw'}:{self.host_dir}:{self.guest_dir}"
+
+    @classmethod
+    def from_record(cls, text: str) -> Mount:
+        """A recorded mount, validated (the metadata is read back from libvirt: untrusted)."""
+        parts = text.split(":")
+        try:
+            if len(parts) != 4 or parts[1] not in ("ro", "rw"):
+                raise ValueError
+            mount = cls(
+                _checked_path(parts[2], text), _checked_path(parts[3], text), parts[1] == "ro", Driver(parts[0])
+            )
+        except (ValueError, UsageError):
+            raise UsageError(f"the instance's metadata records an invalid mount {text[:120]!r}") from None
+        return mount
+
+    def to_json(self) -> dict[str, object]:
+        return {"host": self.host_dir, "guest": self.guest_dir, "readonly": self.readonly, "driver": str(self.driver)}
+
+
+def _checked_path(path: str, text: str) -> str:
+    if not _SAFE_PATH.fullmatch(path) or ".." in PurePosixPath(path).parts or len(path) > 1024:
+        raise UsageError(
+            f"invalid path {path!r} in --mount {text!r}",
+            hint="paths are absolute, without '..', blanks, colons, commas, quotes or backslashes",
+        )
+    return str(PurePosixPath(path))
+
+
+def parse_mounts(texts: Iterable[str], driver: Driver, *, local: bool) -> tuple[Mount, ...]:
+    """Parse --mount values; on a local host each HOSTDIR must be an existing folder."""
+    mounts = tuple(Mount.parse(t, driver) for t in texts)
+    guest_dirs = [m.guest_dir for m in mounts]
+    if len(set(guest_dirs)) != len(guest_dirs):
+        raise UsageError("two --mount options share a guest folder")
+    for m in mounts:
+        if local and not Path(m.host_dir).is_dir():
+            raise UsageError(f"--mount: {m.host_dir} is not a folder on this host")
+    return mounts
+
+
+def recorded_mounts(values: Sequence[str]) -> tuple[str, ...]:
+    for value in values:
+        Mount.from_record(value)
+    return tuple(values)
+
+
+def tag(index: int) -> str:
+    """The device's mount tag in the guest (virtiofs and 9p tags are short names)."""
+    return f"qinst{index}"
+
+
+def choose_driver(domain_caps_xml: str, *, local: bool) -> tuple[Driver, str]:
+    """virtiofs when libvirt offers it (and virtiofsd is installed, on a local host), else 9p; and why."""
+    caps = ET.fromstring(domain_caps_xml)
+    offered = {v.text for v in caps.iterfind("devices/filesystem/enum[@name='driverType']/value")}
+    if "virtiofs" not in offered:
+        return Driver.NINEP, "libvirt offers no virtiofs here: 9p (virtio-9p)"
+    if not local:
+        return Driver.VIRTIOFS, "virtiofs (the remote host's libvirt offers it)"
+    binary = next((p for p in VIRTIOFSD_PATHS if Path(p).exists()), None) or shutil.which("virtiofsd")
+    if binary is None:
+        return Driver.NINEP, "no virtiofsd on this host: 9p (virtio-9p); install virtiofsd for virtiofs"
+    return Driver.VIRTIOFS, f"virtiofs ({binary})"
+
+
+def cloud_config(mounts: Sequence[Mount]) -> dict[str, Any]:
+    """cloud-config that lists the mounts in /etc/fstab (nofail) and mounts them before cloud-init finishes.
+
+    Not cloud-init's `mounts` module: cloud-init 22.4 takes a bare mount tag for a missing block device and
+    drops the entry.
+    """
+    if not mounts:
+        return {}
+    lines = "".join(
+        f"{tag(i)} {m.guest_dir} {m.driver.fstype} {m.driver.mount_options(m.readonly)} 0 0\n"
+        for i, m in enumerate(mounts)
+    )
+    runcmd: list[list[str]] = []
+    for m in mounts:
+        runcmd += [["mkdir", "-p", m.guest_dir], ["mount", m.guest_dir]]
+    return {
+        "write_files": [{"path": "/etc/fstab", "append": True, "content": "# qinst mounts\n" + lines}],
+        "runcmd": runcmd,
+    }
+
+
+def resolve(host: Host, texts: Sequence[str]) -> tuple[Mount, ...]:
+    """`up --mount` values for this host, with the driver it offers (nothing to ask when there are none)."""
+    if not texts:
+        return ()
+    from qemu_instances.host import domain_capabilities  # here: the domain XML imports this module, not libvirt
+
+    driver, _ = choose_driver(domain_capabilities(host), local=host.is_local)
+    return parse_mounts(texts, driver, local=host.is_local)
