@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -12,7 +13,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,7 @@ class CachedImage:
     format: str
     url: str | None = None
     aleph_item_hash: str | None = None  # the aleph STORE message this file was pulled through
+    virtual_size: int | None = None  # the disk size the image gives the guest (qemu-img's, recorded when cached)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -146,6 +148,21 @@ def qemu_img_info(path: Path) -> dict[str, Any]:
 
 def check_format(path: Path, expected: str | None, origin: str) -> str:
     """The image's format per qemu-img; refuse other formats, backing files, and a mismatch with the catalog."""
+    return inspect_image(path, expected, origin)[0]
+
+
+MAX_VIRTUAL_SIZE = 1 << 50  # 1 PiB: a recorded virtual size beyond it is not believed
+
+
+def valid_virtual_size(value: object) -> int | None:
+    """A virtual size read back from qemu-img or a cache record (untrusted): a positive int, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_VIRTUAL_SIZE:
+        return value
+    return None
+
+
+def inspect_image(path: Path, expected: str | None, origin: str) -> tuple[str, int | None]:
+    """check_format's checks; returns the format and the virtual size (recorded in the cache: `up` needs it)."""
     info = qemu_img_info(path)
     fmt = str(info.get("format"))
     if fmt not in ("qcow2", "raw"):
@@ -162,7 +179,7 @@ def check_format(path: Path, expected: str | None, origin: str) -> str:
         raise ImageError(f"{origin}: refusing an encrypted image (qinst boots images without a key)")
     if expected and fmt != expected:
         raise ImageError(f"{origin}: expected a {expected} image, qemu-img says {fmt}")
-    return fmt
+    return fmt, valid_virtual_size(info.get("virtual-size"))
 
 
 class Cache:
@@ -212,6 +229,7 @@ class Cache:
             format=printable(field("format", "unknown") or "unknown"),
             url=field("url", None),
             aleph_item_hash=field("aleph_item_hash", None),
+            virtual_size=valid_virtual_size(record.get("virtual_size")),
         )
 
     def entries(self) -> list[CachedImage]:
@@ -232,9 +250,16 @@ class Cache:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def record(self, image: CachedImage) -> None:
-        data = {"name": image.name, "source": image.source, "format": image.format, "url": image.url}
+        data: dict[str, str | int | None] = {
+            "name": image.name,
+            "source": image.source,
+            "format": image.format,
+            "url": image.url,
+        }
         if image.aleph_item_hash:
             data["aleph_item_hash"] = image.aleph_item_hash
+        if image.virtual_size:
+            data["virtual_size"] = image.virtual_size
         target = image.path.with_name(image.path.name + ".json")
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.unlink(missing_ok=True)  # never write through a link planted under the temporary name
@@ -336,6 +361,17 @@ class ImageStore:
         """The cached file for ref's pinned digest, if any (no network)."""
         digest = ref.digest or (ref.entry.digest if ref.entry else None)
         return self.cache.get(digest) if digest else None
+
+    def virtual_size(self, image: CachedImage) -> int:
+        """The guest disk size the cached image gives: from its record (written when it was cached), else from
+        qemu-img, then recorded so that the next `up` spawns no qemu-img."""
+        if image.virtual_size:
+            return image.virtual_size
+        virtual = valid_virtual_size(qemu_img_info(image.path).get("virtual-size")) or 0
+        if virtual:
+            with contextlib.suppress(OSError), self.cache.lock(image.digest):
+                self.cache.record(replace(image, virtual_size=virtual))
+        return virtual
 
     def cached_aleph(self, item_hash: str) -> CachedImage | None:
         """A cached file pulled through aleph message item_hash (its own pin, not the upstream digest)."""
@@ -491,15 +527,17 @@ class ImageStore:
             if found:
                 return found
             dest = self.cache.path(plan.digest)
-            fmt = "unknown"
+            fmt, virtual = "unknown", None
 
             def check(path: Path) -> None:
                 # Before the file takes its name: the cache holds only images qinst can use.
-                nonlocal fmt
-                fmt = check_format(path, plan.format, plan.url)
+                nonlocal fmt, virtual
+                fmt, virtual = inspect_image(path, plan.format, plan.url)
 
             url, size = self._download(plan, dest, progress, check)
-            image = CachedImage(plan.name, plan.digest, dest, size, plan.source, fmt, url, plan.aleph_item_hash)
+            image = CachedImage(
+                plan.name, plan.digest, dest, size, plan.source, fmt, url, plan.aleph_item_hash, virtual_size=virtual
+            )
             self.cache.record(image)
             return image
 
@@ -560,13 +598,15 @@ class ImageStore:
                 except OSError as exc:
                     raise ImageError(f"cannot copy {path} into the cache: {exc.strerror}") from exc
                 digest = Digest(Algorithm.SHA256, h.hexdigest())
-                fmt = check_format(tmp, None, str(path))  # the copy is what the cache will hold
+                fmt, virtual = inspect_image(tmp, None, str(path))  # the copy is what the cache will hold
                 with self.cache.lock(digest):
                     found = self.cache.get(digest)
                     if found:
                         return found
                     replace_durably(tmp, self.cache.path(digest))
-                    image = CachedImage(path.stem, digest, self.cache.path(digest), size, "local", fmt)
+                    image = CachedImage(
+                        path.stem, digest, self.cache.path(digest), size, "local", fmt, virtual_size=virtual
+                    )
                     self.cache.record(image)
                     return image
         finally:

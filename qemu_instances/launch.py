@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qemu_instances import kvmverdict
 from qemu_instances import seed as seeds
 from qemu_instances.console import Console, ConsoleLog
 from qemu_instances.domain import (
@@ -35,7 +36,7 @@ from qemu_instances.domain import (
 from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, UsageError
 from qemu_instances.files import read_option_file
 from qemu_instances.host import Domain, Host
-from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qemu_img_info
+from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source
 from qemu_instances.instances import (
     Instance,
     console_log_path,
@@ -134,15 +135,28 @@ def _choose_network(host: Host, text: str | None) -> Network:
     return network
 
 
-def _accelerators(host: Host, wanted: Accel) -> tuple[Accel, ...]:
-    """The accelerators to try, in order: --accel auto tries KVM when it looks usable, then TCG."""
+def _accelerators(host: Host, wanted: Accel, cache_dir: Path | None = None) -> tuple[Accel, ...]:
+    """The accelerators to try, in order: --accel auto tries KVM when it looks usable and has not failed on this
+    host before (kvmverdict.py), then TCG."""
     if wanted is not Accel.AUTO:
         return (wanted,)
+    if cache_dir is not None:
+        failed = kvmverdict.recall(cache_dir, _kvm_key(host))
+        if failed is not None:
+            log.info(
+                "KVM failed on this host before (%s): starting under TCG; 'qinst doctor --reset-kvm' tries KVM again",
+                failed.reason,
+            )
+            return (Accel.TCG,)
     kvm = host.kvm_available()
     if not kvm.usable:
         log.info("KVM is not usable here (%s): using TCG software emulation, which is slower", kvm.reason)
         return (Accel.TCG,)
     return (Accel.KVM, Accel.TCG)
+
+
+def _kvm_key(host: Host) -> kvmverdict.HostKey:
+    return kvmverdict.host_key(host.uri, host.hypervisor_version(), host.is_local)
 
 
 def _ssh_host(dom: Domain, network: Network) -> Callable[[], str | None]:
@@ -240,7 +254,7 @@ class Launcher:
             )
             run.lap("download", t0)
             run.t_define = time.monotonic()
-            plan = plan_launch(host, inputs, image)
+            plan = plan_launch(host, inputs, image, self.settings.cache_dir)
             try:
                 result = self._boot(run, plan, self._provision(run, plan))
             except GuestPaused:
@@ -291,7 +305,7 @@ class Launcher:
             host.ensure_network_active(plan.network.source)
         pool = host.pool()
         base = host.base_volume(pool, image.digest.filename, image.path, image.digest, run.progress)
-        virtual = int(qemu_img_info(image.path).get("virtual-size", 0))
+        virtual = self.store.virtual_size(image)
         disk = host.overlay_volume(pool, disk_volume(name), base, plan.req.disk_gib * GiB, image.format, virtual)
         run.undo.callback(_quietly(f"volume {disk_volume(name)}", lambda: host.delete_volume(pool, disk_volume(name))))
         seed_vol = host.upload_volume(pool, seed_volume(name), io.BytesIO(plan.iso), len(plan.iso))
@@ -317,8 +331,14 @@ class Launcher:
                 if not more or HOSTFWD_TAKEN in exc.message:
                     raise  # a taken port is no reason to leave KVM
                 log.warning("the guest does not start under %s (%s): trying %s", accel, exc.message, plan.accels[n + 1])
+                self._kvm_failed(run, accel, exc.message)
                 continue
             undo.callback(_quietly(f"domain {spec.name}", dom.undefine))
+            if more and dom.state()[0] == "paused":  # KVM present but failing: the guest paused at once
+                log.warning("the guest paused under %s at start: relaunching it under %s", accel, plan.accels[n + 1])
+                self._kvm_failed(run, accel, "a KVM guest pauses at once (emulation failure)")
+                undo.close()
+                continue
             run.lap("define", run.t_define)
             if not plan.req.wait:
                 run.lap("total", run.t0)
@@ -331,6 +351,7 @@ class Launcher:
                     raise
                 log.warning("the guest paused under %s (present but failing here): relaunching it under %s",
                             accel, plan.accels[n + 1])  # fmt: skip
+                self._kvm_failed(run, accel, "a KVM guest paused while booting (emulation failure)")
                 undo.close()
                 continue
             run.timings.update(run.readiness.durations())
@@ -343,6 +364,11 @@ class Launcher:
             dom.set_metadata(meta.to_xml(), METADATA_KEY, METADATA_NS)
             return UpResult(Instance(spec.name, "running", meta), run.timings, ready=True)
         raise AssertionError("plan.accels is never empty")
+
+    def _kvm_failed(self, run: _Run, accel: Accel, reason: str) -> None:
+        """Remember that KVM failed on this host (its next launches start under TCG at once)."""
+        if accel is Accel.KVM:
+            kvmverdict.remember(self.settings.cache_dir, _kvm_key(run.host), reason)
 
     def _wait(self, run: _Run, dom: Domain, spec: InstanceSpec) -> list[HostKey]:
         probe = Probe(
@@ -371,7 +397,7 @@ def _port_picker(host: Host, plan: Plan) -> Callable[[], int] | None:
     return lambda: _pick_port(host)
 
 
-def plan_launch(host: Host, inputs: _Inputs, image: CachedImage) -> Plan:
+def plan_launch(host: Host, inputs: _Inputs, image: CachedImage, cache_dir: Path | None = None) -> Plan:
     """Decide everything `up` will make: it reads the host (networks, KVM, pool path) but creates nothing."""
     req, name = inputs.req, inputs.name
     network = _choose_network(host, req.network)
@@ -379,7 +405,7 @@ def plan_launch(host: Host, inputs: _Inputs, image: CachedImage) -> Plan:
     if network.kind is NetworkKind.USER:
         ssh_port = req.ssh_port or _pick_port(host)
     console = console_log_path(host, None if host.is_local else host.pool(), name)
-    accels = _accelerators(host, req.accel)
+    accels = _accelerators(host, req.accel, cache_dir)
     meta = Metadata(
         image=inputs.ref.name,
         digest=str(image.digest),
