@@ -206,6 +206,17 @@ class Host:
         with libvirt_errors("cannot list domains"):
             return [Domain(self, handle) for handle in self.conn.listAllDomains(0)]
 
+    def paused_domains(self) -> list[tuple[Domain, bool]]:
+        """The paused domains, each with whether it was paused by a user (one call)."""
+        with libvirt_errors("cannot list domains"):
+            stats = self.conn.getAllDomainStats(
+                libvirt.VIR_DOMAIN_STATS_STATE, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_PAUSED
+            )
+        return [
+            (Domain(self, handle), isinstance(v, dict) and v.get("state.reason") == libvirt.VIR_DOMAIN_PAUSED_USER)
+            for handle, v in stats
+        ]
+
     def domain_records(self, namespace: str) -> list[tuple[Domain, str, str | None]]:
         """Every domain with its state and its metadata element in `namespace` (None without one): one call lists
         the domains with their states, then one call per domain reads its metadata (`ls` costs nothing more)."""

@@ -152,7 +152,32 @@ def _accelerators(host: Host, wanted: Accel, cache_dir: Path | None = None) -> t
     if not kvm.usable:
         log.info("KVM is not usable here (%s): using TCG software emulation, which is slower", kvm.reason)
         return (Accel.TCG,)
+    if cache_dir is not None and (paused := _paused_kvm_instance(host)):
+        # An earlier `up --no-wait` started it under KVM and returned before it paused: learn from it.
+        reason = f"instance {paused} paused under KVM (emulation failure)"
+        kvmverdict.remember(cache_dir, _kvm_key(host), reason)
+        log.info("KVM fails on this host (%s): starting under TCG; remove %s with 'qinst rm --force'", reason, paused)
+        return (Accel.TCG,)
     return (Accel.KVM, Accel.TCG)
+
+
+def _paused_kvm_instance(host: Host) -> str | None:
+    """A qinst instance started under KVM that paused by itself (not by a user), if there is one."""
+    for dom, by_user in host.paused_domains():
+        if by_user:
+            continue
+        try:
+            text = dom.metadata(METADATA_NS)
+            meta = Metadata.from_xml(text) if text else None
+        except (HypervisorError, ValueError, TypeError, SyntaxError):
+            continue  # gone meanwhile, or not a record qinst can read (ET.ParseError is a SyntaxError)
+        if meta is not None and meta.accel == "kvm":
+            return printable_name(dom.name)
+    return None
+
+
+def printable_name(name: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in name)[:64]
 
 
 def _kvm_key(host: Host) -> kvmverdict.HostKey:

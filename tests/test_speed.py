@@ -17,6 +17,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from conftest import RunQinst
 
 from qemu_instances import doctor, kvmverdict, launch
 from qemu_instances.digests import Digest
@@ -265,6 +266,34 @@ def test_boot_remembers_that_kvm_did_not_start(tmp_path: Path, monkeypatch: pyte
         assert launch._accelerators(host, Accel.AUTO, tmp_path) == (Accel.TCG,)
 
 
+def test_up_learns_from_an_instance_that_paused_under_kvm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up --no-wait` returns before a KVM guest pauses (here ~15 s into its boot): the next `up` learns from it."""
+    from qemu_instances.host import Domain, KvmStatus
+
+    monkeypatch.setattr(Host, "kvm_available", lambda self: KvmStatus(True, "/dev/kvm answers"))
+    name = f"speed-paused-{os.getpid()}"
+    meta = "<instance><image>x</image><digest></digest><user>cloud</user><network>user</network>"
+    meta += "<accel>kvm</accel></instance>"
+    with Host(TEST_URI) as host:
+        dom = host.conn.createXML(
+            f"<domain type='test'><name>{name}</name><memory>65536</memory><os><type>hvm</type></os></domain>", 0
+        )
+        try:
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, meta, METADATA_KEY, METADATA_NS, 0)
+            dom.suspend()  # paused by a user: no verdict
+            assert launch._accelerators(host, Accel.AUTO, tmp_path) == (Accel.KVM, Accel.TCG)
+            assert kvmverdict.recall(tmp_path, launch._kvm_key(host)) is None
+            paused = host.paused_domains()
+            assert [(d.name, by_user) for d, by_user in paused if d.name == name] == [(name, True)]
+            # As libvirt reports a guest that KVM paused (reason "unknown" or an I/O error, not "user"):
+            monkeypatch.setattr(Host, "paused_domains", lambda self: [(Domain(self, dom), False)])
+            assert launch._accelerators(host, Accel.AUTO, tmp_path) == (Accel.TCG,)
+            verdict = kvmverdict.recall(tmp_path, launch._kvm_key(host))
+            assert verdict is not None and name in verdict.reason
+        finally:
+            dom.destroy()
+
+
 def test_doctor_shows_the_verdict_and_reset_kvm_forgets_it(tmp_path: Path) -> None:
     with Host(TEST_URI) as host:
         kvmverdict.remember(tmp_path, launch._kvm_key(host), "failed to set MSR 0x10a")
@@ -276,3 +305,53 @@ def test_doctor_shows_the_verdict_and_reset_kvm_forgets_it(tmp_path: Path) -> No
     assert "forgot 1 remembered KVM verdict(s)" in proc.stderr, proc.stderr
     assert "nothing remembered" in proc.stdout
     assert proc.returncode == subprocess.run(args, capture_output=True, env=env, check=False).returncode
+
+
+# -- one real run: the real daemon, QEMU and this host's KVM -----------------------------------------------------
+
+
+@pytest.mark.vm
+@pytest.mark.libvirt
+def test_a_real_kvm_failure_is_remembered_and_the_next_up_starts_under_tcg_at_once(
+    qinst: RunQinst, vm_env: dict[str, str], ssh_key: Path, tmp_path: Path
+) -> None:
+    from guest import domains, force_remove, unique_name
+
+    cache = Path(vm_env["QINST_CACHE_DIR"])
+    kvmverdict.forget(cache)
+    names = [unique_name("kvmmemo"), unique_name("kvmmemo")]
+    argv = ["--network", "user:restrict", "--ssh-key", str(ssh_key), "--no-wait", "--json"]  # --accel auto: the default
+    try:
+        first = qinst("up", "qinst-test", "--name", names[0], *argv, env=vm_env, timeout=300)
+        assert first.returncode == 0, first.stderr
+        with Host(vm_env["QINST_CONNECT"]) as host:
+            kvm_works = host.kvm_available().usable and doctor.kvm_boot_probe(host)[0]
+            verdict = kvmverdict.recall(cache, launch._kvm_key(host))
+        if kvm_works:
+            assert json.loads(first.stdout)["accel"] == "kvm" and verdict is None
+            pytest.skip("KVM works on this host: nothing to remember")
+        assert json.loads(first.stdout)["accel"] == "tcg"
+        if verdict is None:  # no kvm domain type or no /dev/kvm: qinst never tried KVM
+            assert "KVM is not usable here" in first.stderr
+            return
+        assert "does not start under kvm" in first.stderr or "paused under kvm" in first.stderr
+        t0 = time.monotonic()
+        second = qinst("up", "qinst-test", "--name", names[1], *argv, env=vm_env, timeout=300)
+        assert second.returncode == 0, second.stderr
+        assert json.loads(second.stdout)["accel"] == "tcg"
+        assert second.stderr.count("KVM failed on this host before") == 1, second.stderr
+        assert "under kvm" not in second.stderr  # no second failed KVM start
+        assert time.monotonic() - t0 < 60
+        assert not [
+            n
+            for n in names
+            if n in domains()
+            and "paused"
+            in subprocess.run(
+                ["virsh", "-c", vm_env["QINST_CONNECT"], "domstate", n], capture_output=True, text=True
+            ).stdout
+        ]
+    finally:
+        for name in names:
+            force_remove(name)
+        kvmverdict.forget(cache)
