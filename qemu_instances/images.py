@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from qemu_instances import aleph
 from qemu_instances.catalog import Catalog, CatalogEntry, http_url, printable
 from qemu_instances.digests import Algorithm, Digest, algorithm_for_checksums, parse_checksums
 from qemu_instances.errors import DigestMismatch, DownloadError, ImageError, UsageError
@@ -118,6 +117,8 @@ def parse_image_ref(text: str, catalog: Catalog, *, sha256: str | None = None, s
     if digest is not None:
         raise UsageError("--sha256/--sha512 apply only to an http(s) URL")
     if text.startswith("aleph:"):
+        from qemu_instances import aleph  # imported where used: `images` and a cached `up` need none of it
+
         return ImageRef(RefKind.ALEPH, text, aleph_hash=aleph.validate_item_hash(text.removeprefix("aleph:")))
     if "/" in text or text.startswith(".") or text.endswith((".qcow2", ".img", ".raw")):
         path = Path(text).expanduser()
@@ -447,6 +448,8 @@ class ImageStore:
             item = ref.aleph_hash or (entry.aleph_item_hash if entry else None)
             if not item:
                 raise ImageError(f"image {ref.name} has no aleph item hash in its catalog entry")
+            from qemu_instances import aleph
+
             found = aleph.resolve(
                 item,
                 api=self.settings.aleph_api,
