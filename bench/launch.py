@@ -591,6 +591,11 @@ def measure(q: Qinst, work: Path, peers: dict[str, dict[str, Any]], args: argpar
     base = q.cache / "images" / q.base_volume()
     if not base.exists():
         base = next((q.cache / "images").glob(q.base_volume() + "*"))
+    # qinst keeps its cache private (0700); the peers' disks use the cached file as their backing file, which
+    # QEMU (its own user) must read: open this benchmark's own temporary cache to it.
+    for path in (q.cache, q.cache / "images"):
+        path.chmod(0o755)
+    base.chmod(0o644)
     run_id = secrets.token_hex(2)
     qinst = QinstTool(q)
     vi = VirtInstall(q, work, base)
