@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from timing import Ran, check, quiet, summarize
 
 from testsupport.virsh import destroy, domains, remove_domain
 
+# Measure qinst as installed: Python writes its bytecode on the first run (warm-up), not on every run.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 IMAGE = "qinst-test"
 
 

@@ -376,10 +376,10 @@ def up(
         forwards=tuple(forward or ()),
         mounts=tuple(mount or ()),
     )
-    from qemu_instances.fleet import for_host, place
-
     settings = _settings(ctx)
     if settings.host == "auto":
+        from qemu_instances.fleet import for_host, place
+
         settings = for_host(settings, place(settings, memory))
         sys.stderr.write(f"placing {image} on host {settings.host} (the most free memory)\n")
     with _ProgressBar(f"pull {image}") as progress:
@@ -413,7 +413,7 @@ def list_(
         _list_all_hosts(ctx, as_json)
         return
     with open_host(_settings(ctx, connects=True)) as host:
-        found = list_instances(host)
+        found = list_instances(host, snapshots=as_json)  # the count costs a call per domain
         lost = orphans(host)  # volumes of an `up` killed before its domain was defined: 'qinst rm NAME'
     if as_json:
         _print_json([i.to_json() for i in found] + [o.to_json() for o in lost])
@@ -822,11 +822,22 @@ def seed(
 
 
 @app.command()
-def doctor(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def doctor(
+    ctx: typer.Context,
+    as_json: JsonOpt = False,
+    reset_kvm: Annotated[
+        bool, typer.Option("--reset-kvm", help="Forget that KVM failed here: the next 'up' tries KVM again.")
+    ] = False,
+) -> None:
     """Check what works on this host: libvirt, KVM (really usable), TCG, pool, networks, tools."""
     from qemu_instances.doctor import run_checks
 
-    checks = run_checks(_settings(ctx, connects=True).connect)
+    settings = _settings(ctx, connects=True)
+    if reset_kvm:
+        from qemu_instances.kvmverdict import forget
+
+        sys.stderr.write(f"forgot {len(forget(settings.cache_dir))} remembered KVM verdict(s)\n")
+    checks = run_checks(settings.connect, settings.cache_dir)
     if as_json:
         _print_json([c.to_json() for c in checks])
     else:

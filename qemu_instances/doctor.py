@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qemu_instances import kvmverdict
 from qemu_instances.errors import HypervisorError
 from qemu_instances.host import POOL_NAME, Host, domain_capabilities
 from qemu_instances.mounts import choose_driver
@@ -66,7 +67,22 @@ def _remove_probe_log(host: Host, name: str) -> None:
             (Path("/var/log/libvirt/qemu") / f"{name}.log").unlink()
 
 
-def run_checks(uri: str) -> list[Check]:
+def _verdict_check(host: Host, cache_dir: Path) -> Check:
+    """What `up --accel auto` remembers of KVM on this host (kvmverdict.py), and how to make it try again."""
+    key = kvmverdict.host_key(host.uri, host.hypervisor_version(), host.is_local)
+    verdict = kvmverdict.recall(cache_dir, key)
+    if verdict is None:
+        return Check("kvm-memo", True, "nothing remembered: 'up --accel auto' tries KVM first", required=False)
+    return Check(
+        "kvm-memo",
+        False,
+        f"KVM failed here on {verdict.recorded} ({verdict.reason}): 'up --accel auto' starts under TCG at once",
+        f"after fixing KVM: qinst doctor --reset-kvm (or delete {verdict.path}); a new QEMU or kernel forgets it",
+        required=False,
+    )
+
+
+def run_checks(uri: str, cache_dir: Path | None = None) -> list[Check]:
     checks = []
     try:
         host = Host(uri)
@@ -98,6 +114,8 @@ def run_checks(uri: str) -> list[Check]:
                 required=False,
             )
         )
+        if cache_dir is not None:
+            checks.append(_verdict_check(host, cache_dir))
         try:
             pool = host.pool(create=False)
             available = host.pool_free(pool)
@@ -118,8 +136,11 @@ def run_checks(uri: str) -> list[Check]:
                 required=False,
             )
         )
-        _, why = choose_driver(domain_capabilities(host), local=host.is_local)
-        checks.append(Check("mounts", True, f"up --mount shares folders by {why}", required=False))
+        try:
+            _, why = choose_driver(domain_capabilities(host), local=host.is_local)
+            checks.append(Check("mounts", True, f"up --mount shares folders by {why}", required=False))
+        except HypervisorError as exc:  # a driver without domain capabilities (the test driver)
+            checks.append(Check("mounts", False, f"cannot tell how to share folders: {exc.message}", required=False))
     for tool, package in (("qemu-img", "qemu-utils"), ("ssh", "openssh-client"), ("ssh-keyscan", "openssh-client")):
         path = shutil.which(tool)
         checks.append(Check(tool, path is not None, path or "not found", "" if path else f"install {package}"))

@@ -207,6 +207,33 @@ class Host:
         with libvirt_errors("cannot list domains"):
             return [Domain(self, handle) for handle in self.conn.listAllDomains(0)]
 
+    def paused_domains(self) -> list[tuple[Domain, bool]]:
+        """The paused domains, each with whether it was paused by a user (one call)."""
+        with libvirt_errors("cannot list domains"):
+            stats = self.conn.getAllDomainStats(
+                libvirt.VIR_DOMAIN_STATS_STATE, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_PAUSED
+            )
+        return [
+            (Domain(self, handle), isinstance(v, dict) and v.get("state.reason") == libvirt.VIR_DOMAIN_PAUSED_USER)
+            for handle, v in stats
+        ]
+
+    def domain_records(self, namespace: str) -> list[tuple[Domain, str, str | None]]:
+        """Every domain with its state and its metadata element in `namespace` (None without one): one call lists
+        the domains with their states, then one call per domain reads its metadata (`ls` costs nothing more)."""
+        with libvirt_errors("cannot list domains"):
+            stats = self.conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0)
+        found = []
+        for handle, values in stats:
+            dom = Domain(self, handle)
+            try:
+                meta = dom.metadata(namespace)
+            except HypervisorError:
+                continue  # removed while we looked
+            state = values.get("state.state") if isinstance(values, dict) else None
+            found.append((dom, STATES.get(state, "unknown"), meta))
+        return found
+
     def define_and_start(self, xml: str, name: str) -> Domain:
         """Define the domain and start it; a domain that does not start is undefined again (and the error raised)."""
         with libvirt_errors(f"libvirt refused the domain {name}"):
@@ -230,6 +257,11 @@ class Host:
         """(libvirt's version, the hypervisor's version) as libvirt encodes them (major * 1e6 + minor * 1e3 + micro)."""
         with libvirt_errors("cannot query libvirt"):
             return int(self.conn.getLibVersion()), int(self.conn.getVersion())
+
+    def hypervisor_version(self) -> int:
+        """QEMU's version as libvirt encodes it (one call: `up` keys the remembered KVM verdict with it)."""
+        with libvirt_errors("cannot query libvirt"):
+            return int(self.conn.getVersion())
 
     def free_memory(self) -> int:
         with libvirt_errors("cannot read the host's free memory"):
@@ -543,6 +575,17 @@ class Domain:
                 flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
         with libvirt_errors("cannot record the instance's metadata"):
             self._dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key, namespace, flags)
+
+    def metadata(self, namespace: str) -> str | None:
+        """The domain's metadata element in `namespace` (its live one when running), None when it has none."""
+        try:
+            return str(self._dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, 0))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return None
+            with libvirt_errors("cannot read the domain's metadata"):
+                raise
+        raise AssertionError("unreachable")
 
     def lease_address(self) -> str | None:
         """The IPv4 address libvirt's DHCP server leased to the domain; None while there is none."""

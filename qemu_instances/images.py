@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -12,13 +13,12 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from qemu_instances import aleph
 from qemu_instances.catalog import Catalog, CatalogEntry, http_url, printable
 from qemu_instances.digests import Algorithm, Digest, algorithm_for_checksums, parse_checksums
 from qemu_instances.errors import DigestMismatch, DownloadError, ImageError, UsageError
@@ -81,6 +81,7 @@ class CachedImage:
     format: str
     url: str | None = None
     aleph_item_hash: str | None = None  # the aleph STORE message this file was pulled through
+    virtual_size: int | None = None  # the disk size the image gives the guest (qemu-img's, recorded when cached)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -116,6 +117,8 @@ def parse_image_ref(text: str, catalog: Catalog, *, sha256: str | None = None, s
     if digest is not None:
         raise UsageError("--sha256/--sha512 apply only to an http(s) URL")
     if text.startswith("aleph:"):
+        from qemu_instances import aleph  # imported where used: `images` and a cached `up` need none of it
+
         return ImageRef(RefKind.ALEPH, text, aleph_hash=aleph.validate_item_hash(text.removeprefix("aleph:")))
     if "/" in text or text.startswith(".") or text.endswith((".qcow2", ".img", ".raw")):
         path = Path(text).expanduser()
@@ -151,6 +154,21 @@ def qemu_img_info(path: Path) -> dict[str, Any]:
 
 def check_format(path: Path, expected: str | None, origin: str) -> str:
     """The image's format per qemu-img; refuse other formats, backing files, and a mismatch with the catalog."""
+    return inspect_image(path, expected, origin)[0]
+
+
+MAX_VIRTUAL_SIZE = 1 << 50  # 1 PiB: a recorded virtual size beyond it is not believed
+
+
+def valid_virtual_size(value: object) -> int | None:
+    """A virtual size read back from qemu-img or a cache record (untrusted): a positive int, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_VIRTUAL_SIZE:
+        return value
+    return None
+
+
+def inspect_image(path: Path, expected: str | None, origin: str) -> tuple[str, int | None]:
+    """check_format's checks; returns the format and the virtual size (recorded in the cache: `up` needs it)."""
     info = qemu_img_info(path)
     fmt = str(info.get("format"))
     if fmt not in ("qcow2", "raw"):
@@ -167,7 +185,7 @@ def check_format(path: Path, expected: str | None, origin: str) -> str:
         raise ImageError(f"{origin}: refusing an encrypted image (qinst boots images without a key)")
     if expected and fmt != expected:
         raise ImageError(f"{origin}: expected a {expected} image, qemu-img says {fmt}")
-    return fmt
+    return fmt, valid_virtual_size(info.get("virtual-size"))
 
 
 class Cache:
@@ -217,6 +235,7 @@ class Cache:
             format=printable(field("format", "unknown") or "unknown"),
             url=field("url", None),
             aleph_item_hash=field("aleph_item_hash", None),
+            virtual_size=valid_virtual_size(record.get("virtual_size")),
         )
 
     def entries(self) -> list[CachedImage]:
@@ -237,9 +256,16 @@ class Cache:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def record(self, image: CachedImage) -> None:
-        data = {"name": image.name, "source": image.source, "format": image.format, "url": image.url}
+        data: dict[str, str | int | None] = {
+            "name": image.name,
+            "source": image.source,
+            "format": image.format,
+            "url": image.url,
+        }
         if image.aleph_item_hash:
             data["aleph_item_hash"] = image.aleph_item_hash
+        if image.virtual_size:
+            data["virtual_size"] = image.virtual_size
         target = image.path.with_name(image.path.name + ".json")
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.unlink(missing_ok=True)  # never write through a link planted under the temporary name
@@ -342,6 +368,17 @@ class ImageStore:
         digest = ref.digest or (ref.entry.digest if ref.entry else None)
         return self.cache.get(digest) if digest else None
 
+    def virtual_size(self, image: CachedImage) -> int:
+        """The guest disk size the cached image gives: from its record (written when it was cached), else from
+        qemu-img, then recorded so that the next `up` spawns no qemu-img."""
+        if image.virtual_size:
+            return image.virtual_size
+        virtual = valid_virtual_size(qemu_img_info(image.path).get("virtual-size")) or 0
+        if virtual:
+            with contextlib.suppress(OSError), self.cache.lock(image.digest):
+                self.cache.record(replace(image, virtual_size=virtual))
+        return virtual
+
     def cached_aleph(self, item_hash: str) -> CachedImage | None:
         """A cached file pulled through aleph message item_hash (its own pin, not the upstream digest)."""
         return next((c for c in self.cache.entries() if c.aleph_item_hash == item_hash), None)
@@ -416,6 +453,8 @@ class ImageStore:
             item = ref.aleph_hash or (entry.aleph_item_hash if entry else None)
             if not item:
                 raise ImageError(f"image {ref.name} has no aleph item hash in its catalog entry")
+            from qemu_instances import aleph
+
             found = aleph.resolve(
                 item,
                 api=self.settings.aleph_api,
@@ -496,15 +535,17 @@ class ImageStore:
             if found:
                 return found
             dest = self.cache.path(plan.digest)
-            fmt = "unknown"
+            fmt, virtual = "unknown", None
 
             def check(path: Path) -> None:
                 # Before the file takes its name: the cache holds only images qinst can use.
-                nonlocal fmt
-                fmt = check_format(path, plan.format, plan.url)
+                nonlocal fmt, virtual
+                fmt, virtual = inspect_image(path, plan.format, plan.url)
 
             url, size = self._download(plan, dest, progress, check)
-            image = CachedImage(plan.name, plan.digest, dest, size, plan.source, fmt, url, plan.aleph_item_hash)
+            image = CachedImage(
+                plan.name, plan.digest, dest, size, plan.source, fmt, url, plan.aleph_item_hash, virtual_size=virtual
+            )
             self.cache.record(image)
             return image
 
@@ -565,13 +606,15 @@ class ImageStore:
                 except OSError as exc:
                     raise ImageError(f"cannot copy {path} into the cache: {exc.strerror}") from exc
                 digest = Digest(Algorithm.SHA256, h.hexdigest())
-                fmt = check_format(tmp, None, str(path))  # the copy is what the cache will hold
+                fmt, virtual = inspect_image(tmp, None, str(path))  # the copy is what the cache will hold
                 with self.cache.lock(digest):
                     found = self.cache.get(digest)
                     if found:
                         return found
                     replace_durably(tmp, self.cache.path(digest))
-                    image = CachedImage(path.stem, digest, self.cache.path(digest), size, "local", fmt)
+                    image = CachedImage(
+                        path.stem, digest, self.cache.path(digest), size, "local", fmt, virtual_size=virtual
+                    )
                     self.cache.record(image)
                     return image
         finally:

@@ -15,19 +15,20 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qemu_instances.digests import Digest
-from qemu_instances.domain import Metadata, Network, metadata_from_domain_xml, validate_name
+from qemu_instances.domain import METADATA_NS, Metadata, Network, validate_name
 from qemu_instances.errors import HypervisorError, UsageError
 from qemu_instances.forwarding import Forward
 from qemu_instances.host import POOL_NAME, VERIFIED, Domain, Host, forget_snapshots, snapshot_count
-from qemu_instances.images import ImageStore
 from qemu_instances.mounts import Mount
 from qemu_instances.seed import validate_hostname, validate_instance_id, validate_user
 from qemu_instances.settings import Settings
 from qemu_instances.ssh import KEY_LINE, SshHop, key_checker
-from qemu_instances.wait import wait_for_ssh
+
+if TYPE_CHECKING:  # `ls` imports neither the image store (requests, the catalog) nor the readiness loop
+    from qemu_instances.images import ImageStore
 
 log = logging.getLogger("qinst")
 INVALID = "invalid"  # the state `ls` shows for a record that does not validate
@@ -141,13 +142,15 @@ def validate_metadata(name: str, meta: Metadata) -> Metadata:
 
 def _instance(dom: Domain) -> Instance | None:
     """The instance on `dom`; None for a domain without qinst's metadata; `invalid` set for a bad record."""
-    name, xml = dom.name, dom.xml()
-    state = dom.state()[0]
+    return _record(dom.name, dom.state()[0], dom.metadata(METADATA_NS))
+
+
+def _record(name: str, state: str, text: str | None) -> Instance | None:
+    """The instance named `name` from its metadata element's text (None: not qinst's domain)."""
+    if text is None:
+        return None
     try:
-        meta = metadata_from_domain_xml(xml)
-        if meta is None:
-            return None
-        return Instance(name, state, validate_metadata(name, meta), snapshots=snapshot_count(dom))
+        return Instance(name, state, validate_metadata(name, Metadata.from_xml(text)))
     except UsageError as exc:
         reason = exc.message
     except (ET.ParseError, ValueError, TypeError) as exc:
@@ -156,12 +159,15 @@ def _instance(dom: Domain) -> Instance | None:
     return Instance(name, state, _UNKNOWN, invalid=reason)
 
 
-def list_instances(host: Host) -> list[Instance]:
-    """qinst's domains (those carrying its metadata), by name."""
+def list_instances(host: Host, *, snapshots: bool = False) -> list[Instance]:
+    """qinst's domains (those carrying its metadata), by name; with `snapshots`, each one's snapshot count (one
+    more call per domain, so only when asked)."""
     found = []
-    for dom in host.domains():
+    for dom, state, text in host.domain_records(METADATA_NS):
         try:
-            inst = _instance(dom)
+            inst = _record(dom.name, state, text)
+            if inst and snapshots and not inst.invalid:
+                inst = replace(inst, snapshots=snapshot_count(dom))
         except HypervisorError:
             continue  # a domain removed while we looked
         if inst:
@@ -346,6 +352,8 @@ def start(host: Host, name: str, *, wait: bool = True, timeout: float = 300.0) -
         inst = replace(inst, state="running")
     recorded = set(KEY_LINE.findall(inst.metadata.host_keys))
     if wait and recorded and inst.metadata.ssh_host:
+        from qemu_instances.wait import wait_for_ssh
+
         wait_for_ssh(
             inst.metadata.ssh_host,
             inst.metadata.ssh_port,

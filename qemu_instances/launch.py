@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qemu_instances import kvmverdict
 from qemu_instances import seed as seeds
 from qemu_instances.console import Console, ConsoleLog
 from qemu_instances.domain import (
@@ -37,7 +38,7 @@ from qemu_instances.faults import _test_pause
 from qemu_instances.files import read_option_file
 from qemu_instances.forwarding import Forward, check_free, parse_forwards
 from qemu_instances.host import Domain, Host
-from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source, qemu_img_info
+from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source
 from qemu_instances.instances import (
     Instance,
     console_log_path,
@@ -142,15 +143,53 @@ def _choose_network(host: Host, text: str | None) -> Network:
     return network
 
 
-def _accelerators(host: Host, wanted: Accel) -> tuple[Accel, ...]:
-    """The accelerators to try, in order: --accel auto tries KVM when it looks usable, then TCG."""
+def _accelerators(host: Host, wanted: Accel, cache_dir: Path | None = None) -> tuple[Accel, ...]:
+    """The accelerators to try, in order: --accel auto tries KVM when it looks usable and has not failed on this
+    host before (kvmverdict.py), then TCG."""
     if wanted is not Accel.AUTO:
         return (wanted,)
+    if cache_dir is not None:
+        failed = kvmverdict.recall(cache_dir, _kvm_key(host))
+        if failed is not None:
+            log.info(
+                "KVM failed on this host before (%s): starting under TCG; 'qinst doctor --reset-kvm' tries KVM again",
+                failed.reason,
+            )
+            return (Accel.TCG,)
     kvm = host.kvm_available()
     if not kvm.usable:
         log.info("KVM is not usable here (%s): using TCG software emulation, which is slower", kvm.reason)
         return (Accel.TCG,)
+    if cache_dir is not None and (paused := _paused_kvm_instance(host)):
+        # An earlier `up --no-wait` started it under KVM and returned before it paused: learn from it.
+        reason = f"instance {paused} paused under KVM (emulation failure)"
+        kvmverdict.remember(cache_dir, _kvm_key(host), reason)
+        log.info("KVM fails on this host (%s): starting under TCG; remove %s with 'qinst rm --force'", reason, paused)
+        return (Accel.TCG,)
     return (Accel.KVM, Accel.TCG)
+
+
+def _paused_kvm_instance(host: Host) -> str | None:
+    """A qinst instance started under KVM that paused by itself (not by a user), if there is one."""
+    for dom, by_user in host.paused_domains():
+        if by_user:
+            continue
+        try:
+            text = dom.metadata(METADATA_NS)
+            meta = Metadata.from_xml(text) if text else None
+        except (HypervisorError, ValueError, TypeError, SyntaxError):
+            continue  # gone meanwhile, or not a record qinst can read (ET.ParseError is a SyntaxError)
+        if meta is not None and meta.accel == "kvm":
+            return printable_name(dom.name)
+    return None
+
+
+def printable_name(name: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in name)[:64]
+
+
+def _kvm_key(host: Host) -> kvmverdict.HostKey:
+    return kvmverdict.host_key(host.uri, host.hypervisor_version(), host.is_local)
 
 
 def _ssh_host(dom: Domain, network: Network) -> Callable[[], str | None]:
@@ -250,7 +289,7 @@ class Launcher:
             )
             run.lap("download", t0)
             run.t_define = time.monotonic()
-            plan = plan_launch(host, inputs, image)
+            plan = plan_launch(host, inputs, image, self.settings.cache_dir)
             try:
                 result = self._boot(run, plan, self._provision(run, plan))
             except GuestPaused:
@@ -311,7 +350,7 @@ class Launcher:
             host.ensure_network_active(plan.network.source)
         pool = host.pool()
         base = host.base_volume(pool, image.digest.filename, image.path, image.digest, run.progress)
-        virtual = int(qemu_img_info(image.path).get("virtual-size", 0))
+        virtual = self.store.virtual_size(image)
         disk = host.overlay_volume(pool, disk_volume(name), base, plan.req.disk_gib * GiB, image.format, virtual)
         run.undo.callback(_quietly(f"volume {disk_volume(name)}", lambda: host.delete_volume(pool, disk_volume(name))))
         _test_pause("overlay")
@@ -339,8 +378,14 @@ class Launcher:
                 if not more or HOSTFWD_TAKEN in exc.message:
                     raise  # a taken port is no reason to leave KVM
                 log.warning("the guest does not start under %s (%s): trying %s", accel, exc.message, plan.accels[n + 1])
+                self._kvm_failed(run, accel, exc.message)
                 continue
             undo.callback(_quietly(f"domain {spec.name}", dom.undefine))
+            if more and dom.state()[0] == "paused":  # KVM present but failing: the guest paused at once
+                log.warning("the guest paused under %s at start: relaunching it under %s", accel, plan.accels[n + 1])
+                self._kvm_failed(run, accel, "a KVM guest pauses at once (emulation failure)")
+                undo.close()
+                continue
             run.lap("define", run.t_define)
             if not plan.req.wait:
                 run.lap("total", run.t0)
@@ -353,6 +398,7 @@ class Launcher:
                     raise
                 log.warning("the guest paused under %s (present but failing here): relaunching it under %s",
                             accel, plan.accels[n + 1])  # fmt: skip
+                self._kvm_failed(run, accel, "a KVM guest paused while booting (emulation failure)")
                 undo.close()
                 continue
             run.timings.update(run.readiness.durations())
@@ -360,6 +406,11 @@ class Launcher:
             meta = _record_reachable(dom, spec, keys)
             return UpResult(Instance(spec.name, "running", meta), run.timings, ready=True)
         raise AssertionError("plan.accels is never empty")
+
+    def _kvm_failed(self, run: _Run, accel: Accel, reason: str) -> None:
+        """Remember that KVM failed on this host (its next launches start under TCG at once)."""
+        if accel is Accel.KVM:
+            kvmverdict.remember(self.settings.cache_dir, _kvm_key(run.host), reason)
 
     def _wait(self, run: _Run, dom: Domain, spec: InstanceSpec) -> list[HostKey]:
         probe = Probe(
@@ -427,7 +478,7 @@ def _forwards_and_mounts(
     return forwards, mounts, seeds.build_seed_iso(replace(inputs.seed, extra_config=extra))
 
 
-def plan_launch(host: Host, inputs: _Inputs, image: CachedImage) -> Plan:
+def plan_launch(host: Host, inputs: _Inputs, image: CachedImage, cache_dir: Path | None = None) -> Plan:
     """Decide everything `up` will make: it reads the host (networks, KVM, pool path) but creates nothing."""
     req, name = inputs.req, inputs.name
     network = _choose_network(host, req.network)
@@ -438,7 +489,7 @@ def plan_launch(host: Host, inputs: _Inputs, image: CachedImage) -> Plan:
         while not req.ssh_port and ssh_port in {f.host_port for f in forwards}:
             ssh_port = _pick_port(host)
     console = console_log_path(host, None if host.is_local else host.pool(), name)
-    accels = _accelerators(host, req.accel)
+    accels = _accelerators(host, req.accel, cache_dir)
     meta = Metadata(
         image=inputs.ref.name,
         digest=str(image.digest),

@@ -8,7 +8,6 @@ User data is never logged: it may hold secrets.
 from __future__ import annotations
 
 import copy
-import email.policy
 import functools
 import hashlib
 import importlib.resources
@@ -20,22 +19,16 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from email.message import Message
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from pathlib import PurePath
 from time import struct_time
-from typing import Any
-
-import pycdlib
-import pycdlib.dates
-import pycdlib.headervd
-import pycdlib.pycdlib
-import pycdlib.pycdlibexception
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from qemu_instances.errors import QinstError, UsageError
 from qemu_instances.sshkeys import parse_public_key
+
+if TYPE_CHECKING:  # yaml, pycdlib and email are imported where used: `ls` and `rm` only need the validators
+    from email.message import Message
+    from email.mime.text import MIMEText
 
 TEMPLATES_PACKAGE = "cloudinit_templates"
 VOLUME_LABEL = "cidata"  # what NoCloud looks for (or CIDATA)
@@ -67,8 +60,14 @@ _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE | re
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}", re.ASCII)
 _INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", re.ASCII)
 _PLACEHOLDER = re.compile(r"\$\{([a-z_]+)\}")
-# libyaml's loader when PyYAML was built with it: the same safe constructors, several times faster.
-_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@functools.cache
+def _yaml_loader() -> Any:
+    """libyaml's loader when PyYAML was built with it: the same safe constructors, several times faster."""
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -136,9 +135,11 @@ def load_template(name: str) -> dict[str, Any]:
 
 @functools.cache
 def _parsed_template(name: str) -> dict[str, Any]:
+    import yaml
+
     resource = importlib.resources.files(TEMPLATES_PACKAGE).joinpath(f"{name}.yaml")
     try:
-        data = yaml.load(resource.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+        data = yaml.load(resource.read_text(encoding="utf-8"), Loader=_yaml_loader())
     except FileNotFoundError as exc:
         raise QinstError(f"cloud-init template {name}.yaml is missing from the installation") from exc
     if not isinstance(data, dict):
@@ -189,6 +190,8 @@ def dump_cloud_config(config: Mapping[str, Any]) -> bytes:
 
 
 def _dump_yaml(data: Mapping[str, Any]) -> bytes:
+    import yaml
+
     # A wide line keeps each SSH key on one line, which is easier to read in the guest.
     text = yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=False, allow_unicode=True, width=4096)
     return text.encode("utf-8")
@@ -228,8 +231,10 @@ def _decode(data: bytes, source: str) -> str:
 
 def _load_mapping(text: str, source: str, what: str) -> dict[str, Any]:
     """Parse text as a YAML mapping; UsageError naming source, line and column otherwise."""
+    import yaml
+
     try:
-        data = yaml.load(text, Loader=_YAML_LOADER)
+        data = yaml.load(text, Loader=_yaml_loader())
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -249,6 +254,10 @@ def _looks_like_mime(first_line: str) -> bool:
 
 
 def _user_mime_parts(data: bytes, source: str) -> list[Message]:
+    import email
+    import email.policy
+    from email.message import Message
+
     message = email.message_from_bytes(data, policy=email.policy.compat32)
     if message.get_content_maintype() != "multipart":
         raise UsageError(
@@ -262,6 +271,8 @@ def _user_mime_parts(data: bytes, source: str) -> list[Message]:
 
 
 def _text_part(text: str, mime_type: str, filename: str) -> MIMEText:
+    from email.mime.text import MIMEText
+
     subtype = mime_type.partition("/")[2]
     charset = "us-ascii" if text.isascii() else "utf-8"
     part = MIMEText(text, subtype, charset)
@@ -271,6 +282,8 @@ def _text_part(text: str, mime_type: str, filename: str) -> MIMEText:
 
 def _multipart(user_parts: list[Message], ours: Mapping[str, Any]) -> bytes:
     """A multipart/mixed message, as cloud-init documents it: the user's parts, then qinst's cloud-config."""
+    from email.mime.multipart import MIMEMultipart
+
     our_part = _text_part(dump_cloud_config(ours).decode("utf-8"), "text/cloud-config", "qinst.cfg")
     our_part["Merge-Type"] = OUR_PART_MERGE_TYPE
     parts = [*user_parts, our_part]
@@ -324,6 +337,9 @@ def build_seed_iso(spec: SeedSpec) -> bytes:
 
 def iso_from_files(files: Mapping[str, bytes]) -> bytes:
     """An ISO labelled cidata holding `files` at its root; the same files always give the same bytes."""
+    import pycdlib
+    import pycdlib.pycdlibexception
+
     out = io.BytesIO()
     with _fixed_clock():
         iso = pycdlib.PyCdlib()
@@ -358,18 +374,22 @@ class _FixedClock:
 # add_fp() and write_fp(), in local time, and has no parameter to pin them (pycdlib issue #113). The modules
 # that read the clock see a stopped one while a seed is built; the lock keeps concurrent builds from
 # restoring each other's clock.
-_CLOCK_MODULES = (pycdlib.pycdlib, pycdlib.headervd, pycdlib.dates)
 _clock_lock = threading.Lock()
 
 
 @contextmanager
 def _fixed_clock() -> Iterator[None]:
+    import pycdlib.dates
+    import pycdlib.headervd
+    import pycdlib.pycdlib
+
+    modules = (pycdlib.pycdlib, pycdlib.headervd, pycdlib.dates)
     with _clock_lock:
-        saved = [vars(module)["time"] for module in _CLOCK_MODULES]
+        saved = [vars(module)["time"] for module in modules]
         try:
-            for module in _CLOCK_MODULES:
+            for module in modules:
                 vars(module)["time"] = _FixedClock()
             yield
         finally:
-            for module, original in zip(_CLOCK_MODULES, saved, strict=True):
+            for module, original in zip(modules, saved, strict=True):
                 vars(module)["time"] = original
