@@ -578,6 +578,7 @@ def smoke(
         user_data=user_data,
         latest=latest,
         checks=tuple(checks.plan(user_checks, skip or [])),
+        skipped=tuple(dict.fromkeys(skip or [])),
         allow_warnings=tuple(checks.compile_regex(r, "--allow-warning") for r in allow_warning or []),
         allow_failed_units=tuple(allow_failed_unit or []),
         retries=retries,

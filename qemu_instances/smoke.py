@@ -74,6 +74,7 @@ class SmokeOptions:
     checks: tuple[Check, ...] = field(default_factory=lambda: tuple(plan([], [])))
     allow_warnings: tuple[re.Pattern[str], ...] = ()
     allow_failed_units: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()  # --skip: reported as skipped testcases
     retries: int = 0
     baseline: Baseline | None = None
     regression_threshold: float = 1.25
@@ -288,6 +289,8 @@ class _Runner:
             value = report.properties.get(f"boot-time-{part}")
             if value is not None:
                 report.timings[f"guest-{part}"] = float(value)
+        for name in self.opts.skipped:
+            report.skip(name, "skipped by --skip")
         self._artifacts(results)
 
     def _session(self, inst: Instance, batch: Batch) -> tuple[int, bytes, str]:
