@@ -266,3 +266,33 @@ def test_report_parses_whatever_the_image_names(tmp_path: Path) -> None:
     assert data["schema"] == SCHEMA and len(data["results"]) == 3
     md = summary.read_text()
     assert md.count("**FAILED**") == 3 and "\x1b" not in md and "\x01" not in md
+
+
+def test_retries_report_a_flaky_pass_with_the_first_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry loop of one image (its boots stubbed: the real ones are in test_smoke.py)."""
+    import threading
+
+    from qemu_instances.domain import Firmware
+    from qemu_instances.settings import Settings
+    from qemu_instances.smoke import Job, SmokeOptions, _Runner
+
+    failing = _report("img", "uefi", {"boot": 3.0}, failed="cloud-init")
+    passing = _report("img", "uefi", {"boot": 2.0})
+    attempts = iter([failing, passing])
+    keeps: list[bool] = []
+
+    def attempt(self: _Runner, keep: bool) -> ImageReport:
+        keeps.append(keep)
+        return next(attempts)
+
+    monkeypatch.setattr(_Runner, "_attempt", attempt)
+    settings = Settings(connect="test:///default", cache_dir=tmp_path, config_dir=tmp_path)
+    opts = SmokeOptions(retries=3, keep_failed=True)
+    report = _Runner(settings, Job("img", Firmware.UEFI, "img-uefi"), opts, threading.Event()).run()
+    assert report is passing and report.passed and report.flaky and report.attempts == 2
+    assert report.first_failure == "cloud-init: expected exit 0, got 3"
+    assert keeps == [False, False]  # only the last possible attempt keeps a failed guest
+    from qemu_instances.junit import junit_xml
+
+    props = {p.get("name"): p.get("value") for p in lxml_etree.fromstring(junit_xml([report])).iter("property")}
+    assert props["flaky"] == "true" and props["attempts"] == "2" and props["first-failure"].startswith("cloud-init")
