@@ -554,22 +554,26 @@ def smoke(
     if not math.isfinite(timeout) or timeout <= 0:
         raise typer.BadParameter("must be a positive number of seconds", param_hint="--timeout")
     Network.parse(network)
+    accelerator = _choice(Accel, accel, "--accel")
     firmwares = tuple(dict.fromkeys(_choice(Firmware, f.strip(), "--firmware") for f in firmware.split(",")))
     for path, option in ((junit, "--junit"), (summary, "--summary")):
         if path is not None:
             writable_file(path, option)
-    if artifacts is not None:
-        writable_dir(artifacts, "--artifacts")
     if user_data is not None and not user_data.is_file():
         raise typer.BadParameter(f"{user_data} is not a readable file", param_hint="--user-data")
     user_checks = checks.load_checks(checks_file) if checks_file else []
     user_checks += [checks.parse_check_option(c) for c in check or []]
+    planned = tuple(checks.plan(user_checks, skip or []))
+    allow_warnings = tuple(checks.compile_regex(r, "--allow-warning") for r in allow_warning or [])
+    last_night = load_baseline(baseline) if baseline else None
+    if artifacts is not None:
+        writable_dir(artifacts, "--artifacts")  # made last: a refused option leaves no empty folder behind
     opts = SmokeOptions(
         timeout=timeout,
         parallel=parallel,
         artifacts=artifacts,
         keep_failed=keep_failed,
-        accel=_choice(Accel, accel, "--accel"),
+        accel=accelerator,
         network=network,
         hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else (),
         cpus=cpus,
@@ -577,12 +581,12 @@ def smoke(
         firmwares=firmwares,
         user_data=user_data,
         latest=latest,
-        checks=tuple(checks.plan(user_checks, skip or [])),
+        checks=planned,
         skipped=tuple(dict.fromkeys(skip or [])),
-        allow_warnings=tuple(checks.compile_regex(r, "--allow-warning") for r in allow_warning or []),
+        allow_warnings=allow_warnings,
         allow_failed_units=tuple(allow_failed_unit or []),
         retries=retries,
-        baseline=load_baseline(baseline) if baseline else None,
+        baseline=last_night,
         regression_threshold=regression_threshold,
     )
     done: list[ImageReport] = []
