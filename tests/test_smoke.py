@@ -138,6 +138,7 @@ def _start(tmp: Path, *args: str, env: dict[str, str]) -> Run:
 @pytest.fixture(scope="module")
 def runs(vm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
     tmp = tmp_path_factory.mktemp("smoke")
+    before = domains()  # other test runs may share this libvirtd: only what appears from now on is ours
     (tmp / "user-data.yaml").write_text(USER_DATA)
     (tmp / "checks.toml").write_text(CHECKS)
     # Last night, everything was much faster: tonight's cloud-init phase must be flagged (at least 5 s slower).
@@ -168,8 +169,12 @@ def runs(vm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         for run in (nightly, allowed, broken):
             run.proc.kill()
-        for name in {d for d in domains() if d.startswith("smoke-qinst-test")}:
+        for name in {d for d in domains() - before if d.startswith("smoke-qinst-test")}:
             force_remove(name)
+
+
+def _instances(run: Run) -> set[str]:
+    return {r["instance"] for r in json.loads(run.stdout)["results"]}
 
 
 def _suites(run: Run) -> dict[str, Any]:
@@ -286,8 +291,9 @@ def test_baseline_regression_summary_and_artifacts(runs: dict[str, Run]) -> None
     # All checks of one guest run over one SSH session: a few seconds, not one key exchange per check.
     for result in results["results"]:
         assert result["timings"]["checks"] < 30, result["timings"]
-    assert not {d for d in domains() if d.startswith("smoke-qinst-test")}
-    assert not {v for v in volumes() if v.startswith("smoke-qinst-test")}
+    ours = _instances(run) | _instances(runs["allowed"])
+    assert len(ours) == 3 and not ours & domains()
+    assert not {v for v in volumes() if v.split(".")[0].removesuffix("-seed") in ours}
 
 
 @pytest.mark.vm
@@ -300,23 +306,26 @@ def test_interruption_removes_the_guests_and_reports_what_finished(
     finished (here: an image that is not in the catalog)."""
     junit = tmp_path / "r.xml"
     argv = [*qinst_argv(), "smoke", "no-such-image", "qinst-test", "--parallel", "2", "--junit", str(junit)]
+    before = domains()  # other test runs may share this libvirtd: only what appears from now on is ours
     proc = subprocess.Popen(argv, env=qinst_env(**vm_env), stderr=subprocess.PIPE, text=True)
+    ours: set[str] = set()
     try:
         deadline = time.monotonic() + 300
-        while not {d for d in domains() if d.startswith("smoke-qinst-test")}:
+        while not ours:
+            ours = {d for d in domains() - before if d.startswith("smoke-qinst-test-")}
             assert proc.poll() is None and time.monotonic() < deadline, "the smoke boot never started"
             time.sleep(0.2)
         time.sleep(2)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == code, err
-        assert not {d for d in domains() if d.startswith("smoke-qinst-test")}
-        assert not {v for v in volumes() if v.startswith("smoke-qinst-test")}
+        assert not ours & domains()
+        assert not {v for v in volumes() if v.split(".")[0].removesuffix("-seed") in ours}
         xml = junit.read_bytes()
         _validate(xml)
         suites = lxml_etree.fromstring(xml).findall("testsuite")
         assert [s.get("name") for s in suites] == ["no-such-image[bios]"]
     finally:
         proc.kill()
-        for name in {d for d in domains() if d.startswith("smoke-qinst-test")}:
+        for name in ours & domains():
             force_remove(name)
