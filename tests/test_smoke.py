@@ -45,12 +45,14 @@ def _report(image: str, statuses: dict[str, Status]) -> ImageReport:
 def test_junit_report_is_valid_and_says_what_failed() -> None:
     good = _report("debian-12", {"booted": Status.PASSED, "ssh": Status.PASSED})
     bad = _report("ubuntu-22.04", {"booted": Status.PASSED, "cloud-init": Status.FAILED, "ssh": Status.SKIPPED})
+    good.checks.append(CheckResult("user", Status.PASSED, 0.5, "", "$ true\nexit 0 after 0.01 s\x1b[0m\x00"))
     xml = junit_xml([good, bad])
     _validate(xml)
     root = lxml_etree.fromstring(xml)
     suites = root.findall("testsuite")
     assert [s.get("name") for s in suites] == ["debian-12[bios]", "ubuntu-22.04[bios]"]
-    assert root.get("tests") == "5" and root.get("failures") == "1"
+    assert root.get("tests") == "6" and root.get("failures") == "1"
+    assert suites[0].find("testcase[@name='user']/system-out").text == "$ true\nexit 0 after 0.01 s"
     assert suites[1].get("failures") == "1" and suites[1].get("skipped") == "1"
     failed = suites[1].find("testcase[@name='cloud-init']")
     assert failed.find("failure").get("message") == "expected x, saw y"
