@@ -75,7 +75,7 @@ def test_report_passes_only_with_a_pass_and_no_failure() -> None:
 #  - "nightly": the test image under BIOS and UEFI, with user-data that makes cloud-init log a real WARNING (a
 #    schema error: disable_root is not a boolean) and leaves a failed unit (a oneshot service that runs
 #    /bin/false, started by runcmd), user checks from a file and from --check, and a doctored baseline;
-#  - "allowed": the same user-data with that warning and that unit allowed;
+#  - "allowed": the same user-data with that warning and that unit allowed, and --latest;
 #  - "broken": the broken image (cloud-init disabled), which must fail within its (short) timeout.
 # User-data rather than image variants: the warning and the failed unit are cloud-init's and systemd's own, made by
 # the same image that passes otherwise, and a new variant would add a minute to every image build.
@@ -159,7 +159,7 @@ def runs(vm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> It
         env=vm_env,
     )  # fmt: skip
     allowed = _start(
-        tmp / "allowed", "qinst-test", *common,
+        tmp / "allowed", "qinst-test", *common, "--latest",
         "--allow-warning", WARNING_ALLOW, "--allow-failed-unit", "qinst-smoke-*.service", "--skip", "boot-time",
         env=vm_env,
     )  # fmt: skip
@@ -255,6 +255,9 @@ def test_allow_lists_pass_and_the_broken_image_fails(runs: dict[str, Run]) -> No
     assert _case(good, "system-state").find("failure") is None
     assert _case(good, "boot-time").find("skipped").get("message") == "skipped by --skip"
     assert any(line.startswith("PASS qinst-test[bios] ") for line in run.stderr.splitlines())
+    # --latest: the build the mirror's SHA512SUMS names (here the pinned one), verified against it
+    props = {p.get("name"): p.get("value") for p in good.iter("property")}
+    assert props["digest"].startswith("sha512:")
     run = runs["broken"]
     assert run.proc.returncode == 6, run.stderr
     broken = _suites(run)["qinst-test-broken[bios]"]
