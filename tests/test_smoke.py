@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,7 +247,7 @@ def test_health_checks_catch_a_real_warning_and_a_failed_unit(runs: dict[str, Ru
 
 @pytest.mark.vm
 @pytest.mark.libvirt
-def test_allow_lists_pass_and_the_broken_image_fails(runs: dict[str, Run]) -> None:
+def test_allow_lists_pass_and_the_broken_image_fails(runs: dict[str, Run], vm_env: dict[str, str]) -> None:
     run = runs["allowed"]
     assert run.proc.returncode == 0, run.stderr
     good = _suites(run)["qinst-test[bios]"]
@@ -257,7 +258,8 @@ def test_allow_lists_pass_and_the_broken_image_fails(runs: dict[str, Run]) -> No
     assert any(line.startswith("PASS qinst-test[bios] ") for line in run.stderr.splitlines())
     # --latest: the build the mirror's SHA512SUMS names (here the pinned one), verified against it
     props = {p.get("name"): p.get("value") for p in good.iter("property")}
-    assert props["digest"].startswith("sha512:")
+    catalog = tomllib.loads(Path(vm_env["QINST_CATALOG"]).read_text())
+    assert props["digest"] == catalog["images"]["qinst-test"]["digest"]
     run = runs["broken"]
     assert run.proc.returncode == 6, run.stderr
     broken = _suites(run)["qinst-test-broken[bios]"]
