@@ -296,3 +296,18 @@ def test_retries_report_a_flaky_pass_with_the_first_failure(tmp_path: Path, monk
 
     props = {p.get("name"): p.get("value") for p in lxml_etree.fromstring(junit_xml([report])).iter("property")}
     assert props["flaky"] == "true" and props["attempts"] == "2" and props["first-failure"].startswith("cloud-init")
+
+
+def test_the_matrix_is_every_image_under_every_firmware() -> None:
+    from qemu_instances.domain import Firmware
+    from qemu_instances.smoke import jobs
+
+    todo = jobs(["debian-12", "debian-12", "ubuntu-24.04"], [Firmware.BIOS, Firmware.UEFI])
+    assert [(j.image, str(j.firmware), j.label) for j in todo] == [
+        ("debian-12", "bios", "debian-12-bios"),
+        ("debian-12", "uefi", "debian-12-uefi"),
+        ("debian-12", "bios", "debian-12-bios-2"),
+        ("debian-12", "uefi", "debian-12-uefi-2"),
+        ("ubuntu-24.04", "bios", "ubuntu-24-04-bios"),
+        ("ubuntu-24.04", "uefi", "ubuntu-24-04-uefi"),
+    ]
