@@ -160,10 +160,15 @@ def runs(vm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> It
         "--baseline", str(tmp / "baseline.json"),
         env=vm_env,
     )  # fmt: skip
+    # --latest reads an unsigned SHA512SUMS only from its upstream host, never through a mirror: this run's catalog
+    # names the loopback server as the upstream itself.
+    upstream = tmp / "upstream.toml"
+    catalog = Path(vm_env["QINST_CATALOG"]).read_text()
+    upstream.write_text(catalog.replace("https://cloud.debian.org", vm_env["QINST_MIRROR"].rstrip("/")))
     allowed = _start(
         tmp / "allowed", "qinst-test", *common, "--latest",
         "--allow-warning", WARNING_ALLOW, "--allow-failed-unit", "qinst-smoke-*.service", "--skip", "boot-time",
-        env=vm_env,
+        env={**vm_env, "QINST_CATALOG": str(upstream), "QINST_MIRROR": ""},
     )  # fmt: skip
     # --retries 1: a launch that fails for the host's sake (libvirt's "pool has asynchronous jobs running" while
     # other runs upload) is tried again; the boot itself must still fail, at cloud-init.
@@ -263,7 +268,7 @@ def test_allow_lists_pass_and_the_broken_image_fails(runs: dict[str, Run], vm_en
     assert _case(good, "system-state").find("failure") is None
     assert _case(good, "boot-time").find("skipped").get("message") == "skipped by --skip"
     assert any(line.startswith("PASS qinst-test[bios] ") for line in run.stderr.splitlines())
-    # --latest: the build the mirror's SHA512SUMS names (here the pinned one), verified against it
+    # --latest: the build the upstream's SHA512SUMS names (here the pinned one), verified against it
     props = {p.get("name"): p.get("value") for p in good.iter("property")}
     catalog = tomllib.loads(Path(vm_env["QINST_CATALOG"]).read_text())
     assert props["digest"] == catalog["images"]["qinst-test"]["digest"]
