@@ -66,8 +66,9 @@ def smoke(q: Qinst, images: list[str], artifacts: Path, parallel: int) -> tuple[
         "--json",
     )
     try:
-        reports = json.loads(ran.stdout)
-    except ValueError:
+        data = json.loads(ran.stdout)
+        reports = data["results"] if isinstance(data, dict) else data  # {"schema": ..., "results": [...]}
+    except (ValueError, KeyError):
         reports = []
     if ran.returncode != 0 or len(reports) != len(images) or not all(r.get("passed") for r in reports):
         failed = [r.get("image") for r in reports if not r.get("passed")]

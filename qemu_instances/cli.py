@@ -719,8 +719,10 @@ def smoke(
     timeout: Annotated[
         float, typer.Option("--timeout", callback=_seconds, help="Seconds each image may take to become ready.")
     ] = 600.0,
+    # Checked (and made) by validate.output_dir in the body, after every other option: a refused option leaves
+    # no empty folder behind.
     artifacts: Annotated[
-        Path | None, typer.Option("--artifacts", callback=_output_dir, help="Console and cloud-init logs go here.")
+        Path | None, typer.Option("--artifacts", help="Console, logs, journal and results.json go here.")
     ] = None,
     keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep failed instances for inspection.")] = False,
     accel: Annotated[str, typer.Option("--accel", help="auto | kvm | tcg.")] = "auto",
@@ -728,41 +730,114 @@ def smoke(
     hosts: Annotated[
         str | None, typer.Option("--hosts", help="Spread the images over these hosts (a,b: config file names).")
     ] = None,
+    checks_file: Annotated[
+        Path | None, typer.Option("--checks", help="TOML file of [[check]] tables: more checks to run.")
+    ] = None,
+    check: Annotated[
+        list[str] | None, typer.Option("--check", help="NAME=COMMAND: a check that must exit 0 (repeatable).")
+    ] = None,
+    skip: Annotated[list[str] | None, typer.Option("--skip", help="Skip this check (repeatable).")] = None,
+    allow_warning: Annotated[
+        list[str] | None,
+        typer.Option("--allow-warning", help="REGEX: a cloud-init.log WARNING line to accept (repeatable)."),
+    ] = None,
+    allow_failed_unit: Annotated[
+        list[str] | None, typer.Option("--allow-failed-unit", help="GLOB: a failed unit to accept (repeatable).")
+    ] = None,
+    firmware: Annotated[str, typer.Option("--firmware", help="bios, uefi or both (bios,uefi).")] = "bios",
+    user_data: Annotated[
+        Path | None, typer.Option("--user-data", help="More user data, merged over smoke's own.")
+    ] = None,
+    cpus: Annotated[int | None, typer.Option("--cpus", help="vCPUs per guest (default: cores shared).")] = None,
+    memory: Annotated[int, typer.Option("--memory", help="MiB per guest.")] = 1024,
+    latest: Annotated[bool, typer.Option("--latest", help="Today's upstream build (verified), not the pin.")] = False,
+    retries: Annotated[int, typer.Option("--retries", help="Boot a failed image again up to N times.")] = 0,
+    baseline: Annotated[
+        Path | None, typer.Option("--baseline", help="A previous run's JSON results to compare timings with.")
+    ] = None,
+    regression_threshold: Annotated[
+        float, typer.Option("--regression-threshold", help="Slower than X times the baseline (and 5 s) fails.")
+    ] = 1.25,
+    summary: Annotated[
+        Path | None, typer.Option("--summary", callback=_output_file, help="Write a Markdown summary here.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Boot each image, check that it configured itself, and report (exit 6 if any failed)."""
-    from qemu_instances.domain import Accel, Network
-    from qemu_instances.smoke import ImageReport, SmokeOptions, junit_xml, run_smoke
+    """Boot each image, run the checks in it, and report (exit 6 if any failed)."""
+    import math
 
-    if parallel is not None and parallel < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--parallel")
+    from qemu_instances import checks
+    from qemu_instances.domain import Accel, Firmware, Network
+    from qemu_instances.files import read_option_file
+    from qemu_instances.smoke import ImageReport, SmokeOptions, run_smoke, write_reports
+    from qemu_instances.smokereport import load_baseline, results_json
+    from qemu_instances.validate import output_dir
+
+    # Everything the user gave is checked before anything boots (--junit, --summary, --timeout, --parallel by
+    # their option callbacks).
+    if retries < 0 or (cpus is not None and cpus < 1) or memory < 256:
+        raise typer.BadParameter("--retries must be >= 0, --cpus >= 1 and --memory >= 256 (MiB)")
+    if not math.isfinite(regression_threshold) or regression_threshold < 1.0:
+        raise typer.BadParameter("must be a number >= 1", param_hint="--regression-threshold")
     Network.parse(network)
+    accelerator = _choice(Accel, accel, "--accel")
+    firmwares = tuple(dict.fromkeys(_choice(Firmware, f.strip(), "--firmware") for f in firmware.split(",")))
+    read_option_file(user_data, "--user-data")  # as up checks it, once rather than at each image's launch
+    user_checks = checks.load_checks(checks_file) if checks_file else []
+    user_checks += [checks.parse_check_option(c) for c in check or []]
+    planned = tuple(checks.plan(user_checks, skip or []))
+    allow_warnings = tuple(checks.compile_regex(r, "--allow-warning") for r in allow_warning or [])
+    last_night = load_baseline(baseline) if baseline else None
+    if artifacts is not None:
+        output_dir(artifacts, "--artifacts")  # made last: a refused option leaves no empty folder behind
     opts = SmokeOptions(
         timeout=timeout,
         parallel=parallel,
         artifacts=artifacts,
         keep_failed=keep_failed,
-        accel=_choice(Accel, accel, "--accel"),
+        accel=accelerator,
         network=network,
         hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else (),
+        cpus=cpus,
+        memory_mib=memory,
+        firmwares=firmwares,
+        user_data=user_data,
+        latest=latest,
+        checks=planned,
+        skipped=tuple(dict.fromkeys(skip or [])),
+        allow_warnings=allow_warnings,
+        allow_failed_units=tuple(allow_failed_unit or []),
+        retries=retries,
+        baseline=last_night,
+        regression_threshold=regression_threshold,
     )
+    done: list[ImageReport] = []
 
-    def summary(report: ImageReport) -> None:
-        failed = [c for c in report.checks if c.status == "failed"]
+    def report_line(report: ImageReport) -> None:
+        done.append(report)
+        flaky = f", flaky: passed on attempt {report.attempts}" if report.flaky else ""
         if report.passed:
-            sys.stderr.write(f"PASS {report.image} ({len(report.checks)} checks, {report.seconds:.1f} s)\n")
+            sys.stderr.write(f"PASS {report.suite} ({len(report.checks)} checks, {report.seconds:.1f} s{flaky})\n")
         else:
-            first = failed[0] if failed else None
+            first = report.failed[0] if report.failed else None
             why = f"{first.name}: {first.message}" if first else "no check passed"
             kept = f" (kept: {report.instance})" if report.kept else ""
-            sys.stderr.write(f"FAIL {report.image}: {why.splitlines()[0]}{kept}\n")
+            sys.stderr.write(f"FAIL {report.suite}: {(why.splitlines() or [''])[0]}{kept}\n")
 
-    reports = run_smoke(_settings(ctx, connects=True), images, opts, on_done=summary)
-    if junit is not None:
-        junit.write_bytes(junit_xml(reports))
+    def write(reports: list[ImageReport]) -> None:
+        write_reports(reports, junit=junit, summary=summary, artifacts=artifacts, baseline=opts.baseline)
+
+    # Ctrl-C and SIGTERM (main() raises it as a KeyboardInterrupt) stop every boot and remove every instance in
+    # run_smoke; the reports of what finished are written here, and main() gives exit 130 / 143.
+    try:
+        reports = run_smoke(_settings(ctx, connects=True), images, opts, on_done=report_line)
+    except BaseException:
+        write(done)  # what finished
+        raise
+    write(reports)
     if as_json:
-        _print_json([r.to_json() for r in reports])
-    failed = [r.image for r in reports if not r.passed]
+        _print_json(results_json(reports))
+    failed = [r.suite for r in reports if not r.passed]
     if failed:
         raise SmokeFailed(f"{len(failed)} of {len(reports)} image(s) failed: {', '.join(failed)}")
 

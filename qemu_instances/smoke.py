@@ -1,7 +1,9 @@
-"""Boot-smoke runs: boot each image, check that it configured itself, report in JUnit XML.
+"""Boot-smoke runs: boot each image (under each firmware), run the checks in it, report.
 
-Each image runs in its own thread with its own libvirt connection, so one image's failure or hang never
-disturbs the others; every instance a run creates is removed (failed ones kept only with keep_failed).
+Each image x firmware runs in its own thread with its own libvirt connection, so one image's failure or hang never
+disturbs the others; every instance a run creates is removed (failed ones kept only with keep_failed). The checks
+(checks.py) of one guest run over one SSH session. Reports: junit.py (JUnit XML), smokereport.py (JSON, baseline
+comparison, Markdown summary).
 """
 
 from __future__ import annotations
@@ -9,103 +11,50 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 import logging
 import os
 import re
 import secrets
-import socket
+import subprocess
 import tempfile
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
-from qemu_instances import instances
-from qemu_instances.access import SshResult, console_text, ssh_run
-from qemu_instances.domain import Accel
+from qemu_instances import instances, ssh
+from qemu_instances.access import console_text, ssh_target
+from qemu_instances.checks import ARTIFACTS, PROPERTIES, Batch, Check, Context, Output, describe, plan
+from qemu_instances.domain import Accel, Firmware
 from qemu_instances.errors import GuestFailed, GuestTimeout, Interrupted, QinstError
 from qemu_instances.fleet import for_host
 from qemu_instances.host import Host
 from qemu_instances.images import ImageStore
 from qemu_instances.instances import Instance
+from qemu_instances.junit import junit_xml
 from qemu_instances.launch import Launcher, UpRequest
 from qemu_instances.seed import load_template
 from qemu_instances.settings import Settings
+from qemu_instances.smokereport import (
+    Baseline,
+    CheckResult,
+    ImageReport,
+    Status,
+    regressions,
+    results_json,
+    summary_markdown,
+)
 from qemu_instances.sshkeys import generate_keypair
 from qemu_instances.wait import Readiness
+
+__all__ = ["CheckResult", "ImageReport", "SmokeOptions", "Status", "run_smoke", "write_reports"]
 
 log = logging.getLogger("qinst")
 SMOKE_DISK_GIB = 4
 SMOKE_MEMORY_MIB = 1024
-MARKER = "/var/lib/qinst/smoke-marker"
-CONSOLE_LINES = 50
-
-
-class Status(StrEnum):
-    PASSED = "passed"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-
-
-@dataclass
-class CheckResult:
-    name: str
-    status: Status
-    seconds: float = 0.0
-    message: str = ""  # what was expected and what was seen
-
-
-@dataclass
-class ImageReport:
-    image: str
-    instance: str = ""
-    checks: list[CheckResult] = field(default_factory=list)
-    properties: dict[str, str] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    started: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat())
-    console: str = ""  # the whole serial console, as recorded
-    kept: bool = False
-
-    @property
-    def passed(self) -> bool:
-        return any(c.status is Status.PASSED for c in self.checks) and not any(
-            c.status is Status.FAILED for c in self.checks
-        )
-
-    @property
-    def seconds(self) -> float:
-        return round(sum(self.timings.values()), 2)
-
-    def add(self, name: str, ok: bool, seconds: float, message: str = "") -> None:
-        self.checks.append(CheckResult(name, Status.PASSED if ok else Status.FAILED, round(seconds, 3), message))
-
-    def skip_rest(self, names: Sequence[str], why: str) -> None:
-        done = {c.name for c in self.checks}
-        self.checks += [CheckResult(n, Status.SKIPPED, 0.0, why) for n in names if n not in done]
-
-    def console_tail(self, n: int = CONSOLE_LINES) -> str:
-        lines = [line.rstrip("\r") for line in self.console.splitlines() if line.strip()]
-        return "\n".join(lines[-n:])
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "image": self.image,
-            "instance": self.instance,
-            "passed": self.passed,
-            "checks": [{**c.__dict__, "status": str(c.status)} for c in self.checks],
-            "properties": self.properties,
-            "timings": self.timings,
-            "kept": self.kept,
-        }
-
-
-CHECKS = ("pull", "launch", "booted", "cloud-init", "ssh", "hostname", "instance-id", "user-data", "root-fs")
+HOST_CHECKS = ("pull", "launch", "booted", "cloud-init", "ssh")
 
 
 @dataclass(frozen=True)
@@ -118,6 +67,24 @@ class SmokeOptions:
     network: str = "user"
     hosts: tuple[str, ...] = ()  # spread the images over these configured hosts (round robin)
     cpus: int | None = None  # vCPUs per guest; default: the host's cores shared among the parallel boots
+    memory_mib: int = SMOKE_MEMORY_MIB
+    firmwares: tuple[Firmware, ...] = (Firmware.BIOS,)
+    user_data: Path | None = None  # merged over smoke's own cloud-config
+    latest: bool = False
+    checks: tuple[Check, ...] = field(default_factory=lambda: tuple(plan([], [])))
+    allow_warnings: tuple[re.Pattern[str], ...] = ()
+    allow_failed_units: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()  # --skip: reported as skipped testcases
+    retries: int = 0
+    baseline: Baseline | None = None
+    regression_threshold: float = 1.25
+
+
+@dataclass(frozen=True)
+class Job:
+    image: str
+    firmware: Firmware
+    label: str  # its folder under --artifacts
 
 
 def default_parallel(count: int, memory_mib: int = SMOKE_MEMORY_MIB) -> int:
@@ -137,47 +104,78 @@ def _slug(image: str) -> str:
     return text[:40] or "image"
 
 
-class _Runner:
-    """One image's smoke run."""
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0]
 
-    def __init__(self, settings: Settings, image: str, opts: SmokeOptions, cancel: threading.Event, label: str) -> None:
+
+class _Runner:
+    """One image x firmware: boot, check, clean up; again up to opts.retries times while it fails."""
+
+    def __init__(self, settings: Settings, job: Job, opts: SmokeOptions, cancel: threading.Event) -> None:
         self.settings = settings
-        self.label = label  # the image's folder under --artifacts
+        self.job = job
         self.opts = opts
         self.cancel = cancel
-        self.report = ImageReport(image, instance=f"smoke-{_slug(image)}-{secrets.token_hex(2)}")
-        if settings.host:
-            self.report.properties["host"] = settings.host
         self.store = ImageStore(settings)
+        self.checks = [c for c in opts.checks if c.applies_to(job.image)]
 
     def run(self) -> ImageReport:
-        report = self.report
-        with tempfile.TemporaryDirectory(prefix="qinst-smoke-") as keydir:
-            try:
-                inst = self._launch(Path(keydir))
-                if inst is not None:
-                    t = time.monotonic()
-                    self._checks(inst)
-                    self._artifacts(inst)
-                    report.timings["checks"] = round(time.monotonic() - t, 2)
-            finally:
-                t = time.monotonic()
-                self._finish()
-                report.timings["cleanup"] = round(time.monotonic() - t, 2)
-                if self.opts.artifacts is not None:
-                    timings = self.opts.artifacts / self.label / "timings.json"
-                    timings.write_text(json.dumps(report.timings, indent=2) + "\n")
+        first: ImageReport | None = None
+        attempt = 1
+        while True:
+            report = self._attempt(keep=self.opts.keep_failed and attempt > self.opts.retries)
+            if report.passed or attempt > self.opts.retries or self.cancel.is_set():
+                break
+            first = first or report
+            log.info("%s failed (attempt %d of %d); trying again", report.suite, attempt, self.opts.retries + 1)
+            attempt += 1
+        report.attempts = attempt
+        if first is not None:
+            bad = first.failed[0] if first.failed else None
+            report.first_failure = f"{bad.name}: {_first_line(bad.message)}" if bad else "no check passed"
+        self._compare(report)
+        if self.opts.artifacts is not None:
+            directory = self.opts.artifacts / self.job.label
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "timings.json").write_text(json.dumps(report.timings, indent=2) + "\n")
         return report
 
-    def _launch(self, keydir: Path) -> Instance | None:
-        report = self.report
+    def _attempt(self, keep: bool) -> ImageReport:
+        report = ImageReport(
+            self.job.image,
+            firmware=str(self.job.firmware),
+            instance=f"smoke-{_slug(self.job.image)}-{secrets.token_hex(2)}",
+        )
+        if self.settings.host:
+            report.properties["host"] = self.settings.host
+        with tempfile.TemporaryDirectory(prefix="qinst-smoke-") as keydir:
+            try:
+                inst = self._launch(report, Path(keydir))
+                if inst is not None:
+                    t = time.monotonic()
+                    self._checks(report, inst)
+                    report.timings["checks"] = round(time.monotonic() - t, 2)
+            except Exception as exc:
+                if isinstance(exc, Interrupted) or self.cancel.is_set():
+                    raise
+                # One image's unexpected fault is its own failure, never the end of the other images' runs.
+                message = exc.message if isinstance(exc, QinstError) else f"{type(exc).__name__}: {exc}"
+                report.add("smoke", False, 0.0, f"the smoke run itself failed: {message}")
+            finally:
+                t = time.monotonic()
+                self._finish(report, keep)
+                report.timings["cleanup"] = round(time.monotonic() - t, 2)
+        return report
+
+    def _launch(self, report: ImageReport, keydir: Path) -> Instance | None:
+        names = list(dict.fromkeys([*HOST_CHECKS, *(c.name for c in self.checks)]))
         t = time.monotonic()
         try:
             ref = self.store.resolve(report.image)
-            image = self.store.pull(ref)
+            image = self.store.pull(ref, latest=self.opts.latest)
         except QinstError as exc:
             report.add("pull", False, time.monotonic() - t, exc.message)
-            report.skip_rest(CHECKS, "the image could not be pulled")
+            report.skip_rest(names, "the image could not be pulled")
             return None
         report.add("pull", True, time.monotonic() - t)
         report.properties["digest"] = str(image.digest)
@@ -186,13 +184,16 @@ class _Runner:
         request = UpRequest(
             image=report.image,
             name=report.instance,
-            memory_mib=SMOKE_MEMORY_MIB,
+            memory_mib=self.opts.memory_mib,
             cpus=self.opts.cpus or 1,
             disk_gib=SMOKE_DISK_GIB,
             ssh_keys=(keydir / "id_ed25519.pub",),
+            user_data=self.opts.user_data,
             network=self.opts.network,
             accel=self.opts.accel,
+            firmware=self.job.firmware,
             timeout=self.opts.timeout,
+            latest=self.opts.latest,
             extra_config=load_template("smoke"),
         )
         readiness = Readiness()
@@ -203,28 +204,28 @@ class _Runner:
                 request, readiness=readiness, cancel=self.cancel, timings=launch_timings
             )
         except (GuestTimeout, GuestFailed) as exc:
-            self._boot_checks(readiness, str(exc.message).splitlines()[0])
-            report.skip_rest(CHECKS, "the guest never became ready")
+            self._boot_checks(report, readiness, _first_line(str(exc.message)))
+            report.skip_rest(names, "the guest never became ready")
             return None
         except Interrupted:
             raise
         except QinstError as exc:
             report.add("launch", False, time.monotonic() - t, exc.message)
-            report.skip_rest(CHECKS, "the instance could not be launched")
+            report.skip_rest(names, "the instance could not be launched")
             return None
         finally:
             if "define" in launch_timings:
                 report.timings["define"] = launch_timings["define"]
             report.timings.update(readiness.durations())
         report.add("launch", True, report.timings.get("define", 0.0))
-        self._boot_checks(readiness, "")
+        self._boot_checks(report, readiness, "")
         report.properties["accel"] = result.instance.metadata.accel
         report.properties["instance-id"] = result.instance.metadata.instance_id
         return result.instance
 
-    def _boot_checks(self, readiness: Readiness, failure: str) -> None:
+    def _boot_checks(self, report: ImageReport, readiness: Readiness, failure: str) -> None:
         """launch / booted, and on a failed launch the phase that never came (cloud-init or ssh)."""
-        report, phases, spent = self.report, readiness.phases, readiness.durations()
+        phases, spent = readiness.phases, readiness.durations()
         if "launch" not in {c.name for c in report.checks}:
             report.add("launch", "running" in phases, 0.0, "" if "running" in phases else failure)
         report.add(
@@ -245,91 +246,108 @@ class _Runner:
         else:
             report.add("ssh", False, 0.0, f"expected SSH to offer the host key printed on the console; {failure}")
 
-    def _ssh(self, inst: Instance, *command: str) -> SshResult:
-        return ssh_run(inst, self.settings, command, timeout=min(120.0, self.opts.timeout))
+    def _checks(self, report: ImageReport, inst: Instance) -> None:
+        """Every check, the properties and the artifacts over one SSH session, then judge each answer."""
+        commands: dict[str, tuple[str, float]] = {f"check:{c.name}": (c.command, c.timeout) for c in self.checks}
+        commands |= {f"prop:{name}": (command, 30.0) for name, command in PROPERTIES.items()}
+        if self.opts.artifacts is not None:
+            commands |= {f"file:{name}": (command, 60.0) for name, command in ARTIFACTS.items()}
+        batch = Batch(commands)
+        t = time.monotonic()
+        code, stdout, stderr = self._session(inst, batch)
+        results = batch.parse(stdout)
+        session = time.monotonic() - t
+        if not results:
+            why = _first_line(stderr) or f"ssh exited with status {code} and no results"
+            report.add("ssh", False, session, f"expected a key login with the console's host key; saw: {why}")
+            report.skip_rest([c.name for c in self.checks], "no SSH session")
+            return
+        report.add("ssh", True, report.timings.get("ssh", 0.0))
+        ctx = Context(
+            instance=inst.name,
+            instance_id=inst.metadata.instance_id,
+            disk_gib=SMOKE_DISK_GIB,
+            allow_warnings=self.opts.allow_warnings,
+            allow_failed_units=self.opts.allow_failed_units,
+        )
+        missing = f"no result: the session ended before this check (ssh exit {code}: {_first_line(stderr)})"
+        for check in self.checks:
+            out = results.get(f"check:{check.name}")
+            if out is None:
+                report.add(check.name, False, 0.0, missing)
+                continue
+            verdict = check.evaluate(out, ctx)
+            seconds = out.seconds + (report.timings.get("cloud-init", 0.0) if check.name == "cloud-init" else 0.0)
+            shown = describe(check, out) if check.user or not verdict.ok else ""
+            report.add(check.name, verdict.ok, seconds, "" if verdict.ok else verdict.message, shown)
+            report.properties.update(verdict.properties)
+        for name in PROPERTIES:
+            out = results.get(f"prop:{name}")
+            if out is not None:
+                report.properties[name] = out.text
+        for part in ("kernel", "userspace", "total"):
+            value = report.properties.get(f"boot-time-{part}")
+            if value is not None:
+                report.timings[f"guest-{part}"] = float(value)
+        for name in self.opts.skipped:
+            report.skip(name, "skipped by --skip")
+        self._artifacts(results)
 
-    def _checks(self, inst: Instance) -> None:
-        report = self.report
-        status = self._ssh(inst, "cloud-init", "status", "--long")
-        result = self._ssh(inst, "cat", "/run/cloud-init/result.json")
-        errors: list[str] = []
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            errors = list(json.loads(result.stdout)["v1"]["errors"])
-        done = status.ok and re.search(r"^status: done", status.stdout, re.M) is not None and not errors
-        detail = status.stdout.strip().replace("\n", "; ") or status.stderr.strip()
-        report.add(
-            "cloud-init",
-            done,
-            report.timings.get("cloud-init", 0.0) + status.seconds,
-            f"expected 'status: done' and no errors; saw: {detail}; errors: {errors}",
-        )
-        # Every command here runs with StrictHostKeyChecking against the keys the guest printed on its console.
-        login = self._ssh(inst, "true")
-        report.add(
-            "ssh",
-            login.ok,
-            report.timings.get("ssh", 0.0) + login.seconds,
-            f"expected a key login with the console's host key; saw: {login.stderr.strip()}",
-        )
-        hostname = self._ssh(inst, "hostname")
-        report.add(
-            "hostname",
-            hostname.stdout.strip() == inst.name,
-            hostname.seconds,
-            f"expected {inst.name!r}, saw {hostname.stdout.strip() or hostname.stderr.strip()!r}",
-        )
-        expected_id = inst.metadata.instance_id
-        seen_id = self._ssh(inst, "cat", "/var/lib/cloud/data/instance-id")
-        report.add(
-            "instance-id",
-            seen_id.stdout.strip() == expected_id,
-            seen_id.seconds,
-            f"expected {expected_id!r}, saw {seen_id.stdout.strip() or seen_id.stderr.strip()!r}",
-        )
-        marker = self._ssh(inst, "cat", MARKER)
-        report.add(
-            "user-data",
-            marker.stdout.strip() == expected_id,
-            marker.seconds,
-            f"expected {MARKER} (written by runcmd) to hold {expected_id!r}, "
-            f"saw {marker.stdout.strip() or marker.stderr.strip()!r}",
-        )
-        size = self._ssh(inst, "df", "-B1", "--output=size", "/")
+    def _session(self, inst: Instance, batch: Batch) -> tuple[int, bytes, str]:
+        """Run the batch in one ssh; stopped early when the run is cancelled. (exit status, stdout, stderr)."""
         try:
-            root_bytes = int(size.stdout.split()[-1])
-        except (ValueError, IndexError):
-            root_bytes = 0
-        want = SMOKE_DISK_GIB * (1 << 30)
-        report.add(
-            "root-fs",
-            root_bytes >= 0.9 * want,
-            size.seconds,
-            f"expected / grown to about {SMOKE_DISK_GIB} GiB, saw {root_bytes / (1 << 30):.2f} GiB",
-        )
-        for check in report.checks:
-            if check.status is Status.PASSED:
-                check.message = ""
-        for prop, command in (
-            ("system-state", ("systemctl", "is-system-running")),
-            ("kernel", ("uname", "-r")),
-            ("cloud-init-version", ("cloud-init", "--version")),
-        ):
-            out = self._ssh(inst, *command)
-            report.properties[prop] = (out.stdout.strip() or out.stderr.strip())[:200]
+            ssh.require_ssh()
+            argv = ssh.ssh_argv(ssh_target(inst, self.settings), [batch.remote_command()], batch=True)
+        except QinstError as exc:
+            return 255, b"", exc.message
+        env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        deadline = time.monotonic() + batch.timeout
+        out_parts: list[bytes] = []
+        err_parts: list[bytes] = []
+        while True:
+            try:
+                out, err = proc.communicate(timeout=0.5)
+                out_parts.append(out)
+                err_parts.append(err)
+                break
+            except subprocess.TimeoutExpired:
+                if self.cancel.is_set() or time.monotonic() > deadline:
+                    proc.kill()
+                    out, err = proc.communicate()
+                    out_parts.append(out)
+                    err_parts.append(err + b"\nthe SSH session was stopped (timeout or interruption)")
+                    if self.cancel.is_set():
+                        raise Interrupted("interrupted") from None
+                    break
+        stderr = b"".join(err_parts).decode("utf-8", "replace")
+        return proc.returncode if proc.returncode is not None else 255, b"".join(out_parts), stderr
 
-    def _artifacts(self, inst: Instance) -> None:
+    def _artifacts(self, results: dict[str, Output]) -> None:
         if self.opts.artifacts is None:
             return
-        directory = self.opts.artifacts / self.label
+        directory = self.opts.artifacts / self.job.label
         directory.mkdir(parents=True, exist_ok=True)
-        for log_file in ("/var/log/cloud-init.log", "/var/log/cloud-init-output.log"):
-            out = self._ssh(inst, "sudo", "cat", log_file)
-            if out.ok:
-                (directory / Path(log_file).name).write_text(out.stdout)
+        for name in ARTIFACTS:
+            out = results.get(f"file:{name}")
+            if out is not None and out.exit == 0:
+                (directory / name).write_text(out.stdout, errors="replace")
 
-    def _finish(self) -> None:
-        """Record the console and timings, then remove the instance (kept only if it failed and keep_failed)."""
-        report = self.report
+    def _compare(self, report: ImageReport) -> None:
+        baseline = self.opts.baseline
+        if baseline is None:
+            return
+        if not any(c.name == "ssh" and c.status is Status.PASSED for c in report.checks):
+            report.skip("boot-regression", "the guest never became ready: nothing to compare")
+            return
+        found = regressions(report, baseline, self.opts.regression_threshold)
+        if found is None:
+            report.skip("boot-regression", f"{report.suite} is not in the baseline {baseline.path.name}")
+        else:
+            report.add("boot-regression", not found, 0.0, "slower than the baseline: " + "; ".join(found))
+
+    def _finish(self, report: ImageReport, keep: bool) -> None:
+        """Record the console, then remove the instance (kept only if it failed and keep)."""
         with contextlib.suppress(QinstError), Host(self.settings.connect) as host:
             try:
                 _, inst = instances.get_instance(host, report.instance)
@@ -337,14 +355,26 @@ class _Runner:
                 inst = None
             if inst is not None:
                 report.console = console_text(host, inst)
-                if report.passed or not self.opts.keep_failed:
+                if report.passed or not keep:
                     instances.remove(host, report.instance, force=True)
                 else:
                     report.kept = True
         if self.opts.artifacts is not None:
-            directory = self.opts.artifacts / self.label
+            directory = self.opts.artifacts / self.job.label
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / "console.log").write_text(report.console)
+            (directory / "console.log").write_text(report.console, errors="replace")
+
+
+def jobs(images: Sequence[str], firmwares: Sequence[Firmware]) -> list[Job]:
+    """Every image x firmware, each with a folder name (its slug and firmware; -2, -3... for repeats)."""
+    seen: dict[str, int] = {}
+    out = []
+    for image in images:
+        for firmware in firmwares:
+            label = f"{_slug(image)}-{firmware}"
+            seen[label] = seen.get(label, 0) + 1
+            out.append(Job(image, firmware, label if seen[label] == 1 else f"{label}-{seen[label]}"))
+    return out
 
 
 def run_smoke(
@@ -353,23 +383,24 @@ def run_smoke(
     opts: SmokeOptions,
     on_done: Callable[[ImageReport], None] | None = None,
 ) -> list[ImageReport]:
-    """Smoke-test every image (opts.parallel at once); Ctrl-C stops all boots and removes their instances."""
-    placed = [for_host(settings, opts.hosts[i % len(opts.hosts)]) for i in range(len(images))] if opts.hosts else []
+    """Smoke-test every image x firmware (opts.parallel at once). An interruption stops every boot, removes the
+    instances, reports what finished through on_done, and is raised again."""
+    todo = jobs(images, opts.firmwares)
+    placed = [for_host(settings, opts.hosts[i % len(opts.hosts)]) for i in range(len(todo))] if opts.hosts else []
     for target in {s.connect for s in placed} or {settings.connect}:
         with Host(target):
             pass  # every host must be usable at all (HypervisorError, exit 4, otherwise)
     cancel = threading.Event()
-    parallel = opts.parallel or default_parallel(len(images)) * max(1, len(opts.hosts))
+    parallel = opts.parallel or default_parallel(len(todo), opts.memory_mib) * max(1, len(opts.hosts))
     if opts.cpus is None:
         # Guests emulated side by side are CPU-bound: more vCPUs than cores only slows every boot down.
-        per_host = -(-min(parallel, len(images)) // max(1, len(opts.hosts)))
+        per_host = -(-min(parallel, len(todo)) // max(1, len(opts.hosts)))
         opts = dataclasses.replace(opts, cpus=max(1, min(2, (os.cpu_count() or 1) // per_host)))
     reports: dict[int, ImageReport] = {}
     with _executor(parallel) as pool:
-        labels = _labels(images)
         futures = {
-            pool.submit(_Runner(placed[i] if placed else settings, image, opts, cancel, labels[i]).run): i
-            for i, image in enumerate(images)
+            pool.submit(_Runner(placed[i] if placed else settings, job, opts, cancel).run): i
+            for i, job in enumerate(todo)
         }
         try:
             for future in concurrent.futures.as_completed(futures):
@@ -382,19 +413,13 @@ def run_smoke(
             for f in futures:
                 f.cancel()
             concurrent.futures.wait(futures)  # each runner removes its instance on the way out
+            for f, i in futures.items():
+                if i not in reports and f.done() and not f.cancelled() and f.exception() is None:
+                    reports[i] = f.result()
+                    if on_done:
+                        on_done(reports[i])
             raise
-    return [reports[i] for i in range(len(images))]
-
-
-def _labels(images: Sequence[str]) -> list[str]:
-    """A folder name per image (its slug; -2, -3... when an image is given more than once)."""
-    seen: dict[str, int] = {}
-    labels = []
-    for image in images:
-        slug = _slug(image)
-        seen[slug] = seen.get(slug, 0) + 1
-        labels.append(slug if seen[slug] == 1 else f"{slug}-{seen[slug]}")
-    return labels
+    return [reports[i] for i in range(len(todo))]
 
 
 @contextlib.contextmanager
@@ -406,57 +431,27 @@ def _executor(workers: int) -> Iterator[concurrent.futures.ThreadPoolExecutor]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
-_NOT_XML = re.compile(r"[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# ---- the files a run writes ------------------------------------------------------------------------------------------
 
 
-def xml_text(text: str) -> str:
-    """Console text made fit for XML 1.0: terminal escape sequences and control characters removed."""
-    return _NOT_XML.sub("", _ANSI.sub("", text).replace("\r\n", "\n").replace("\x1b[K", ""))
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
-def _fmt(seconds: float) -> str:
-    return f"{seconds:.3f}"
-
-
-def junit_xml(reports: Sequence[ImageReport]) -> bytes:
-    """JUnit XML: a testsuite per image, a testcase per check, the last console lines with each failure."""
-    root = ET.Element("testsuites", name="qinst smoke")
-    total = failures = 0
-    for report in reports:
-        failed = [c for c in report.checks if c.status is Status.FAILED]
-        skipped = [c for c in report.checks if c.status is Status.SKIPPED]
-        suite = ET.SubElement(
-            root,
-            "testsuite",
-            name=report.image,
-            tests=str(len(report.checks)),
-            failures=str(len(failed)),
-            errors="0",
-            skipped=str(len(skipped)),
-            time=_fmt(report.seconds),
-            timestamp=report.started,
-            hostname=socket.gethostname(),
-        )
-        props = ET.SubElement(suite, "properties")
-        for name, value in {"instance": report.instance, **report.properties}.items():
-            ET.SubElement(props, "property", name=name, value=xml_text(value))
-        for check in report.checks:
-            case = ET.SubElement(
-                suite, "testcase", classname=f"smoke.{_slug(report.image)}", name=check.name, time=_fmt(check.seconds)
-            )
-            if check.status is Status.FAILED:
-                message = xml_text(check.message)
-                failure = ET.SubElement(case, "failure", message=message, type="SmokeCheckFailed")
-                failure.text = message
-                ET.SubElement(case, "system-out").text = xml_text(report.console_tail())
-            elif check.status is Status.SKIPPED:
-                ET.SubElement(case, "skipped", message=xml_text(check.message))
-        total += len(report.checks)
-        failures += len(failed)
-    root.set("tests", str(total))
-    root.set("failures", str(failures))
-    root.set("errors", "0")
-    root.set("time", _fmt(sum(r.seconds for r in reports)))
-    ET.indent(root)
-    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode").encode() + b"\n"
+def write_reports(
+    reports: Sequence[ImageReport],
+    *,
+    junit: Path | None,
+    summary: Path | None,
+    artifacts: Path | None,
+    baseline: Baseline | None,
+) -> None:
+    """The JUnit report, the Markdown summary and results.json, for whatever finished."""
+    if junit is not None:
+        _write(junit, junit_xml(reports))
+    if summary is not None:
+        _write(summary, summary_markdown(reports, baseline).encode("utf-8", "replace"))
+    if artifacts is not None:
+        _write(artifacts / "results.json", (json.dumps(results_json(reports), indent=2) + "\n").encode())
