@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,3 +128,45 @@ def test_bytes_that_do_not_match_the_digest_leave_no_volume(
     assert pool.listVolumes() == []
     with pytest.raises(libvirt.libvirtError):
         pool.storageVolLookupByName(wrong.filename + VERIFIED)
+
+
+# -- another client's upload of the same image: awaited until its marker appears, never trusted before -------------
+
+
+def _unmarked(host: Host, pool: Any, image: tuple[Path, Digest]) -> tuple[str, str]:
+    """A complete volume of another client's upload, its marker not yet written: (name, marker)."""
+    source, digest = image
+    with source.open("rb") as f:
+        host.upload_volume(pool, digest.filename, f, source.stat().st_size)
+    return digest.filename, digest.filename + VERIFIED
+
+
+def test_a_concurrent_upload_is_used_only_once_marked(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    host, pool, directory = remote
+    name, marker = _unmarked(host, pool, image)
+    written = threading.Timer(2.0, lambda: (directory / marker).write_text(str(image[1])))
+    written.start()
+    try:
+        vol = host._await_upload(pool, name, marker, timeout=20)
+    finally:
+        written.join()
+    assert vol.name() == name
+    assert (directory / marker).exists(), "returned before the other client's marker was written"
+
+
+def test_a_concurrent_upload_that_failed_is_said(remote: tuple[Host, Any, Path], image: tuple[Path, Digest]) -> None:
+    host, pool, _ = remote
+    name = image[1].filename
+    with pytest.raises(HypervisorError, match=f"^the concurrent upload of volume {name} failed; run the command"):
+        host._await_upload(pool, name, name + VERIFIED, timeout=20)
+
+
+def test_a_concurrent_upload_is_not_awaited_forever(remote: tuple[Host, Any, Path], image: tuple[Path, Digest]) -> None:
+    host, pool, _ = remote
+    name, marker = _unmarked(host, pool, image)
+    started = time.monotonic()
+    with pytest.raises(HypervisorError, match=f"^volume {name} is being uploaded by another client for over 3 s$"):
+        host._await_upload(pool, name, marker, timeout=3.0)
+    assert 3.0 <= time.monotonic() - started < 30
