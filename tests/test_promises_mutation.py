@@ -4,12 +4,15 @@ or a later command sees, never how the code computes it."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from qemu_instances.domain import METADATA_NS, Metadata, metadata_from_domain_xml
 from qemu_instances.errors import UsageError
+from qemu_instances.images import ImageStore
 from qemu_instances.instances import console_log_name, disk_volume, seed_volume, validate_metadata
+from qemu_instances.settings import Settings
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 GOOD = Metadata(
@@ -116,3 +119,23 @@ def test_a_record_with_a_non_numeric_port_is_refused() -> None:
     xml = f'<instance xmlns="{METADATA_NS}"><image>i</image><digest/><user>u</user><network>user</network>'
     with pytest.raises(ValueError):
         metadata_from_domain_xml(_domain_xml(xml + "<ssh-port>22x</ssh-port></instance>"))
+
+
+# -- the cache's temporaries: links planted in the cache go, their targets stay -----------------------------------
+
+
+def test_planted_links_are_removed_not_followed_and_count_no_bytes(tmp_path: Path) -> None:
+    store = ImageStore(Settings(cache_dir=tmp_path / "cache"))
+    store.cache.dir.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 100)
+    links = [store.cache.dir / name for name in (".a.part", "b.qcow2", ".c.json", "dangling")]
+    for link in links[:3]:
+        link.symlink_to(victim)
+    links[3].symlink_to(tmp_path / "nowhere")
+    emptied = store.cache.dir / ".d.tmp"  # a directory temporary: its size is not a file's
+    emptied.mkdir()
+    removed = dict(store.prune(set()))
+    assert removed == {**dict.fromkeys(links, 0), emptied: 0}
+    assert victim.read_bytes() == b"precious" * 100
+    assert list(store.cache.dir.iterdir()) == []
