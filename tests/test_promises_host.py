@@ -9,6 +9,7 @@ launch) can stand in for an upload.
 from __future__ import annotations
 
 import hashlib
+import io
 import secrets
 import threading
 import time
@@ -24,7 +25,7 @@ from test_remote import Sshd, sshd  # noqa: F401  (the fixture)
 
 from qemu_instances.digests import Algorithm, Digest, hash_file
 from qemu_instances.errors import HypervisorError
-from qemu_instances.host import VERIFIED, Host
+from qemu_instances.host import VERIFIED, Host, _send
 
 pytestmark = pytest.mark.libvirt
 
@@ -170,3 +171,35 @@ def test_a_concurrent_upload_is_not_awaited_forever(remote: tuple[Host, Any, Pat
     with pytest.raises(HypervisorError, match=f"^volume {name} is being uploaded by another client for over 3 s$"):
         host._await_upload(pool, name, marker, timeout=3.0)
     assert 3.0 <= time.monotonic() - started < 30
+
+
+def test_upload_progress_counts_the_bytes_sent(remote: tuple[Host, Any, Path], image: tuple[Path, Digest]) -> None:
+    host, pool, _ = remote
+    source, digest = image
+    calls: list[tuple[int, int | None]] = []
+    host.base_volume(pool, digest.filename, source, digest, progress=lambda done, total: calls.append((done, total)))
+    size = source.stat().st_size
+    assert calls and calls[-1] == (size, size)
+    assert [done for done, _ in calls] == sorted({done for done, _ in calls}) and all(t == size for _, t in calls)
+
+
+class _ShortSends:
+    """A libvirt stream that takes at most `limit` bytes per send, as virStreamSend may."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.received = bytearray()
+
+    def send(self, data: bytes) -> int:
+        taken = data[: self.limit]
+        self.received += taken
+        return len(taken)
+
+
+def test_a_send_that_takes_part_of_a_chunk_is_continued_not_repeated() -> None:
+    data = secrets.token_bytes(3 * 256 * 1024 + 777)
+    stream = _ShortSends(100_003)
+    hasher = hashlib.sha512()
+    _send(stream, io.BytesIO(data), len(data), hasher, None)  # type: ignore[arg-type]
+    assert bytes(stream.received) == data
+    assert hasher.hexdigest() == hashlib.sha512(data).hexdigest()
