@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import secrets
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -25,7 +26,7 @@ from test_remote import Sshd, sshd  # noqa: F401  (the fixture)
 
 from qemu_instances.digests import Algorithm, Digest, hash_file
 from qemu_instances.errors import HypervisorError
-from qemu_instances.host import VERIFIED, Host, _send
+from qemu_instances.host import VERIFIED, Host, _hard_link, _send
 
 pytestmark = pytest.mark.libvirt
 
@@ -203,3 +204,48 @@ def test_a_send_that_takes_part_of_a_chunk_is_continued_not_repeated() -> None:
     _send(stream, io.BytesIO(data), len(data), hasher, None)  # type: ignore[arg-type]
     assert bytes(stream.received) == data
     assert hasher.hexdigest() == hashlib.sha512(data).hexdigest()
+
+
+# -- a local daemon: the cached file is hard-linked into the pool, never copied -------------------------------------
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[tuple[Host, Any, Path]]:
+    """(local Host, its pool object, the pool's directory): a fresh transient directory pool on qemu:///system."""
+    directory = tmp_path / "pool"
+    directory.mkdir()
+    root = ET.Element("pool", type="dir")
+    ET.SubElement(root, "name").text = f"qinst-link-{secrets.token_hex(3)}"
+    ET.SubElement(ET.SubElement(root, "target"), "path").text = str(directory)
+    with Host("qemu:///system") as host:
+        assert host.is_local
+        pool = host.conn.storagePoolCreateXML(ET.tostring(root, encoding="unicode"), 0)
+        try:
+            yield host, pool, directory
+        finally:
+            for vol in pool.listAllVolumes():
+                vol.delete(0)
+            pool.destroy()
+
+
+def test_a_local_base_volume_is_the_cached_file_itself(
+    local: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    host, pool, directory = local
+    source, digest = image
+    vol = host.base_volume(pool, digest.filename, source, digest)
+    assert vol.name() == digest.filename and vol.path() == str(directory / digest.filename)
+    assert (directory / digest.filename).stat().st_ino == source.stat().st_ino  # a link: no second copy
+    again = host.base_volume(pool, digest.filename, source, digest)  # a local volume needs no marker
+    assert again.path() == vol.path() and not (directory / (digest.filename + VERIFIED)).exists()
+
+
+def test_linking_an_already_linked_file_succeeds_and_another_filesystem_is_said(tmp_path: Path) -> None:
+    source = tmp_path / "image"
+    source.write_bytes(b"image")
+    assert _hard_link(source, tmp_path / "link") is True
+    assert (tmp_path / "link").stat().st_ino == source.stat().st_ino
+    assert _hard_link(source, tmp_path / "link") is True  # another launch linked it a moment ago
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as elsewhere:  # tmpfs: another filesystem than tmp_path
+        assert _hard_link(Path(elsewhere.name), tmp_path / "cross") is False  # cannot link: upload instead
+    assert not (tmp_path / "cross").exists()
