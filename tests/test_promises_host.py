@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import secrets
+import subprocess
 import tempfile
 import threading
 import time
@@ -249,3 +250,22 @@ def test_linking_an_already_linked_file_succeeds_and_another_filesystem_is_said(
     with tempfile.NamedTemporaryFile(dir="/dev/shm") as elsewhere:  # tmpfs: another filesystem than tmp_path
         assert _hard_link(Path(elsewhere.name), tmp_path / "cross") is False  # cannot link: upload instead
     assert not (tmp_path / "cross").exists()
+
+
+def test_an_unmarked_sparse_volume_is_rehashed_with_its_holes(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    """A volume whose zeros are holes on the host (copied sparse) has the same bytes: it is marked and kept."""
+    host, pool, directory = remote
+    source, digest = image
+    host.base_volume(pool, digest.filename, source, digest)
+    host.delete_volume(pool, digest.filename + VERIFIED)
+    volume = directory / digest.filename
+    subprocess.run(["cp", "--sparse=always", str(source), str(volume)], check=True)
+    assert volume.stat().st_blocks * 512 < source.stat().st_size  # really has holes
+    pool.refresh(0)
+    before = volume.stat()
+    host.base_volume(pool, digest.filename, source, digest)
+    after = volume.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert (directory / (digest.filename + VERIFIED)).read_text() == str(digest)

@@ -3,6 +3,12 @@ or a later command sees, never how the code computes it."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pty
+import select
+import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +19,7 @@ from qemu_instances.errors import UsageError
 from qemu_instances.images import ImageStore
 from qemu_instances.instances import console_log_name, disk_volume, seed_volume, validate_metadata
 from qemu_instances.settings import Settings
+from qemu_instances.sshkeys import generate_keypair
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 GOOD = Metadata(
@@ -139,3 +146,37 @@ def test_planted_links_are_removed_not_followed_and_count_no_bytes(tmp_path: Pat
     assert removed == {**dict.fromkeys(links, 0), emptied: 0}
     assert victim.read_bytes() == b"precious" * 100
     assert list(store.cache.dir.iterdir()) == []
+
+
+# -- qinst's own key pair is made without asking anything, even from a terminal ------------------------------------
+
+
+def test_generating_the_key_pair_from_a_terminal_asks_no_passphrase(tmp_path: Path) -> None:
+    """Run in a terminal (a pty as controlling terminal), ssh-keygen would prompt for a passphrase unless told -N ''."""
+    key = tmp_path / "keys" / "id_ed25519"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: its controlling terminal is the pty
+        try:
+            generate_keypair(key)
+        finally:
+            os._exit(0)
+    output = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and b"passphrase" not in output.lower():
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 1024)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    assert b"passphrase" not in output.lower(), output
+    assert key.exists() and key.with_name("id_ed25519.pub").read_text().startswith("ssh-ed25519 ")
