@@ -25,10 +25,12 @@ TESTS="tests/test_digests.py tests/test_pull.py tests/test_cli_images.py tests/t
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-keep=0 report_only=0
+keep=0 report_only=0 recheck=0
 [ "${1:-}" = "--keep" ] && keep=1
 # --report: only compare the last run's results (kept with --keep) with tests/mutation-equivalent.txt again.
 [ "${1:-}" = "--report" ] && keep=1 report_only=1
+# --recheck: after adding tests (the code unchanged), run the last run's survivors again against the new tests.
+[ "${1:-}" = "--recheck" ] && keep=1 recheck=1
 mutmut=$repo/.venv/bin/mutmut
 if [ ! -x "$mutmut" ]; then
   # mutmut 3.8 needs Python >= 3.10 and fork(); pinned so that the mutants (and their numbering) stay stable.
@@ -37,7 +39,10 @@ fi
 
 # mutmut writes mutants/ next to pyproject.toml: work on a scratch copy so the worktree stays untouched.
 work=${QINST_MUTATION_DIR:-$repo/.mutation}
-if [ "$report_only" = 0 ]; then
+if [ "$recheck" = 1 ]; then
+  for d in "$work" "$work/mutants"; do rm -rf "$d/tests" "$d/testsupport" && cp -r tests testsupport "$d"/; done
+  find "$work" -name __pycache__ -prune -exec rm -rf {} +
+elif [ "$report_only" = 0 ]; then
   rm -rf "$work"
   mkdir -p "$work"
   cp -r qemu_instances cloudinit_templates testsupport tests pyproject.toml "$work"/
@@ -62,7 +67,7 @@ for target in $TARGETS; do
 done
 test_args=()
 for t in $TESTS; do [ -f "$t" ] && test_args+=("\"$t\""); done
-[ "$report_only" = 1 ] || {
+[ "$report_only" = 1 ] || [ "$recheck" = 1 ] || {
   echo
   echo "[tool.mutmut]"
   echo "source_paths = [\"qemu_instances\"]"
@@ -79,8 +84,14 @@ for t in $TESTS; do [ -f "$t" ] && test_args+=("\"$t\""); done
 
 cd "$work"
 started=$(date +%s)
-if [ "$report_only" = 0 ]; then
-  "$mutmut" run --max-children "${QINST_MUTATION_JOBS:-2}" "${patterns[@]}" >"$work/run.log" 2>&1 || {
+if [ "$recheck" = 1 ]; then
+  mapfile -t patterns_run < <(grep -E ": (survived|no tests)$" "$work/results.txt" | sed 's/^ *//; s/: [a-z ]*$//')
+  cp "$work/results.txt" "$work/results-before-recheck.txt"
+else
+  patterns_run=("${patterns[@]}")
+fi
+if [ "$report_only" = 0 ] && [ "${#patterns_run[@]}" -gt 0 ]; then
+  "$mutmut" run --max-children "${QINST_MUTATION_JOBS:-2}" "${patterns_run[@]}" >"$work/run.log" 2>&1 || {
     tail -c 3000 "$work/run.log" >&2
     echo "mutation: mutmut run failed (log: $work/run.log)" >&2
     exit 1
