@@ -269,3 +269,33 @@ def test_an_unmarked_sparse_volume_is_rehashed_with_its_holes(
     after = volume.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert (directory / (digest.filename + VERIFIED)).read_text() == str(digest)
+
+
+def test_an_upload_racing_another_clients_waits_for_its_marker(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another client creates the volume just after this one looked for it: this upload fails to create it, and
+    the other's volume is used once its marker appears: not deleted, not uploaded again, not trusted before."""
+    host, pool, directory = remote
+    name, marker = _unmarked(host, pool, image)
+    before = (directory / name).stat()
+    looked: list[str] = []
+    real_volume = host.volume
+
+    def looked_up_before_the_other_client_created_it(p: Any, n: str) -> Any:
+        if n == name and not looked:
+            looked.append(n)
+            return None
+        return real_volume(p, n)
+
+    monkeypatch.setattr(host, "volume", looked_up_before_the_other_client_created_it)
+    written = threading.Timer(2.0, lambda: (directory / marker).write_text(str(image[1])))
+    written.start()
+    try:
+        vol = host.base_volume(pool, name, image[0], image[1])
+    finally:
+        written.join()
+    assert looked == [name] and vol.name() == name
+    after = (directory / name).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert (directory / marker).read_text() == str(image[1])
