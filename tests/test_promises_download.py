@@ -71,3 +71,11 @@ def test_a_body_announced_longer_than_the_pinned_size_is_refused_before_any_byte
         download_verified(url, dest, digest, session=new_session(), policy=QUICK, size=1000)
     assert err.value.hint == "nothing was cached; the server does not serve the pinned file"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_connection_is_said_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:  # bound, never listening: connections are refused
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/doc"
+        with pytest.raises(DownloadError, match=r"cannot connect to 127\.0\.0\.1: connection refused \(gave up"):
+            fetch_bytes(url, session=new_session(), policy=QUICK)

@@ -67,6 +67,13 @@ def test_each_bad_field_is_refused_with_its_name(change: dict[str, object], mess
         validate_metadata("vm1", replace(GOOD, **change))  # type: ignore[arg-type]
 
 
+def test_long_bad_values_are_cut_in_the_message() -> None:
+    with pytest.raises(UsageError, match=r"^invalid accel 'xxxxxxxxxxxxxxxxxxxx'$"):
+        validate_metadata("vm1", replace(GOOD, accel="x" * 30))
+    with pytest.raises(UsageError, match=r"^volumes names another instance's volume '" + "v" * 80 + "'$"):
+        validate_metadata("vm1", replace(GOOD, volumes=("v" * 100, "w" * 100)))
+
+
 def test_a_bad_name_is_refused() -> None:
     with pytest.raises(UsageError, match="invalid instance name"):
         validate_metadata("-vm1", GOOD)
@@ -83,6 +90,7 @@ def test_a_bad_name_is_refused() -> None:
         {"digest": ""},  # pins no image
         {"instance_id": ""},
         {"private_key": ""},
+        {"private_key": "/home/u/my keys/id"},  # a space is not a control character
         {"host_keys": ""},
         {"host_keys": f"\n  \n{KEY}\n\n"},  # blank lines are not keys
         {"host_keys": f"  {KEY}  "},
@@ -120,6 +128,12 @@ def test_missing_fields_take_their_defaults_and_empty_ones_are_empty() -> None:
     xml += "<ssh-port/><volumes><volume/></volumes></instance>"
     meta = metadata_from_domain_xml(_domain_xml(xml))
     assert meta == Metadata(image="i", digest="", user="u", network="user", ssh_port=0, volumes=("",))
+
+
+def test_fields_outside_qinst_namespace_are_read_not_a_crash() -> None:
+    xml = f'<instance xmlns="{METADATA_NS}"><image xmlns="">i</image><digest/><user>u</user>'
+    meta = metadata_from_domain_xml(_domain_xml(xml + "<network>user</network></instance>"))
+    assert meta is not None and (meta.image, meta.user, meta.network) == ("i", "u", "user")
 
 
 def test_a_record_with_a_non_numeric_port_is_refused() -> None:
