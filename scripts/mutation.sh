@@ -3,20 +3,34 @@
 # Not part of every CI run: it takes ~10-20 minutes on 2 cores. Usage: bash scripts/mutation.sh [--keep|--report]
 #
 # Each target is MODULE:FUNCTIONS (FUNCTIONS: comma-separated globs of function names; Class.method for methods;
-# * for the whole module). After the ssh.py merge, the host-key entries become ssh.py:... here - one line.
-TARGETS=${QINST_MUTATION_TARGETS:-"digests.py:* download.py:* sshkeys.py:parse_public_key,_check_key_body,_blob_fields,load_key_file,_read_public,generate_keypair,_make_private_dir,resolve_keys,_key_identity wait.py:host_keys,known_hosts_line,check_host_keys,check_host_keys_via,scan_host_keys,wait_for_ssh access.py:known_hosts_file,ssh_argv host.py:_hard_link,_send,Host.base_volume,Host._await_upload,Host.upload_volume,Host.volume_digest images.py:ImageStore.prune,Cache.stale_temporaries,_locked seed.py:validate_*,SeedSpec.__post_init__"}
-# The fast tests that exercise those modules (no VM boot; libvirtd and an sshd on 127.0.0.1 for the base-volume
-# and prune tests), so each mutant is judged in seconds.
+# * for the whole module). Host-key checking, known_hosts and the ssh options live in ssh.py; host.py is the only
+# libvirt importer (base-volume upload, verification and its .verified marker); metadata read back from libvirt is
+# validated by domain.py (parsing) and instances.py (validate_metadata; prune's in-use set).
+TARGETS=${QINST_MUTATION_TARGETS:-"digests.py:* download.py:*
+ ssh.py:escape_percent,SshHop.from_uri,SshHop.proxy_command,SshHop.ssh_options,known_hosts_line,write_known_hosts,ssh_options,destination,ssh_argv,scan_host_keys,check_host_keys,check_host_keys_via,key_checker
+ wait.py:host_keys,wait_for_ssh access.py:known_hosts_file,ssh_target
+ sshkeys.py:parse_public_key,_check_key_body,_blob_fields,load_key_file,_read_public,generate_keypair,_make_private_dir,resolve_keys,_key_identity
+ host.py:_hard_link,_send,Host.base_volume,Host._await_upload,Host.upload_volume,Host.volume_digest
+ images.py:ImageStore.prune,Cache.stale_temporaries,_locked instances.py:validate_metadata,prune
+ domain.py:validate_name,Metadata.from_xml,metadata_from_domain_xml seed.py:validate_*,SeedSpec.__post_init__"}
+# The fast tests that exercise those modules (no VM boot; libvirtd and an sshd on 127.0.0.1 for the base-volume,
+# host-key and prune tests). mutmut runs, for each mutant, only the tests that cover its function (fastest first,
+# stopping at the first failure), so each mutant is judged in seconds; tests that cover none of TARGETS are left
+# out of the selection (its clean run and coverage run come first and cost minutes on a loaded machine).
 TESTS="tests/test_digests.py tests/test_pull.py tests/test_cli_images.py tests/test_sshkeys.py tests/test_wait.py
-       tests/test_hostkeys.py tests/test_seed.py tests/test_cli_seed.py tests/test_images_ref.py
-       tests/test_promises_*.py"
+       tests/test_hostkeys.py tests/test_ssh.py tests/test_domain.py tests/test_host.py tests/test_seed.py tests/test_cli_seed.py
+       tests/test_images_ref.py tests/test_promises_digests.py tests/test_promises_download.py
+       tests/test_promises_host.py tests/test_promises_keys.py tests/test_promises_prune.py
+       tests/test_promises_seed.py tests/test_promises_mutation.py"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-keep=0 report_only=0
+keep=0 report_only=0 recheck=0
 [ "${1:-}" = "--keep" ] && keep=1
 # --report: only compare the last run's results (kept with --keep) with tests/mutation-equivalent.txt again.
 [ "${1:-}" = "--report" ] && keep=1 report_only=1
+# --recheck: after adding tests (the code unchanged), run the last run's survivors again against the new tests.
+[ "${1:-}" = "--recheck" ] && keep=1 recheck=1
 mutmut=$repo/.venv/bin/mutmut
 if [ ! -x "$mutmut" ]; then
   # mutmut 3.8 needs Python >= 3.10 and fork(); pinned so that the mutants (and their numbering) stay stable.
@@ -25,10 +39,13 @@ fi
 
 # mutmut writes mutants/ next to pyproject.toml: work on a scratch copy so the worktree stays untouched.
 work=${QINST_MUTATION_DIR:-$repo/.mutation}
-if [ "$report_only" = 0 ]; then
+if [ "$recheck" = 1 ]; then
+  for d in "$work" "$work/mutants"; do rm -rf "$d/tests" "$d/testsupport" && cp -r tests testsupport "$d"/; done
+  find "$work" -name __pycache__ -prune -exec rm -rf {} +
+elif [ "$report_only" = 0 ]; then
   rm -rf "$work"
   mkdir -p "$work"
-  cp -r qemu_instances cloudinit_templates tests pyproject.toml "$work"/
+  cp -r qemu_instances cloudinit_templates testsupport tests pyproject.toml "$work"/
   find "$work" -name __pycache__ -prune -exec rm -rf {} +
 fi
 
@@ -50,24 +67,31 @@ for target in $TARGETS; do
 done
 test_args=()
 for t in $TESTS; do [ -f "$t" ] && test_args+=("\"$t\""); done
-[ "$report_only" = 1 ] || {
+[ "$report_only" = 1 ] || [ "$recheck" = 1 ] || {
   echo
   echo "[tool.mutmut]"
   echo "source_paths = [\"qemu_instances\"]"
   echo "only_mutate = [$(IFS=,; echo "${only[*]}")]"
-  echo "also_copy = [\"cloudinit_templates\"]"
+  echo "also_copy = [\"cloudinit_templates\", \"testsupport\"]"
   echo "pytest_add_cli_args_test_selection = [$(IFS=,; echo "${test_args[*]}")]"
   echo 'pytest_add_cli_args = ["-m", "not vm", "-x", "-p", "no:cacheprovider", "-q"]'
   echo 'timeout_multiplier = 5.0'  # a mutant that loops is judged in seconds, not minutes
   echo "use_git_change_detection = false"
-  # Lines that only log (diagnostics on stderr) are not mutated: they change no result, file or exit code.
-  echo 'do_not_mutate_patterns = ["log\\.(debug|info|warning)\\("]'
+  # Lines that only log (diagnostics on stderr) or only give an error's hint (advice after the message, not part of
+  # the contract: the message, its key phrase and the exit code are) are not mutated.
+  echo 'do_not_mutate_patterns = ["log\\.(debug|info|warning)\\(", "^\\s*hint=f?\""]'
 } >>"$work/pyproject.toml"
 
 cd "$work"
 started=$(date +%s)
-if [ "$report_only" = 0 ]; then
-  "$mutmut" run --max-children "${QINST_MUTATION_JOBS:-2}" "${patterns[@]}" >"$work/run.log" 2>&1 || {
+if [ "$recheck" = 1 ]; then
+  mapfile -t patterns_run < <(grep -E ": (survived|no tests)$" "$work/results.txt" | sed 's/^ *//; s/: [a-z ]*$//')
+  cp "$work/results.txt" "$work/results-before-recheck.txt"
+else
+  patterns_run=("${patterns[@]}")
+fi
+if [ "$report_only" = 0 ] && [ "${#patterns_run[@]}" -gt 0 ]; then
+  "$mutmut" run --max-children "${QINST_MUTATION_JOBS:-2}" "${patterns_run[@]}" >"$work/run.log" 2>&1 || {
     tail -c 3000 "$work/run.log" >&2
     echo "mutation: mutmut run failed (log: $work/run.log)" >&2
     exit 1

@@ -58,3 +58,24 @@ def test_a_server_that_never_answers_is_given_up_on(silent_server: str, tmp_path
     with pytest.raises(DownloadError, match="gave up after 2 attempts"):
         download_verified(silent_server, tmp_path / "x", digest, session=new_session(), policy=QUICK)
     assert time.monotonic() - started < 30
+
+
+def test_a_body_announced_longer_than_the_pinned_size_is_refused_before_any_byte(
+    http_server: HTTPServer, tmp_path: Path
+) -> None:
+    body = b"y" * 2000
+    url = http_server.add("/img", body)
+    digest = Digest(Algorithm.SHA256, hashlib.sha256(body).hexdigest())
+    dest = tmp_path / "img"
+    with pytest.raises(DownloadError, match=f"^{url} announces 2000 bytes, more than the expected 1000$") as err:
+        download_verified(url, dest, digest, session=new_session(), policy=QUICK, size=1000)
+    assert err.value.hint == "nothing was cached; the server does not serve the pinned file"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_connection_is_said_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:  # bound, never listening: connections are refused
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/doc"
+        with pytest.raises(DownloadError, match=r"cannot connect to 127\.0\.0\.1: connection refused \(gave up"):
+            fetch_bytes(url, session=new_session(), policy=QUICK)

@@ -19,6 +19,7 @@ from mirror import make_qcow2
 from qemu_instances import host as host_module
 from qemu_instances import instances
 from qemu_instances.domain import METADATA_NS, Metadata
+from qemu_instances.errors import UsageError
 from qemu_instances.images import ImageStore
 from qemu_instances.settings import Settings
 
@@ -92,3 +93,69 @@ def test_prune_keeps_the_image_of_a_defined_instance(tmp_path: Path, own_pool: A
     assert kept.path.exists() and not gone.path.exists()
     own_pool.refresh(0)
     assert sorted(own_pool.listVolumes()) == [kept.digest.filename, kept.digest.filename + host_module.VERIFIED]
+
+
+def _filled_volume(pool: Any, directory: Path, name: str, size: int) -> None:
+    """A volume whose bytes really take `size` bytes on the host (a sparse one would take none)."""
+    _volume(pool, name)
+    (directory / name).write_bytes(b"\x01" * size)
+    pool.refresh(0)
+
+
+def test_prune_reports_the_bytes_each_volume_freed_and_keeps_other_volumes(tmp_path: Path, own_pool: Any) -> None:
+    settings = Settings(connect=URI, cache_dir=tmp_path / "cache")
+    store = ImageStore(settings)
+    gone = store.pull(store.resolve(str(make_qcow2(tmp_path / "gone.qcow2", 1, seed=23).file)))
+    directory = tmp_path / "pool"
+    _filled_volume(own_pool, directory, "aaa-disk.qcow2", 512)  # an instance's disk: not a base volume
+    _filled_volume(own_pool, directory, gone.digest.filename, 8192)
+    _filled_volume(own_pool, directory, gone.digest.filename + host_module.VERIFIED, 4096)
+    removed = dict(instances.prune(settings, store))
+    assert removed[f"volume {own_pool.name()}/{gone.digest.filename}"] == 8192
+    assert removed[f"volume {own_pool.name()}/{gone.digest.filename}{host_module.VERIFIED}"] == 4096
+    own_pool.refresh(0)
+    assert own_pool.listVolumes() == ["aaa-disk.qcow2"]
+
+
+@pytest.fixture
+def test_driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """libvirt's test driver (shared within this process); qinst's pool name made unique, so that no prune here
+    can reach a real pool even through a wrong connection."""
+    name = f"qinst-prune-{secrets.token_hex(3)}"
+    monkeypatch.setattr(host_module, "POOL_NAME", name)
+    monkeypatch.setattr(instances, "POOL_NAME", name)
+    conn = libvirt.open("test:///default")
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def test_prune_without_a_qinst_pool_still_prunes_the_cache(tmp_path: Path, test_driver: Any) -> None:
+    settings = Settings(connect="test:///default", cache_dir=tmp_path / "cache")
+    store = ImageStore(settings)
+    gone = store.pull(store.resolve(str(make_qcow2(tmp_path / "gone.qcow2", 1, seed=24).file)))
+    assert instances.prune(settings, store) == [(str(gone.path), gone.size)]
+    assert not gone.path.exists()
+    assert host_module.POOL_NAME not in test_driver.listStoragePools()  # nothing was created to prune it
+
+
+def test_prune_refuses_while_an_instance_record_is_invalid(tmp_path: Path, test_driver: Any) -> None:
+    settings = Settings(connect="test:///default", cache_dir=tmp_path / "cache")
+    store = ImageStore(settings)
+    image = store.pull(store.resolve(str(make_qcow2(tmp_path / "img.qcow2", 1, seed=25).file)))
+    root = ET.Element("domain", type="test")
+    ET.SubElement(root, "name").text = "prune-bad"
+    ET.SubElement(root, "memory", unit="MiB").text = "64"
+    ET.SubElement(ET.SubElement(root, "os"), "type").text = "hvm"
+    node = ET.fromstring(Metadata(image="i", digest="", user="root", network="none").to_xml())  # root: invalid
+    for el in node.iter():
+        el.tag = f"{{{METADATA_NS}}}{el.tag}"
+    ET.SubElement(root, "metadata").append(node)
+    dom = test_driver.defineXML(ET.tostring(root, encoding="unicode"))
+    try:
+        with pytest.raises(UsageError, match=r"^instance 'prune-bad' has invalid qinst metadata: cannot tell which"):
+            instances.prune(settings, store)
+    finally:
+        dom.undefine()
+    assert image.path.exists()

@@ -3,6 +3,7 @@ destination, and many commands over one connection."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,3 +110,30 @@ def test_through_a_hop(sshd: Sshd, tmp_path: Path) -> None:
     assert check("127.0.0.1", sshd.port, [sshd.host_key]) is True
     assert check("127.0.0.1", sshd.port, [("ssh-ed25519", "A" * 68)]) is False
     assert ssh.key_checker(None)("127.0.0.1", sshd.port, [sshd.host_key]) is True  # directly, with ssh-keyscan
+
+
+def test_the_hop_comes_whole_from_the_uri_and_only_from_ssh_uris() -> None:
+    uri = "qemu+ssh://admin@lab1.example:2200/system?keyfile=/k/id&command=/opt/bin/myssh"
+    assert SshHop.from_uri(uri) == SshHop("lab1.example", "admin", 2200, "/k/id", "/opt/bin/myssh")
+    assert SshHop.from_uri("qemu+ssh://lab1.example/system") == SshHop("lab1.example", command="ssh")
+    assert SshHop.from_uri("qemu+ssh://lab1.example/system?command=") == SshHop("lab1.example", command="ssh")
+    for local in ("qemu:///system", "qemu+tcp://lab1.example/system", "qemu+ssh:///system", "test:///default"):
+        assert SshHop.from_uri(local) is None, local
+
+
+def test_the_proxy_command_logs_in_to_the_hop_as_the_uri_says() -> None:
+    command = SshHop("lab1.example", user="admin", port=2200, keyfile="/k/id", command="myssh").proxy_command()
+    assert shlex.split(command) == [
+        "myssh", "-p", "2200", "-l", "admin", "-i", "/k/id", "-o", "BatchMode=yes", "-W", "%h:%p", "--", "lab1.example"
+    ]  # fmt: skip
+
+
+def test_the_key_check_goes_through_the_hop_when_there_is_one(sshd: Sshd, tmp_path: Path) -> None:
+    used = tmp_path / "hop-used"
+    wrapper = tmp_path / "hop-ssh"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {used}\nexec {sshd.wrapper} "$@"\n')
+    wrapper.chmod(0o755)
+    hop = SshHop("127.0.0.1", user="root", port=sshd.port, command=str(wrapper))
+    assert ssh.key_checker(hop)("127.0.0.1", sshd.port, [sshd.host_key]) is True
+    assert f"-W 127.0.0.1:{sshd.port}" in used.read_text()  # the hop opened the channel to the guest
+    assert ssh.key_checker(hop)("127.0.0.1", sshd.port, [("ssh-ed25519", "A" * 68)]) is False
