@@ -138,7 +138,7 @@ def test_fields_outside_qinst_namespace_are_read_not_a_crash() -> None:
 
 def test_a_record_with_a_non_numeric_port_is_refused() -> None:
     xml = f'<instance xmlns="{METADATA_NS}"><image>i</image><digest/><user>u</user><network>user</network>'
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="unreadable qinst metadata"):
         metadata_from_domain_xml(_domain_xml(xml + "<ssh-port>22x</ssh-port></instance>"))
 
 
