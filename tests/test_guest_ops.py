@@ -134,7 +134,9 @@ def _get(port: int, path: str = "/hello.txt") -> str:
 def _serve_in_guest(guests: Guests) -> None:
     """A web server in guest a on port 8000 (python3 is there: cloud-init needs it), serving /tmp/www."""
     _ssh(guests, guests.a, "mkdir -p /tmp/www && echo from-the-guest > /tmp/www/hello.txt")
-    _ssh(guests, guests.a, "cd /tmp/www && setsid nohup python3 -m http.server 8000 >/dev/null 2>&1 </dev/null &")
+    # setsid -f forks the server off and returns at once; a shell's `... &` would keep the SSH channel open (the
+    # background subshell holds its stdout) and ssh would never return.
+    _ssh(guests, guests.a, "setsid -f python3 -m http.server 8000 --directory /tmp/www >/dev/null 2>&1 </dev/null")
     probe = "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/').status)\" || true"
     deadline = time.monotonic() + 120
     while "200" not in _ssh(guests, guests.a, probe):
