@@ -10,7 +10,7 @@ want_test=0
 
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc
           python3-venv python3-dev openssh-client ovmf gpgv)
-test_packages=(mmdebstrap extlinux syslinux-common e2fsprogs fdisk util-linux xorriso genisoimage
+test_packages=(mmdebstrap extlinux syslinux-common dosfstools mtools e2fsprogs fdisk util-linux xorriso genisoimage
                cloud-image-utils cloud-init openssh-server curl gnupg)
 [ "$want_test" = 1 ] && packages+=("${test_packages[@]}")
 

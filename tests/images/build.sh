@@ -9,7 +9,7 @@
 #   on stdout (everything else goes to stderr).  A complete cached result is reused at once, without root.
 #
 # Building needs root (loop devices, mount) and these Debian packages:
-#   apt-get install mmdebstrap qemu-utils e2fsprogs fdisk extlinux syslinux-common util-linux mount
+#   apt-get install mmdebstrap qemu-utils e2fsprogs fdisk extlinux syslinux-common util-linux mount dosfstools mtools
 # (debian-archive-keyring, which mmdebstrap pulls in, verifies the archive.)  Booting the result for tests
 # also needs qemu-system-x86, cloud-image-utils and openssh-client, but this script does not.
 #
@@ -21,7 +21,9 @@ set -euo pipefail
 
 readonly SUITE=bookworm
 readonly RAW_SIZE=2G                  # sparse; the guest grows its root fs to the overlay's size
-readonly PART_START=2048              # sectors of 512 bytes: the partition starts at 1 MiB
+readonly ESP_START=2048               # sectors of 512 bytes: the EFI system partition starts at 1 MiB
+readonly ESP_SECTORS=196608           # 96 MiB of FAT: systemd-boot, the kernel and the initrd for UEFI boots
+readonly PART_START=$((ESP_START + ESP_SECTORS)) # the root partition follows it (last, so growpart can grow it)
 readonly FS_LABEL=qinst-root
 readonly IMAGE_DIR_REL=mirror/images/cloud/bookworm/qinst-test
 readonly GOOD_NAME=debian-12-qinst-test-amd64.qcow2
@@ -38,6 +40,7 @@ readonly KERNEL_CONSOLE="console=tty0 console=ttyS0,115200n8"
 #  - ifupdown + isc-dhcp-client: what bookworm's genericcloud uses; cloud-init renders ENI for it;
 #  - locales: cloud-init's locale module runs update-locale, and fails without it;
 #  - systemd-sysv, udev, dbus (hostnamectl), openssh-server, sudo, procps;
+#  - systemd-boot-efi: the UEFI boot path (its BOOTX64.EFI is copied to the ESP; nothing runs bootctl);
 #  - no qemu-guest-agent: Ubuntu's cloud images have none, so readiness must not need it.
 readonly PACKAGES=(
 	linux-image-cloud-amd64
@@ -45,6 +48,7 @@ readonly PACKAGES=(
 	cloud-init cloud-guest-utils fdisk e2fsprogs
 	ifupdown isc-dhcp-client iproute2 netbase
 	openssh-server sudo locales procps
+	systemd-boot-efi
 )
 
 log() { printf '[build-image %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -76,7 +80,7 @@ fi
 [[ $EUID -eq 0 ]] || die "building the image needs root (loop devices, mount); no cached build at $final"
 missing=()
 for tool in mmdebstrap:mmdebstrap qemu-img:qemu-utils sfdisk:fdisk mkfs.ext4:e2fsprogs mklost+found:e2fsprogs \
-	extlinux:extlinux losetup:util-linux fstrim:util-linux flock:util-linux blkid:util-linux \
+	extlinux:extlinux mkfs.vfat:dosfstools mcopy:mtools mmd:mtools losetup:util-linux fstrim:util-linux flock:util-linux blkid:util-linux \
 	mount:mount umount:mount sha512sum:coreutils; do
 	command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool%%:*} (package ${tool#*:})")
 done
@@ -86,7 +90,7 @@ for f in /usr/lib/syslinux/mbr/mbr.bin /usr/lib/EXTLINUX/mbr.bin; do
 done
 [[ -n $mbr_bin ]] || missing+=("mbr.bin (package syslinux-common)")
 if ((${#missing[@]})); then
-	die "missing tools: ${missing[*]}. Install: apt-get install mmdebstrap qemu-utils e2fsprogs fdisk extlinux syslinux-common util-linux mount"
+	die "missing tools: ${missing[*]}. Install: apt-get install mmdebstrap qemu-utils e2fsprogs fdisk extlinux syslinux-common util-linux mount dosfstools mtools"
 fi
 [[ -e /dev/loop-control ]] || modprobe loop 2>/dev/null || true
 [[ -e /dev/loop-control ]] || die "no loop device support (/dev/loop-control missing; try: modprobe loop)"
@@ -143,10 +147,13 @@ security_mirror=${QINST_TEST_SECURITY_MIRROR:-$(grep -m1 -E '/debian-security/?$
 security_mirror=${security_mirror:-http://deb.debian.org/debian-security}
 step "mirrors: $debian_mirror, $security_mirror"
 
-# ---- disk: MBR, one bootable ext4 partition from 1 MiB to the end ----
+# ---- disk: MBR; an EFI system partition (type ef) at 1 MiB, then one bootable ext4 partition to the end ----
+# SeaBIOS runs the MBR code, which boots the active (root) partition with extlinux; OVMF finds the FAT ESP
+# (UEFI accepts an MBR partition of type 0xEF) and runs its removable-media path EFI/BOOT/BOOTX64.EFI.
 raw="$tmp/disk.raw"
 truncate -s "$RAW_SIZE" "$raw"
-printf 'label: dos\nstart=%d, type=83, bootable\n' "$PART_START" | sfdisk -q "$raw"
+printf 'label: dos\nstart=%d, size=%d, type=ef\nstart=%d, type=83, bootable\n' \
+	"$ESP_START" "$ESP_SECTORS" "$PART_START" | sfdisk -q "$raw"
 dd if="$mbr_bin" of="$raw" bs=440 count=1 conv=notrunc status=none
 offset=$((PART_START * 512))
 part_bytes=$(($(stat -c %s "$raw") - offset))
@@ -268,6 +275,23 @@ LABEL debian
 	APPEND root=UUID=$fs_uuid ro $KERNEL_CONSOLE
 EOF
 extlinux --install "$mnt/boot/extlinux" 2>&1 | sed 's/^/extlinux: /' >&2
+# The UEFI path: systemd-boot on the ESP with one entry; it reads the kernel and initrd from the ESP (FAT), so
+# they are copied there.  Written with mtools into a FAT image, then placed at the ESP's offset.
+efi_stub="$mnt/usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+[[ -r $efi_stub ]] || die "no $efi_stub in the image (package systemd-boot-efi)"
+esp="$tmp/esp.img"
+truncate -s $((ESP_SECTORS * 512)) "$esp"
+mkfs.vfat -F 32 -n QINST-ESP "$esp" >/dev/null
+export MTOOLS_SKIP_CHECK=1
+mmd -i "$esp" ::/EFI ::/EFI/BOOT ::/loader ::/loader/entries ::/debian
+mcopy -i "$esp" "$efi_stub" ::/EFI/BOOT/BOOTX64.EFI
+mcopy -i "$esp" "$mnt/boot/vmlinuz-$kver" ::/debian/vmlinuz
+mcopy -i "$esp" "$mnt/boot/initrd.img-$kver" ::/debian/initrd.img
+printf 'default debian.conf\ntimeout 0\n' >"$tmp/loader.conf"
+printf 'title Debian (qinst test image)\nlinux /debian/vmlinuz\ninitrd /debian/initrd.img\noptions root=UUID=%s ro %s\n' \
+	"$fs_uuid" "$KERNEL_CONSOLE" >"$tmp/debian.conf"
+mcopy -i "$esp" "$tmp/loader.conf" ::/loader/loader.conf
+mcopy -i "$esp" "$tmp/debian.conf" ::/loader/entries/debian.conf
 # extlinux learns the partition's start sector ("hidden sectors", offset 0x1c of the boot sector) from the
 # block device; a loop device with an offset says 0.  Write the real value, as an install on /dev/sda1 would.
 printf "$(printf '\\x%02x\\x%02x\\x%02x\\x%02x' $((PART_START & 255)) $(((PART_START >> 8) & 255)) \
@@ -277,7 +301,9 @@ sync
 fstrim "$mnt" >/dev/null 2>&1 || true # freed blocks (apt's downloads) become holes in the raw file
 du_root=$(df -h --output=used "$mnt" | tail -1 | tr -d ' ')
 detach
-step "root filesystem: $du_root used, kernel $kver"
+dd if="$esp" of="$raw" bs=512 seek="$ESP_START" conv=notrunc,sparse status=none
+rm -f "$esp"
+step "root filesystem: $du_root used, kernel $kver; ESP with systemd-boot"
 
 # ---- images ----
 img_dir="$tmp/result/$IMAGE_DIR_REL"
