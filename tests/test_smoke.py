@@ -72,12 +72,12 @@ def test_report_passes_only_with_a_pass_and_no_failure() -> None:
 
 
 # ---- real boots ----------------------------------------------------------------------------------------------------
-# Three smoke runs start together and share the machine (three TCG guests at the peak, about 5 minutes in all):
-#  - "nightly": the test image (BIOS only: the test image has no EFI system partition yet), with user-data that
-#    makes cloud-init log a real WARNING (a schema error: disable_root is not a boolean) and leaves a failed unit
-#    (a oneshot service that runs /bin/false, started by runcmd), user checks from a file and from --check, and a
-#    doctored baseline;
-#  - "allowed": the same user-data with that warning and that unit allowed, and --latest;
+# Three smoke runs start together and share the machine (four TCG guests at the peak):
+#  - "nightly": the test image under BIOS, with user-data that makes cloud-init log a real WARNING (a schema
+#    error: disable_root is not a boolean) and leaves a failed unit (a oneshot service that runs /bin/false,
+#    started by runcmd), user checks from a file and from --check, and a doctored baseline;
+#  - "allowed": the same user-data with that warning and that unit allowed, --latest, and the two-firmware matrix
+#    (the test image has an EFI system partition with systemd-boot beside extlinux): two boots, two testsuites;
 #  - "broken": the broken image (cloud-init disabled), which must fail within its (short) timeout.
 # User-data rather than image variants: the warning and the failed unit are cloud-init's and systemd's own, made by
 # the same image that passes otherwise, and a new variant would add a minute to every image build.
@@ -118,6 +118,8 @@ run = "false"
 images = ["ubuntu-*"]
 """
 WARNING_ALLOW = r"schema\.py\[WARNING\]: Invalid cloud-config provided"
+# Which firmware the guest itself sees: the kernel has /sys/firmware/efi only when UEFI started it.
+FIRMWARE_CHECK = "guest-firmware=if test -d /sys/firmware/efi; then echo guest-sees-uefi; else echo guest-sees-bios; fi"
 
 
 @dataclass
@@ -166,7 +168,7 @@ def runs(vm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> It
     catalog = Path(vm_env["QINST_CATALOG"]).read_text()
     upstream.write_text(catalog.replace("https://cloud.debian.org", vm_env["QINST_MIRROR"].rstrip("/")))
     allowed = _start(
-        tmp / "allowed", "qinst-test", *common, "--latest",
+        tmp / "allowed", "qinst-test", *common, "--latest", "--firmware", "bios,uefi", "--check", FIRMWARE_CHECK,
         "--allow-warning", WARNING_ALLOW, "--allow-failed-unit", "qinst-smoke-*.service", "--skip", "boot-time",
         env={**vm_env, "QINST_CATALOG": str(upstream), "QINST_MIRROR": ""},
     )  # fmt: skip
@@ -285,6 +287,29 @@ def test_allow_lists_pass_and_the_broken_image_fails(runs: dict[str, Run], vm_en
 
 @pytest.mark.vm
 @pytest.mark.libvirt
+def test_firmware_matrix_boots_the_image_under_bios_and_uefi(runs: dict[str, Run]) -> None:
+    run = runs["allowed"]
+    assert run.proc.returncode == 0, run.stderr
+    suites = _suites(run)
+    assert set(suites) == {"qinst-test[bios]", "qinst-test[uefi]"}
+    results = {r["suite"]: r for r in json.loads(run.stdout)["results"]}
+    assert set(results) == set(suites)
+    for firmware in ("bios", "uefi"):
+        suite = suites[f"qinst-test[{firmware}]"]
+        assert suite.get("failures") == "0" and suite.get("errors") == "0", run.stderr
+        props = {p.get("name"): p.get("value") for p in suite.iter("property")}
+        assert props["firmware"] == firmware == results[f"qinst-test[{firmware}]"]["firmware"]
+        assert results[f"qinst-test[{firmware}]"]["passed"] is True
+        assert any(line.startswith(f"PASS qinst-test[{firmware}] ") for line in run.stderr.splitlines())
+        seen = _case(suite, "guest-firmware").find("system-out").text.split("--- stdout (tail) ---")[1]
+        assert f"guest-sees-{firmware}" in seen, seen
+    consoles = {f: (run.dir / "artifacts" / f"qinst-test-{f}" / "console.log").read_text() for f in ("bios", "uefi")}
+    assert "BdsDxe" in consoles["uefi"] and "Linux version" in consoles["uefi"]  # OVMF ran systemd-boot, then Linux
+    assert "BdsDxe" not in consoles["bios"] and "Linux version" in consoles["bios"]
+
+
+@pytest.mark.vm
+@pytest.mark.libvirt
 def test_baseline_regression_summary_and_artifacts(runs: dict[str, Run]) -> None:
     run = runs["nightly"]
     suites = _suites(run)
@@ -311,7 +336,7 @@ def test_baseline_regression_summary_and_artifacts(runs: dict[str, Run]) -> None
     for result in results["results"]:
         assert result["timings"]["checks"] < 240, result["timings"]
     ours = _instances(run) | _instances(runs["allowed"])
-    assert len(ours) == 2 and not ours & domains()
+    assert len(ours) == 3 and not ours & domains()
     assert not {v for v in volumes() if v.split(".")[0].removesuffix("-seed") in ours}
 
 
