@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from qemu_instances import aleph
 from qemu_instances.catalog import parse_catalog
+from qemu_instances.checks import cloud_init_status
 from qemu_instances.config import load_hosts
 from qemu_instances.digests import Algorithm, Digest, parse_checksums
 from qemu_instances.domain import Network, metadata_from_domain_xml, validate_name
@@ -320,3 +321,11 @@ def test_aleph_answers(aleph_api: HTTPServer, answer: Any) -> None:
         found = outcome(lambda: aleph.resolve(ITEM, api=aleph_api.url, session=session, policy=policy), IMAGE, USAGE)
     if isinstance(found, aleph.AlephFile):
         assert found.url.startswith(aleph_api.url) and found.digest.hex == "c" * 64
+
+
+@given(
+    st.one_of(texts, json_values.map(lambda v: json.dumps({"v1": v}))), st.one_of(texts, json_values.map(json.dumps))
+)
+def test_cloud_init_status_files(status: str, result: str) -> None:
+    done, seen = cloud_init_status(status, result)
+    assert isinstance(done, bool) and done == (seen == "") and len(seen) < 2000

@@ -18,6 +18,7 @@ from qemu_instances.checks import (
     Context,
     Output,
     boot_times,
+    cloud_init_status,
     load_checks,
     parse_check_option,
     parse_duration,
@@ -126,6 +127,47 @@ def test_check_files_and_options_are_refused_with_the_file_and_key(tmp_path: Pat
     with pytest.raises(UsageError, match="no such check"):
         plan([], ["nope"])
     assert "boot-time" not in {c.name for c in plan([], ["boot-time"])}
+
+
+def _status(**stages: dict[str, object] | None) -> str:
+    """A status.json as cloud-init 22.4 writes it: every stage finished without errors, unless overridden."""
+    v1: dict[str, object] = {"datasource": "DataSourceNoCloud [seed=/dev/sr0][dsmode=net]", "stage": None}
+    for i, name in enumerate(("init-local", "init", "modules-config", "modules-final")):
+        v1[name] = {"errors": [], "start": 1795000000.0 + 10 * i, "finished": 1795000005.0 + 10 * i}
+    for name, value in stages.items():
+        v1[name.replace("_", "-")] = value
+    return json.dumps({"v1": v1})
+
+
+RESULT_OK = json.dumps({"v1": {"datasource": "DataSourceNoCloud", "errors": []}})
+
+
+def test_cloud_init_is_judged_from_its_own_status_files() -> None:
+    check = _builtin("cloud-init")
+    assert "status.json" in check.command and "cloud-init status" not in check.command  # no Python start in the guest
+    sep = "@@qinst-result-json@@"
+    assert check.evaluate(Output(0, f"{_status()}\n{sep}\n{RESULT_OK}", ""), CTX).ok
+    # The same rules as `cloud-init status`: any stage error, a running or unfinished stage, no result.json yet.
+    failing = {
+        "errors: modules-final: ('scripts_user'": _status(
+            modules_final={"errors": ["('scripts_user', RuntimeError())"], "start": 1.0, "finished": 2.0}
+        ),
+        "running in stage modules-final": json.dumps({"v1": {**json.loads(_status())["v1"], "stage": "modules-final"}}),
+        "stage modules-final started, not finished": _status(
+            modules_final={"errors": [], "start": 1.0, "finished": None}
+        ),
+        "status.json is missing": "cat: /run/cloud-init/status.json: No such file or directory",
+        "has not run": _status(init_local=None, init=None, modules_config=None, modules_final=None),
+    }
+    for expected, status in failing.items():
+        verdict = check.evaluate(Output(0, f"{status}\n{sep}\n{RESULT_OK}", ""), CTX)
+        assert not verdict.ok and expected in verdict.message, (expected, verdict.message)
+    assert cloud_init_status(_status(), "") == (
+        False,
+        "/run/cloud-init/result.json is missing or unreadable (cloud-init not finished)",
+    )
+    done, seen = cloud_init_status(_status(), json.dumps({"v1": {"errors": ["no datasource"]}}))
+    assert not done and seen == "errors: result: no datasource"
 
 
 def test_cloud_init_log_fails_on_warnings_and_tracebacks_unless_allowed() -> None:
