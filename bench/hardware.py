@@ -244,6 +244,7 @@ VARIANTS: dict[str, tuple[str, Change | None]] = {
     "qemu64": ("CPU model qemu64 instead of maximum", cpu_model("qemu64")),
     "haswell": ("CPU model Haswell-noTSX (named) instead of maximum", cpu_model("Haswell-noTSX")),
     "no-la57": ("CPU maximum without la57 (4-level paging)", cpu_features(la57="disable")),
+    "no-svm": ("CPU maximum without svm (the guest's udev loads no kvm/kvm_amd modules)", cpu_features(svm="disable")),
     "q35-flat": ("q35, the virtio devices on the root bus (no pcie-root-ports)", on_root_bus),
     "usb-none": ("no USB controller", add_device("controller", type="usb", model="none")),
     "balloon-none": ("no memballoon", add_device("memballoon", model="none")),

@@ -37,7 +37,15 @@ def _record(self, args, *a, **k):
     spawned.append(str(args[0] if isinstance(args, (list, tuple)) else args))
     _init(self, args, *a, **k)
 subprocess.Popen.__init__ = _record
-atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps({"modules": sorted(sys.modules), "spawned": spawned})))
+import typer.main
+built = []  # the commands typer built
+_build = typer.main.get_command_from_info
+def _built(command_info, **kwargs):
+    built.append(command_info.name or command_info.callback.__name__)
+    return _build(command_info=command_info, **kwargs)
+typer.main.get_command_from_info = _built
+report = {"modules": sys.modules, "spawned": spawned, "built": built}
+atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps({**report, "modules": sorted(sys.modules)})))
 from qemu_instances.cli import main
 main(sys.argv[2:])
 """
@@ -47,6 +55,12 @@ NEVER = ("pydantic", "rich", "requests", "urllib3", "http.client", "email.mime",
 
 
 def _probe(tmp_path: Path, *args: str) -> tuple[int, set[str], list[str], str]:
+    rc, modules, spawned, err, _ = _probe_all(tmp_path, *args)
+    return rc, modules, spawned, err
+
+
+def _probe_all(tmp_path: Path, *args: str) -> tuple[int, set[str], list[str], str, list[str]]:
+    """Run qinst `args` in a child: exit code, modules imported, programs spawned, stderr, commands typer built."""
     out = tmp_path / "probe.json"
     env = qinst_env(XDG_CONFIG_HOME=str(tmp_path / "config"))
     proc = subprocess.run(
@@ -60,7 +74,7 @@ def _probe(tmp_path: Path, *args: str) -> tuple[int, set[str], list[str], str]:
         check=False,
     )
     data = json.loads(out.read_text())
-    return proc.returncode, set(data["modules"]), data["spawned"], proc.stderr
+    return proc.returncode, set(data["modules"]), data["spawned"], proc.stderr, data["built"]
 
 
 def _heavy(modules: set[str], names: tuple[str, ...]) -> list[str]:
@@ -68,8 +82,9 @@ def _heavy(modules: set[str], names: tuple[str, ...]) -> list[str]:
 
 
 def test_ls_imports_no_image_store_seed_builder_or_http(tmp_path: Path) -> None:
-    rc, modules, spawned, err = _probe(tmp_path, "--connect", TEST_URI, "--cache-dir", str(tmp_path), "ls")
+    rc, modules, spawned, err, built = _probe_all(tmp_path, "--connect", TEST_URI, "--cache-dir", str(tmp_path), "ls")
     assert rc == 0, err
+    assert built == ["ls"]  # typer built no other command's options
     assert "qemu_instances.instances" in modules and "libvirt" in modules  # it did list
     assert _heavy(modules, (*NEVER, "yaml", "pycdlib", "qemu_instances.images", "qemu_instances.launch")) == []
     assert _heavy(modules, ("qemu_instances.catalog", "qemu_instances.wait", "qemu_instances.fleet")) == []
@@ -77,11 +92,13 @@ def test_ls_imports_no_image_store_seed_builder_or_http(tmp_path: Path) -> None:
 
 
 def test_help_and_images_import_no_libvirt(tmp_path: Path) -> None:
-    rc, modules, _, err = _probe(tmp_path, "--help")
+    rc, modules, _, err, built = _probe_all(tmp_path, "--help")
     assert rc == 0, err
+    assert len(built) >= 16 and "ls" in built  # the listing of every command
     assert _heavy(modules, (*NEVER, "libvirt", "yaml", "pycdlib", "qemu_instances.images")) == []
-    rc, modules, spawned, err = _probe(tmp_path, "--cache-dir", str(tmp_path), "images")
+    rc, modules, spawned, err, built = _probe_all(tmp_path, "--cache-dir", str(tmp_path), "images")
     assert rc == 0, err
+    assert built == ["images"]
     assert "qemu_instances.catalog" in modules
     assert _heavy(modules, (*NEVER, "libvirt", "yaml", "pycdlib", "qemu_instances.host")) == []
     assert spawned == []
@@ -106,7 +123,8 @@ def test_up_of_a_cached_image_imports_no_http_stack_and_runs_no_qemu_img(tmp_pat
     record = json.loads(next((cache / "images").glob("*.json")).read_text())
     assert record["virtual_size"] == 64 << 20  # recorded when the image was cached
     args = ["--catalog", str(catalog), "--cache-dir", str(cache), "--connect", TEST_URI]
-    rc, modules, spawned, err = _probe(tmp_path, *args, "up", "tiny", "--no-wait", "--network", "user")
+    rc, modules, spawned, err, built = _probe_all(tmp_path, *args, "up", "tiny", "--no-wait", "--network", "user")
+    assert built == ["up"]
     # The test driver cannot take a volume upload: `up` gets past pull, plan and seed, and stops at provision.
     assert rc == 4 and "virStorageVolUpload" in err, err
     assert "pycdlib" in modules and "qemu_instances.launch" in modules  # the seed was built
@@ -358,3 +376,86 @@ def test_a_real_kvm_failure_is_remembered_and_the_next_up_starts_under_tcg_at_on
         for name in names:
             force_remove(name)
         kvmverdict.forget(cache)
+
+
+# -- the CLI builds only the command it runs ---------------------------------------------------------------------
+
+
+def test_the_global_options_that_take_a_value_are_the_ones_skipped_to_find_the_command() -> None:
+    from typer.main import get_command
+
+    from qemu_instances import cli
+
+    group = get_command(cli.app)
+    taking_a_value = {o for p in group.params if not getattr(p, "is_flag", False) for o in p.opts if o.startswith("--")}
+    assert taking_a_value == cli.GLOBAL_VALUE_OPTIONS
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (["ls"], "ls"),
+        (["--connect", "ls", "up", "x"], "up"),  # a global option's value is not the command
+        (["--connect=test:///default", "--debug", "--catalog", "f", "ls", "--json"], "ls"),
+        (["snapshot", "list", "x"], "snapshot"),
+        (["--help", "ls"], None),
+        (["-h"], None),
+        ([], None),
+        (["--debug"], None),
+        (["--cache-dir"], None),
+        (["bogus"], None),
+    ],
+)
+def test_only_the_command_run_is_built(args: list[str], name: str | None) -> None:
+    from typer.main import get_command
+
+    from qemu_instances import cli
+
+    built = get_command(cli.app_for(args)).commands  # type: ignore[attr-defined]
+    every = get_command(cli.app).commands  # type: ignore[attr-defined]
+    assert list(built) == ([name] if name else list(every))
+
+
+def test_each_command_alone_has_the_same_help_and_options_as_in_the_whole_app() -> None:
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from qemu_instances import cli
+
+    every = get_command(cli.app).commands  # type: ignore[attr-defined]
+    assert len(every) >= 16
+    runner = CliRunner()
+    for name in every:
+        alone = runner.invoke(cli.app_for([name]), [name, "--help"], prog_name="qinst")
+        whole = runner.invoke(cli.app, [name, "--help"], prog_name="qinst")
+        assert alone.exit_code == whole.exit_code == 0, name
+        assert alone.output == whole.output and f"Usage: qinst {name}" in alone.output
+        built = get_command(cli.app_for([name])).commands[name]  # type: ignore[attr-defined]
+        assert [(p.name, p.opts, p.required) for p in built.params] == [
+            (p.name, p.opts, p.required) for p in every[name].params
+        ]
+    bad = runner.invoke(cli.app_for(["ls"]), ["ls", "--no-such-option"], prog_name="qinst")
+    assert bad.exit_code == 2 and "No such option: --no-such-option" in bad.output
+
+
+def test_qinst_help_still_lists_every_command() -> None:
+    from typer.main import get_command
+
+    from qemu_instances import cli
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "qemu_instances", "--help"], capture_output=True, text=True, env=qinst_env(), check=True
+    )
+    listed = proc.stdout.split("Commands:")[1]
+    assert all(f"  {name} " in listed for name in get_command(cli.app).commands)  # type: ignore[attr-defined]
+
+
+def test_the_seed_iso_built_on_a_thread_is_the_same_and_its_failure_reaches_up() -> None:
+    from qemu_instances import seed as seeds
+    from qemu_instances.errors import QinstError
+
+    files = {"user-data": b"#cloud-config\n", "meta-data": b"instance-id: i-1\n"}
+    assert launch._in_background(lambda: seeds.iso_from_files(files)).result(timeout=60) == seeds.iso_from_files(files)
+    failing = launch._in_background(lambda: seeds.iso_from_files({"bogus": b""}))
+    with pytest.raises(QinstError, match="no file named 'bogus'"):
+        failing.result(timeout=60)
