@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,3 +80,40 @@ def test_a_refused_connection_is_said_in_one_line(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{s.getsockname()[1]}/doc"
         with pytest.raises(DownloadError, match=r"cannot connect to 127\.0\.0\.1: connection refused \(gave up"):
             fetch_bytes(url, session=new_session(), policy=QUICK)
+
+
+@pytest.fixture
+def endless_server() -> Iterator[str]:
+    """A server that announces a gigabyte, sends 300 kB of it and then holds the connection open."""
+    stop = threading.Event()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        s.settimeout(0.2)
+
+        def serve() -> None:
+            held = []
+            while not stop.is_set():
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    continue
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n" + b"z" * 300_000)
+                held.append(conn)
+            for conn in held:
+                conn.close()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/doc"
+        stop.set()
+        thread.join(5)
+
+
+def test_a_document_over_the_limit_is_refused_as_it_streams_in(endless_server: str) -> None:
+    """The limit bounds what is read, not just what is kept: a body that never ends is refused at the limit."""
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=f"^{endless_server} is larger than 100000 bytes; refusing it$"):
+        fetch_bytes(endless_server, session=new_session(), policy=QUICK, limit=100_000)
+    assert time.monotonic() - started < 10
