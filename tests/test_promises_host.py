@@ -406,3 +406,17 @@ def test_an_upload_racing_another_clients_waits_for_its_marker(
     after = (directory / name).stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert (directory / marker).read_text() == str(image[1])
+
+
+def test_two_clients_marking_the_same_volume_at_once_both_succeed(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    """Two clients hash the same unmarked volume and mark it: the second finds the marker made and carries on."""
+    host, pool, directory = remote
+    source, digest = image
+    name, marker = digest.filename, digest.filename + VERIFIED
+    host._mark(pool, marker, digest)
+    host._mark(pool, marker, digest)  # the other client's marker is as good as this one's
+    assert (directory / marker).read_text() == str(digest)
+    with pytest.raises(HypervisorError, match="cannot create volume"):
+        host._mark(pool, "../" + marker, digest)  # a marker that cannot be made is an error, not a silent pass
