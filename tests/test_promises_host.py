@@ -413,8 +413,8 @@ def test_two_clients_marking_the_same_volume_at_once_both_succeed(
 ) -> None:
     """Two clients hash the same unmarked volume and mark it: the second finds the marker made and carries on."""
     host, pool, directory = remote
-    source, digest = image
-    name, marker = digest.filename, digest.filename + VERIFIED
+    digest = image[1]
+    marker = digest.filename + VERIFIED
     host._mark(pool, marker, digest)
     host._mark(pool, marker, digest)  # the other client's marker is as good as this one's
     assert (directory / marker).read_text() == str(digest)
