@@ -15,7 +15,7 @@ from httpserver import HTTPServer
 
 from qemu_instances.digests import Algorithm, Digest
 from qemu_instances.download import RetryPolicy, download_verified, fetch_bytes, new_session
-from qemu_instances.errors import DownloadError
+from qemu_instances.errors import DigestMismatch, DownloadError
 
 pytestmark = pytest.mark.http
 QUICK = RetryPolicy(attempts=2, backoff=0.01, max_backoff=0.02, timeout=(1.0, 1.0))
@@ -117,3 +117,70 @@ def test_a_document_over_the_limit_is_refused_as_it_streams_in(endless_server: s
     with pytest.raises(DownloadError, match=f"^{endless_server} is larger than 100000 bytes; refusing it$"):
         fetch_bytes(endless_server, session=new_session(), policy=QUICK, limit=100_000)
     assert time.monotonic() - started < 10
+
+
+def test_a_digest_mismatch_names_the_url_the_pin_and_what_came(http_server: HTTPServer, tmp_path: Path) -> None:
+    body = b"not the pinned file"
+    url = http_server.add("/img", body)
+    pinned = Digest(Algorithm.SHA256, "0" * 64)
+    came = Digest(Algorithm.SHA256, hashlib.sha256(body).hexdigest())
+    with pytest.raises(DigestMismatch, match=f"^digest mismatch for {url}: expected {pinned}, got {came}$") as err:
+        download_verified(url, tmp_path / "img", pinned, session=new_session(), policy=QUICK)
+    assert (err.value.url, err.value.expected, err.value.actual) == (url, str(pinned), str(came))
+    assert list(tmp_path.iterdir()) == []  # nothing cached, no partial left
+
+
+def test_an_http_error_names_the_url(http_server: HTTPServer, tmp_path: Path) -> None:
+    url = http_server.add("/img", b"x")
+    http_server.fault("/img", fail_times=1, fail_status=404)
+    digest = Digest(Algorithm.SHA256, hashlib.sha256(b"x").hexdigest())
+    with pytest.raises(DownloadError, match=f"cannot download {url}: HTTP 404"):
+        download_verified(url, tmp_path / "img", digest, session=new_session(), policy=QUICK)
+
+
+def test_a_body_of_exactly_the_pinned_size_is_taken_with_its_progress(http_server: HTTPServer, tmp_path: Path) -> None:
+    body = random.Random(5).randbytes(700_000)
+    url = http_server.add("/img", body)
+    digest = Digest(Algorithm.SHA256, hashlib.sha256(body).hexdigest())
+    seen: list[tuple[int, int | None]] = []
+    size = download_verified(
+        url, tmp_path / "img", digest, session=new_session(), policy=QUICK, size=len(body),
+        progress=lambda done, total: seen.append((done, total)),
+    )  # fmt: skip
+    assert size == len(body) and (tmp_path / "img").read_bytes() == body
+    assert seen[-1] == (len(body), len(body)) and [d for d, _ in seen] == sorted({d for d, _ in seen})
+
+
+@pytest.fixture
+def unannounced_server() -> Iterator[str]:
+    """A server that sends 300 kB without a Content-Length, then closes the connection."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        s.settimeout(0.2)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    continue
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"u" * 300_000)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/img"
+        stop.set()
+        thread.join(5)
+
+
+def test_a_body_longer_than_the_pinned_size_is_stopped_even_unannounced(
+    unannounced_server: str, tmp_path: Path
+) -> None:
+    digest = Digest(Algorithm.SHA256, hashlib.sha256(b"u" * 1000).hexdigest())
+    with pytest.raises(DownloadError, match=f"^{unannounced_server} sent more than the expected 1000 bytes; stopped$"):
+        download_verified(unannounced_server, tmp_path / "img", digest, session=new_session(), policy=QUICK, size=1000)
+    assert list(tmp_path.iterdir()) == []
