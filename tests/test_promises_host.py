@@ -420,3 +420,34 @@ def test_two_clients_marking_the_same_volume_at_once_both_succeed(
     assert (directory / marker).read_text() == str(digest)
     with pytest.raises(HypervisorError, match="cannot create volume"):
         host._mark(pool, "../" + marker, digest)  # a marker that cannot be made is an error, not a silent pass
+
+
+def test_a_slow_upload_that_keeps_progressing_is_not_taken_over(
+    sshd: Sshd,  # noqa: F811
+    remote: tuple[Host, Any, Path],
+    image: tuple[Path, Digest],
+) -> None:
+    """Client A sends a chunk every 0.7 s, for longer in all than B's `stale`: as long as its volume keeps changing,
+    B waits for it; both end with A's volume."""
+    b, pool_b, directory = remote
+    source, digest = image
+    name = digest.filename
+    chunks = source.stat().st_size // UPLOAD_CHUNK
+    assert chunks * 0.7 > 2 * 2.5  # the upload lasts over twice B's stale
+    with Host(sshd.uri) as a:
+        pool_a = a.conn.storagePoolLookupByName(pool_b.name())
+        started = threading.Event()
+
+        def slowly(done: int, total: int | None) -> None:
+            started.set()
+            time.sleep(0.7)
+
+        thread_a, result_a = _in_thread(lambda: a.base_volume(pool_a, name, source, digest, progress=slowly))
+        assert started.wait(60), "A's upload never started"
+        inode = (directory / name).stat().st_ino
+        vol_b = b.base_volume(pool_b, name, source, digest, stale=2.5)
+        thread_a.join(60)
+    assert not thread_a.is_alive() and not isinstance(result_a[0], BaseException), result_a
+    assert vol_b.path() == result_a[0].path() and (directory / name).stat().st_ino == inode, "B took the upload over"
+    assert _sha512(directory / name) == digest.hex
+    assert (directory / (name + VERIFIED)).read_text() == str(digest)
