@@ -184,3 +184,47 @@ def test_a_body_longer_than_the_pinned_size_is_stopped_even_unannounced(
     with pytest.raises(DownloadError, match=f"^{unannounced_server} sent more than the expected 1000 bytes; stopped$"):
         download_verified(unannounced_server, tmp_path / "img", digest, session=new_session(), policy=QUICK, size=1000)
     assert list(tmp_path.iterdir()) == []
+
+
+def _answering(head: bytes) -> Iterator[str]:
+    """A server that answers every request with `head` and ten bytes of body."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        s.settimeout(0.2)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    continue
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(head + b"Content-Length: 10\r\nConnection: close\r\n\r\n" + b"r" * 10)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/img"
+        stop.set()
+        thread.join(5)
+
+
+@pytest.mark.parametrize(
+    ("content_range", "said"),
+    [(b"Content-Range: bytes 5-14/100\r\n", "'bytes 5-14/100'"), (b"", "None")],
+    ids=["another-offset", "missing"],
+)
+def test_a_resume_answered_at_another_offset_starts_over(tmp_path: Path, content_range: bytes, said: str) -> None:
+    """A partial download of 3 bytes asks for the rest; an answer whose Content-Range does not start at byte 3 (or
+    has none) is not appended: the partial is dropped, and the attempt fails saying what came, never a traceback."""
+    url = next(gen := _answering(b"HTTP/1.1 206 Partial Content\r\n" + content_range))
+    try:
+        (tmp_path / ".img.part").write_bytes(b"abc")
+        digest = Digest(Algorithm.SHA256, hashlib.sha256(b"abc" + b"r" * 10).hexdigest())
+        with pytest.raises(DownloadError, match=rf"unusable answer to a Range request \(Content-Range {said}\)"):
+            download_verified(url, tmp_path / "img", digest, session=new_session(), policy=QUICK)
+        assert not (tmp_path / "img").exists()
+    finally:
+        gen.close()
