@@ -21,7 +21,7 @@ TESTS="tests/test_digests.py tests/test_pull.py tests/test_cli_images.py tests/t
        tests/test_hostkeys.py tests/test_ssh.py tests/test_domain.py tests/test_host.py tests/test_seed.py tests/test_cli_seed.py
        tests/test_images_ref.py tests/test_promises_digests.py tests/test_promises_download.py
        tests/test_promises_host.py tests/test_promises_keys.py tests/test_promises_prune.py
-       tests/test_promises_seed.py tests/test_promises_mutation.py tests/test_cache_faults.py tests/test_hostile_bytes.py"
+       tests/test_promises_seed.py tests/test_promises_mutation.py tests/test_cache_faults.py tests/test_hostile_bytes.py tests/test_mirror_trust.py"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD

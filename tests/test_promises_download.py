@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import socket
+import ssl
+import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from httpserver import HTTPServer
@@ -228,3 +233,97 @@ def test_a_resume_answered_at_another_offset_starts_over(tmp_path: Path, content
         assert not (tmp_path / "img").exists()
     finally:
         gen.close()
+
+
+# -- a network failure reads as one line that says which kind it is ----------------------------------------------
+
+
+def _raw_server(answer: Any) -> Iterator[str]:
+    """A server on 127.0.0.1 that hands each accepted connection to answer(conn)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        s.settimeout(0.2)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    continue
+                with conn:
+                    answer(conn)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+        stop.set()
+        thread.join(5)
+
+
+def _reset(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+
+
+def _bad_chunk(conn: socket.socket) -> None:
+    conn.recv(65536)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc")
+
+
+def _tls_hello_then_untrusted(conn: socket.socket, context: ssl.SSLContext) -> None:
+    with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+        tls.recv(1)
+
+
+@pytest.fixture
+def tls_context(tmp_path: Path) -> ssl.SSLContext:
+    """A server context with a self-signed certificate (trusted by nobody)."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def _one_line_failure(url: str) -> str:
+    with pytest.raises(DownloadError) as err:
+        fetch_bytes(url, session=new_session(), policy=QUICK)
+    return str(err.value)
+
+
+def test_a_silent_server_is_said_to_not_answer_in_time(silent_server: str) -> None:
+    assert "127.0.0.1 did not answer in time (gave up after 2 attempts)" in _one_line_failure(silent_server)
+
+
+def test_a_connection_reset_is_said_as_no_connection() -> None:
+    gen = _raw_server(_reset)
+    try:
+        assert _one_line_failure(f"http://{next(gen)}/x").endswith(
+            ": cannot connect to 127.0.0.1 (no network?) (gave up after 2 attempts)"
+        )
+    finally:
+        gen.close()
+
+
+def test_a_broken_body_is_said_as_a_broken_connection() -> None:
+    gen = _raw_server(_bad_chunk)
+    try:
+        assert ": connection to 127.0.0.1 broken: ChunkedEncodingError (gave up" in _one_line_failure(
+            f"http://{next(gen)}/x"
+        )
+    finally:
+        gen.close()
+
+
+def test_an_untrusted_certificate_is_said_as_a_tls_failure(tls_context: ssl.SSLContext) -> None:
+    gen = _raw_server(lambda conn: _tls_hello_then_untrusted(conn, tls_context))
+    try:
+        message = _one_line_failure(f"https://{next(gen)}/x")
+    finally:
+        gen.close()
+    assert ": TLS failure talking to 127.0.0.1 (certificate not trusted?)" in message
