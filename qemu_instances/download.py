@@ -7,7 +7,6 @@ import logging
 import os
 import queue
 import re
-import socket
 import stat
 import threading
 import time
@@ -75,28 +74,29 @@ _NETWORK_HINT = "use --mirror URL, --source aleph, or a local image file"
 def _network_error(url: str, exc: Exception) -> str:
     """One human line for a connection failure, instead of urllib3's repr of a pool and its retries."""
     host = urlsplit(url).hostname or url
-    # requests wraps urllib3's MaxRetryError, whose .reason is the real failure (NameResolutionError, ...).
-    chain: list[BaseException] = []
-    todo: list[object] = [exc]
-    while todo and len(chain) < 20:
-        current = todo.pop()
-        if not isinstance(current, BaseException) or current in chain:
-            continue
-        chain.append(current)
-        todo += [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args[:1]]
-    kinds = {type(e).__name__ for e in chain}
-    text = " ".join(str(e) for e in chain)
-    if "NameResolutionError" in kinds or isinstance(exc, socket.gaierror) or "Name or service not known" in text:
+    causes = _causes(exc)
+    if any(isinstance(e, urllib3.exceptions.NameResolutionError) for e in causes):
         return f"cannot resolve {host} (no network or DNS?)"
-    if isinstance(exc, requests.Timeout) or "timed out" in text.lower():
+    if isinstance(exc, requests.Timeout):
         return f"{host} did not answer in time"
-    if "ConnectionRefusedError" in kinds or "Connection refused" in text:
+    if any(isinstance(e, ConnectionRefusedError) for e in causes):
         return f"cannot connect to {host}: connection refused"
-    if isinstance(exc, requests.exceptions.SSLError) or "SSLError" in kinds:
+    if isinstance(exc, requests.exceptions.SSLError):
         return f"TLS failure talking to {host} (certificate not trusted?)"
     if isinstance(exc, requests.ConnectionError):
         return f"cannot connect to {host} (no network?)"
     return f"connection to {host} broken: {type(exc).__name__}"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """exc and what it wraps, outermost first: urllib3's reason for giving up, an exception's cause, or the
+    exception requests wraps (its first argument)."""
+    chain: list[BaseException] = []
+    current: object = exc
+    while isinstance(current, BaseException) and current not in chain:
+        chain.append(current)
+        current = getattr(current, "reason", None) or current.__cause__ or next(iter(current.args), None)
+    return chain
 
 
 def _with_retries(

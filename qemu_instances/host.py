@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import secrets
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -40,6 +41,8 @@ Volume: TypeAlias = libvirt.virStorageVol
 POOL_NAME = "qinst"
 UPLOAD_CHUNK = 256 << 10  # bytes handed to a libvirt stream at a time (its largest message payload)
 VERIFIED = ".verified"  # suffix of the marker volume of a completed, verified upload
+UPLOADING = ".uploading"  # suffix of the claim volume of an upload in progress (a random token)
+STALE_UPLOAD = 120.0  # seconds without progress after which another client's upload is taken over
 
 # libvirt prints every error to stderr by default; we report them ourselves, once.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -384,60 +387,129 @@ class Host:
         return True
 
     def base_volume(
-        self, pool: Pool, name: str, source: Path, digest: Digest, progress: Progress | None = None
+        self,
+        pool: Pool,
+        name: str,
+        source: Path,
+        digest: Digest,
+        progress: Progress | None = None,
+        stale: float = STALE_UPLOAD,
     ) -> Volume:
         """The cached image as a pool volume named `name` (its digest).
 
         On a local daemon it is a hard link to the cached file (no second copy). Otherwise it is uploaded once
         through a libvirt stream, hashed while it is sent, and a marker volume `name.verified` records that the
-        upload completed and matched the digest; a volume without its marker (a broken upload) is started over.
+        upload completed and matched the digest. An upload first creates a claim volume `name.uploading` (libvirt
+        creates a volume only when the name is free, so one client wins) holding a random token; while another
+        client's claim exists its upload is awaited, not hashed or deleted, unless nothing changed in it for
+        `stale` seconds (that client died): then the claim and its partial volume are replaced. A volume without
+        marker or claim (a link made through another connection, an interrupted old upload) is hashed: kept and
+        marked when it matches, replaced otherwise.
         """
         size = source.stat().st_size
-        marker = name + VERIFIED
-        vol = self.volume(pool, name)
-        if vol is not None:
-            with libvirt_errors(f"cannot read volume {name}"):
-                _, _, physical = vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)
-            if physical == size and (self.is_local or self.volume(pool, marker) is not None):
-                return vol
-            if physical == size and self.volume_digest(vol, digest) == digest:
-                # Complete but unmarked (made through another connection to this host): no need to upload it.
-                self.upload_volume(pool, marker, io.BytesIO(str(digest).encode()), len(str(digest)))
-                return vol
-            log.warning("volume %s is incomplete or of the wrong size; replacing it", name)
-            self.delete_volume(pool, name)
-        target = self.pool_path(pool) / name
-        if self.is_local and target.parent.is_dir() and _hard_link(source, target):
-            with libvirt_errors("cannot refresh the storage pool"):
-                pool.refresh(0)
-                return pool.storageVolLookupByName(name)
-        self.delete_volume(pool, marker)  # a marker without its volume is stale
-        hasher = digest.hasher()
-        try:
-            with source.open("rb") as f:
-                vol = self.upload_volume(pool, name, f, size, hasher=hasher, progress=progress)
-        except HypervisorError:
-            if self.volume(pool, name) is None:
-                raise
-            return self._await_upload(pool, name, marker)  # another launch is uploading the same image
-        if hasher.hexdigest() != digest.hex:
-            self.delete_volume(pool, name)
-            raise HypervisorError(f"the bytes sent for {name} do not match its digest {digest}")
-        self.upload_volume(pool, marker, io.BytesIO(str(digest).encode()), len(str(digest)))
-        return vol
-
-    def _await_upload(self, pool: Pool, name: str, marker: str, timeout: float = 1800.0) -> Volume:
-        """Wait for another client's upload of `name` to complete (its marker volume appears)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.volume_names(pool)
+        marker, claim = name + VERIFIED, name + UPLOADING
+        while True:
             vol = self.volume(pool, name)
-            if vol is None:
-                raise HypervisorError(f"the concurrent upload of volume {name} failed; run the command again")
-            if self.volume(pool, marker) is not None:
+            complete = vol is not None and self._physical(vol, name) == size
+            if complete and self.volume(pool, marker) is not None:
                 return vol
+            if self.volume(pool, claim) is not None:
+                self._await_upload(pool, name, claim, stale)
+                continue  # the other upload ended (marked, failed or stale): look again
+            if vol is not None and complete and (self.is_local or self.volume_digest(vol, digest) == digest):
+                if not self.is_local:  # complete but unmarked: made through another connection to this host
+                    self._mark(pool, marker, digest)
+                return vol
+            if vol is not None:
+                log.warning("volume %s is incomplete or of the wrong size; replacing it", name)
+                self.delete_volume(pool, name)
+            target = self.pool_path(pool) / name
+            if self.is_local and target.parent.is_dir() and _hard_link(source, target):
+                with libvirt_errors("cannot refresh the storage pool"):
+                    pool.refresh(0)
+                    return pool.storageVolLookupByName(name)
+            uploaded = self._upload_claimed(pool, name, source, digest, progress)
+            if uploaded is not None:
+                return uploaded
+
+    def _physical(self, vol: Volume, name: str) -> int:
+        with libvirt_errors(f"cannot read volume {name}"):
+            return int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
+
+    def _mark(self, pool: Pool, marker: str, digest: Digest) -> None:
+        """Write the marker of a verified volume; another client writing it at the same moment is as good."""
+        text = str(digest).encode()
+        try:
+            self.upload_volume(pool, marker, io.BytesIO(text), len(text))
+        except HypervisorError:
+            if self.volume(pool, marker) is None:
+                raise
+
+    def _upload_claimed(
+        self, pool: Pool, name: str, source: Path, digest: Digest, progress: Progress | None
+    ) -> Volume | None:
+        """Claim the upload of `name`, upload, verify and mark it; None when another client claimed it first or
+        took it over (then its volume is awaited)."""
+        claim, marker = name + UPLOADING, name + VERIFIED
+        token = secrets.token_hex(16).encode()
+        try:
+            self.upload_volume(pool, claim, io.BytesIO(token), len(token))
+        except HypervisorError:
+            if self.volume(pool, claim) is None:
+                raise
+            return None  # another client claimed it a moment ago
+        try:
+            self.delete_volume(pool, marker)  # a marker without its volume is stale
+            hasher = digest.hasher()
+            with source.open("rb") as f:
+                vol = self.upload_volume(pool, name, f, source.stat().st_size, hasher=hasher, progress=progress)
+            if self._claim_token(pool, claim) != token:
+                log.warning("the upload of %s stalled and was taken over by another client", name)
+                return None  # our volume was deleted; theirs is awaited
+            if hasher.hexdigest() != digest.hex:
+                self.delete_volume(pool, name)
+                raise HypervisorError(f"the bytes sent for {name} do not match its digest {digest}")
+            self._mark(pool, marker, digest)
+            return vol
+        finally:
+            if self._claim_token(pool, claim) == token:
+                self.delete_volume(pool, claim)
+
+    def _claim_token(self, pool: Pool, claim: str) -> bytes | None:
+        """The token in an upload's claim volume (untrusted: only compared), None when there is no claim."""
+        if self.volume(pool, claim) is None:
+            return None
+        try:
+            return self.download_volume(pool, claim, limit=64)
+        except HypervisorError:
+            return None  # deleted meanwhile
+
+    def _await_upload(self, pool: Pool, name: str, claim: str, stale: float) -> None:
+        """Wait while another client's claimed upload of `name` goes on: until its claim is gone, or nothing
+        changed (the claim's token, the volume's modification time) for `stale` seconds of this client's clock;
+        then its claim and partial volume are deleted (the client died: its upload is taken over)."""
+        seen: tuple[bytes | None, str | None] | None = None
+        since = time.monotonic()
+        while (token := self._claim_token(pool, claim)) is not None:
+            vol = self.volume(pool, name)
+            state = (token, self._modified(vol) if vol is not None else None)
+            if state != seen:
+                seen, since = state, time.monotonic()
+            elif time.monotonic() - since >= stale:
+                log.warning(
+                    "the upload of %s by another client made no progress for %.0f s; taking it over", name, stale
+                )
+                self.delete_volume(pool, claim)
+                self.delete_volume(pool, name)
+                return
             time.sleep(1.0)
-        raise HypervisorError(f"volume {name} is being uploaded by another client for over {timeout:.0f} s")
+
+    def _modified(self, vol: Volume) -> str | None:
+        """The volume's last modification time as libvirt reports it (its own clock: only compared)."""
+        try:
+            return ET.fromstring(vol.XMLDesc(0)).findtext("target/timestamps/mtime")
+        except (libvirt.libvirtError, ET.ParseError):
+            return None
 
     def upload_volume(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from qemu_instances.digests import Algorithm, Digest, algorithm_for_checksums
@@ -29,3 +31,19 @@ def test_the_caller_chooses_the_error_class_for_bad_hex_too() -> None:
         Digest.parse("sha512:xyz", error=UsageError)
     with pytest.raises(UsageError, match="unsupported digest"):
         Digest.parse("md5:xyz", error=UsageError)
+
+
+def test_a_cid_pin_is_parsed_and_hashes_the_content_it_names() -> None:
+    """An IPFS CID is a pin like a sha256: parsed (blanks trimmed), and the file it names hashes to it, another not."""
+    pin = Digest.of(Algorithm.CID, "  QmcHFYKzbGeJYtDtcHEjgpKas4wZm8M25hjRusVLjou6Kx\n")
+    assert pin == Digest(Algorithm.CID, "QmcHFYKzbGeJYtDtcHEjgpKas4wZm8M25hjRusVLjou6Kx")
+    for data, named in [(random.Random(1).randbytes(1), True), (b"\0", False)]:  # test_cid's vector of size 1
+        hasher = pin.hasher()
+        hasher.update(data)
+        assert (hasher.hexdigest() == pin.hex) is named
+
+
+def test_a_bad_cid_pin_is_refused_with_the_parsers_reason() -> None:
+    with pytest.raises(UsageError, match=r"\S") as err:
+        Digest.of(Algorithm.CID, "Qm-not-a-cid", error=UsageError)
+    assert str(err.value) != "None" and "cid" in str(err.value).lower()

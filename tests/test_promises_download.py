@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import socket
+import ssl
+import struct
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from httpserver import HTTPServer
 
 from qemu_instances.digests import Algorithm, Digest
 from qemu_instances.download import RetryPolicy, download_verified, fetch_bytes, new_session
-from qemu_instances.errors import DownloadError
+from qemu_instances.errors import DigestMismatch, DownloadError
 
 pytestmark = pytest.mark.http
 QUICK = RetryPolicy(attempts=2, backoff=0.01, max_backoff=0.02, timeout=(1.0, 1.0))
@@ -79,3 +85,245 @@ def test_a_refused_connection_is_said_in_one_line(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{s.getsockname()[1]}/doc"
         with pytest.raises(DownloadError, match=r"cannot connect to 127\.0\.0\.1: connection refused \(gave up"):
             fetch_bytes(url, session=new_session(), policy=QUICK)
+
+
+@pytest.fixture
+def endless_server() -> Iterator[str]:
+    """A server that announces a gigabyte, sends 300 kB of it and then holds the connection open."""
+    stop = threading.Event()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        s.settimeout(0.2)
+
+        def serve() -> None:
+            held = []
+            while not stop.is_set():
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    continue
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n" + b"z" * 300_000)
+                held.append(conn)
+            for conn in held:
+                conn.close()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/doc"
+        stop.set()
+        thread.join(5)
+
+
+def test_a_document_over_the_limit_is_refused_as_it_streams_in(endless_server: str) -> None:
+    """The limit bounds what is read, not just what is kept: a body that never ends is refused at the limit."""
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=f"^{endless_server} is larger than 100000 bytes; refusing it$"):
+        fetch_bytes(endless_server, session=new_session(), policy=QUICK, limit=100_000)
+    assert time.monotonic() - started < 10
+
+
+def test_a_digest_mismatch_names_the_url_the_pin_and_what_came(http_server: HTTPServer, tmp_path: Path) -> None:
+    body = b"not the pinned file"
+    url = http_server.add("/img", body)
+    pinned = Digest(Algorithm.SHA256, "0" * 64)
+    came = Digest(Algorithm.SHA256, hashlib.sha256(body).hexdigest())
+    with pytest.raises(DigestMismatch, match=f"^digest mismatch for {url}: expected {pinned}, got {came}$") as err:
+        download_verified(url, tmp_path / "img", pinned, session=new_session(), policy=QUICK)
+    assert (err.value.url, err.value.expected, err.value.actual) == (url, str(pinned), str(came))
+    assert list(tmp_path.iterdir()) == []  # nothing cached, no partial left
+
+
+def test_an_http_error_names_the_url(http_server: HTTPServer, tmp_path: Path) -> None:
+    url = http_server.add("/img", b"x")
+    http_server.fault("/img", fail_times=1, fail_status=404)
+    digest = Digest(Algorithm.SHA256, hashlib.sha256(b"x").hexdigest())
+    with pytest.raises(DownloadError, match=f"cannot download {url}: HTTP 404"):
+        download_verified(url, tmp_path / "img", digest, session=new_session(), policy=QUICK)
+
+
+def test_a_body_of_exactly_the_pinned_size_is_taken_with_its_progress(http_server: HTTPServer, tmp_path: Path) -> None:
+    body = random.Random(5).randbytes(700_000)
+    url = http_server.add("/img", body)
+    digest = Digest(Algorithm.SHA256, hashlib.sha256(body).hexdigest())
+    seen: list[tuple[int, int | None]] = []
+    size = download_verified(
+        url, tmp_path / "img", digest, session=new_session(), policy=QUICK, size=len(body),
+        progress=lambda done, total: seen.append((done, total)),
+    )  # fmt: skip
+    assert size == len(body) and (tmp_path / "img").read_bytes() == body
+    assert seen[-1] == (len(body), len(body)) and [d for d, _ in seen] == sorted({d for d, _ in seen})
+
+
+@pytest.fixture
+def unannounced_server() -> Iterator[str]:
+    """A server that sends 300 kB without a Content-Length, then closes the connection."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        s.settimeout(0.2)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    continue
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"u" * 300_000)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/img"
+        stop.set()
+        thread.join(5)
+
+
+def test_a_body_longer_than_the_pinned_size_is_stopped_even_unannounced(
+    unannounced_server: str, tmp_path: Path
+) -> None:
+    digest = Digest(Algorithm.SHA256, hashlib.sha256(b"u" * 1000).hexdigest())
+    with pytest.raises(DownloadError, match=f"^{unannounced_server} sent more than the expected 1000 bytes; stopped$"):
+        download_verified(unannounced_server, tmp_path / "img", digest, session=new_session(), policy=QUICK, size=1000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _answering(head: bytes) -> Iterator[str]:
+    """A server that answers every request with `head` and ten bytes of body."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        s.settimeout(0.2)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    continue
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(head + b"Content-Length: 10\r\nConnection: close\r\n\r\n" + b"r" * 10)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/img"
+        stop.set()
+        thread.join(5)
+
+
+@pytest.mark.parametrize(
+    ("content_range", "said"),
+    [(b"Content-Range: bytes 5-14/100\r\n", "'bytes 5-14/100'"), (b"", "None")],
+    ids=["another-offset", "missing"],
+)
+def test_a_resume_answered_at_another_offset_starts_over(tmp_path: Path, content_range: bytes, said: str) -> None:
+    """A partial download of 3 bytes asks for the rest; an answer whose Content-Range does not start at byte 3 (or
+    has none) is not appended: the partial is dropped, and the attempt fails saying what came, never a traceback."""
+    url = next(gen := _answering(b"HTTP/1.1 206 Partial Content\r\n" + content_range))
+    try:
+        (tmp_path / ".img.part").write_bytes(b"abc")
+        digest = Digest(Algorithm.SHA256, hashlib.sha256(b"abc" + b"r" * 10).hexdigest())
+        with pytest.raises(DownloadError, match=rf"unusable answer to a Range request \(Content-Range {said}\)"):
+            download_verified(url, tmp_path / "img", digest, session=new_session(), policy=QUICK)
+        assert not (tmp_path / "img").exists()
+    finally:
+        gen.close()
+
+
+# -- a network failure reads as one line that says which kind it is ----------------------------------------------
+
+
+def _raw_server(answer: Any) -> Iterator[str]:
+    """A server on 127.0.0.1 that hands each accepted connection to answer(conn)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        s.settimeout(0.2)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    continue
+                with conn:
+                    answer(conn)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+        stop.set()
+        thread.join(5)
+
+
+def _reset(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+
+
+def _bad_chunk(conn: socket.socket) -> None:
+    conn.recv(65536)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc")
+
+
+def _tls_hello_then_untrusted(conn: socket.socket, context: ssl.SSLContext) -> None:
+    with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+        tls.recv(1)
+
+
+@pytest.fixture
+def tls_context(tmp_path: Path) -> ssl.SSLContext:
+    """A server context with a self-signed certificate (trusted by nobody)."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def _one_line_failure(url: str) -> str:
+    with pytest.raises(DownloadError) as err:
+        fetch_bytes(url, session=new_session(), policy=QUICK)
+    return str(err.value)
+
+
+def test_a_silent_server_is_said_to_not_answer_in_time(silent_server: str) -> None:
+    assert "127.0.0.1 did not answer in time (gave up after 2 attempts)" in _one_line_failure(silent_server)
+
+
+def test_a_connection_reset_is_said_as_no_connection() -> None:
+    gen = _raw_server(_reset)
+    try:
+        assert _one_line_failure(f"http://{next(gen)}/x").endswith(
+            ": cannot connect to 127.0.0.1 (no network?) (gave up after 2 attempts)"
+        )
+    finally:
+        gen.close()
+
+
+def test_a_broken_body_is_said_as_a_broken_connection() -> None:
+    gen = _raw_server(_bad_chunk)
+    try:
+        assert ": connection to 127.0.0.1 broken: ChunkedEncodingError (gave up" in _one_line_failure(
+            f"http://{next(gen)}/x"
+        )
+    finally:
+        gen.close()
+
+
+def test_an_untrusted_certificate_is_said_as_a_tls_failure(tls_context: ssl.SSLContext) -> None:
+    gen = _raw_server(lambda conn: _tls_hello_then_untrusted(conn, tls_context))
+    try:
+        message = _one_line_failure(f"https://{next(gen)}/x")
+    finally:
+        gen.close()
+    assert ": TLS failure talking to 127.0.0.1 (certificate not trusted?)" in message

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import secrets
 import subprocess
 import tempfile
@@ -27,7 +28,7 @@ from test_remote import Sshd, sshd  # noqa: F401  (the fixture)
 
 from qemu_instances.digests import Algorithm, Digest, hash_file
 from qemu_instances.errors import HypervisorError
-from qemu_instances.host import VERIFIED, Host, _hard_link, _send
+from qemu_instances.host import UPLOAD_CHUNK, UPLOADING, VERIFIED, Host, _hard_link, _send
 
 pytestmark = pytest.mark.libvirt
 
@@ -133,46 +134,153 @@ def test_bytes_that_do_not_match_the_digest_leave_no_volume(
         pool.storageVolLookupByName(wrong.filename + VERIFIED)
 
 
-# -- another client's upload of the same image: awaited until its marker appears, never trusted before -------------
+# -- another client's upload of the same image: awaited while it is alive, never hashed, trusted or deleted -------
 
 
-def _unmarked(host: Host, pool: Any, image: tuple[Path, Digest]) -> tuple[str, str]:
-    """A complete volume of another client's upload, its marker not yet written: (name, marker)."""
+def _claimed(host: Host, pool: Any, image: tuple[Path, Digest], content: bytes | None = None) -> tuple[str, str, str]:
+    """Another client's upload in progress: its claim and its volume, of full size, its marker not yet written:
+    (name, marker, claim). `content`: the bytes written so far (default: all of them)."""
     source, digest = image
-    with source.open("rb") as f:
-        host.upload_volume(pool, digest.filename, f, source.stat().st_size)
-    return digest.filename, digest.filename + VERIFIED
+    data = source.read_bytes()
+    if content is not None:
+        data = content.ljust(len(data), b"\0")
+    name = digest.filename
+    host.upload_volume(pool, name + UPLOADING, io.BytesIO(b"another client"), len(b"another client"))
+    host.upload_volume(pool, name, io.BytesIO(data), len(data))
+    return name, name + VERIFIED, name + UPLOADING
 
 
-def test_a_concurrent_upload_is_used_only_once_marked(
+def _later(seconds: float, *actions: Any) -> threading.Timer:
+    timer = threading.Timer(seconds, lambda: [action() for action in actions])
+    timer.start()
+    return timer
+
+
+def test_a_claimed_upload_is_used_once_its_client_marks_it(
     remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
 ) -> None:
     host, pool, directory = remote
-    name, marker = _unmarked(host, pool, image)
-    written = threading.Timer(2.0, lambda: (directory / marker).write_text(str(image[1])))
-    written.start()
+    name, marker, claim = _claimed(host, pool, image)
+    before = (directory / name).stat()
+    done = _later(2.0, lambda: (directory / marker).write_text(str(image[1])), (directory / claim).unlink)
     try:
-        vol = host._await_upload(pool, name, marker, timeout=20)
+        vol = host.base_volume(pool, name, image[0], image[1])
     finally:
-        written.join()
-    assert vol.name() == name
-    assert (directory / marker).exists(), "returned before the other client's marker was written"
+        done.join()
+    after = (directory / name).stat()
+    assert vol.name() == name and (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert (directory / marker).read_text() == str(image[1]), "returned before the other client's marker"
 
 
-def test_a_concurrent_upload_that_failed_is_said(remote: tuple[Host, Any, Path], image: tuple[Path, Digest]) -> None:
-    host, pool, _ = remote
-    name = image[1].filename
-    with pytest.raises(HypervisorError, match=f"^the concurrent upload of volume {name} failed; run the command"):
-        host._await_upload(pool, name, name + VERIFIED, timeout=20)
+def test_a_claimed_upload_that_failed_is_done_again(remote: tuple[Host, Any, Path], image: tuple[Path, Digest]) -> None:
+    """The other client's upload fails (its volume and claim are removed): this one uploads the image itself."""
+    host, pool, directory = remote
+    name, marker, claim = _claimed(host, pool, image, content=b"half")
+    failed = _later(2.0, (directory / name).unlink, (directory / claim).unlink)
+    try:
+        host.base_volume(pool, name, image[0], image[1])
+    finally:
+        failed.join()
+    assert _sha512(directory / name) == image[1].hex
+    assert (directory / marker).read_text() == str(image[1]) and not (directory / claim).exists()
 
 
-def test_a_concurrent_upload_is_not_awaited_forever(remote: tuple[Host, Any, Path], image: tuple[Path, Digest]) -> None:
-    host, pool, _ = remote
-    name, marker = _unmarked(host, pool, image)
+def test_a_stalled_claimed_upload_is_taken_over(remote: tuple[Host, Any, Path], image: tuple[Path, Digest]) -> None:
+    """A client died mid-upload: its claim and partial volume stay. Once nothing changed in them for `stale`
+    seconds, they are replaced by a verified upload (not before)."""
+    host, pool, directory = remote
+    name, marker, claim = _claimed(host, pool, image, content=image[0].read_bytes()[:65536])
     started = time.monotonic()
-    with pytest.raises(HypervisorError, match=f"^volume {name} is being uploaded by another client for over 3 s$"):
-        host._await_upload(pool, name, marker, timeout=3.0)
-    assert 3.0 <= time.monotonic() - started < 30
+    host.base_volume(pool, name, image[0], image[1], stale=3.0)
+    assert time.monotonic() - started >= 3.0, "a claimed upload was taken over before it stalled"
+    assert _sha512(directory / name) == image[1].hex
+    assert (directory / marker).read_text() == str(image[1]) and not (directory / claim).exists()
+
+
+class _Paused:
+    """A progress callback that stops an upload after its first chunk, until resumed."""
+
+    def __init__(self) -> None:
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if not self.reached.is_set():
+            self.reached.set()
+            assert self.go.wait(120), "never resumed"
+
+
+def _in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as exc:  # the assertion below reports it
+            result.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def _settled(path: Path) -> os.stat_result:
+    """path's status once it stopped changing for a second."""
+    deadline = time.monotonic() + 30
+    last = path.stat()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = path.stat()
+        if now.st_mtime_ns == last.st_mtime_ns:
+            return now
+        last = now
+    raise AssertionError(f"{path} kept changing")
+
+
+@pytest.mark.parametrize("stalled", [False, True], ids=["alive", "stalled"])
+def test_an_upload_paused_midstream_is_not_deleted_by_another_client(
+    sshd: Sshd,  # noqa: F811
+    remote: tuple[Host, Any, Path],
+    image: tuple[Path, Digest],
+    stalled: bool,
+) -> None:
+    """Client A's upload stops after its first chunk. Client B (another connection) wants the same base volume:
+    B waits and does not touch A's volume; A finishes and both use A's verified volume. When A stays paused longer
+    than B's `stale`, B takes the upload over; A, resumed, uses B's verified volume and marks nothing of its own."""
+    b, pool_b, directory = remote
+    source, digest = image
+    name = digest.filename
+    assert source.stat().st_size > 2 * UPLOAD_CHUNK  # the pause is mid-stream
+    paused = _Paused()
+    with Host(sshd.uri) as a:
+        pool_a = a.conn.storagePoolLookupByName(pool_b.name())
+        thread_a, result_a = _in_thread(lambda: a.base_volume(pool_a, name, source, digest, progress=paused))
+        assert paused.reached.wait(60), "A's upload never started"
+        partial = _settled(directory / name)  # A's first chunk may still be on its way to the disk
+        assert (directory / (name + UPLOADING)).exists() and not (directory / (name + VERIFIED)).exists()
+        stale = 3.0 if stalled else 600.0
+        thread_b, result_b = _in_thread(lambda: b.base_volume(pool_b, name, source, digest, stale=stale))
+        if stalled:
+            thread_b.join(60)
+            assert not thread_b.is_alive() and not isinstance(result_b[0], BaseException), result_b
+            assert (directory / name).stat().st_ino != partial.st_ino  # B's own upload replaced A's
+        else:
+            time.sleep(4.0)  # B waits; nothing to wait for but time: B must do nothing meanwhile
+            assert thread_b.is_alive(), f"B did not wait for A's upload: {result_b}"
+            now = (directory / name).stat()
+            assert (now.st_ino, now.st_mtime_ns) == (partial.st_ino, partial.st_mtime_ns), "B touched A's volume"
+        paused.go.set()
+        thread_a.join(60)
+        thread_b.join(60)
+    assert not thread_a.is_alive() and not thread_b.is_alive()
+    vol_a, vol_b = result_a[0], result_b[0]
+    assert not isinstance(vol_a, BaseException), vol_a
+    assert not isinstance(vol_b, BaseException), vol_b
+    assert vol_a.path() == vol_b.path() == str(directory / name)
+    final = directory / name
+    assert _sha512(final) == digest.hex
+    assert (final.stat().st_ino == partial.st_ino) is not stalled
+    assert (directory / (name + VERIFIED)).read_text() == str(digest)
+    assert not (directory / (name + UPLOADING)).exists()
 
 
 def test_upload_progress_counts_the_bytes_sent(remote: tuple[Host, Any, Path], image: tuple[Path, Digest]) -> None:
@@ -274,28 +382,72 @@ def test_an_unmarked_sparse_volume_is_rehashed_with_its_holes(
 def test_an_upload_racing_another_clients_waits_for_its_marker(
     remote: tuple[Host, Any, Path], image: tuple[Path, Digest], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another client creates the volume just after this one looked for it: this upload fails to create it, and
-    the other's volume is used once its marker appears: not deleted, not uploaded again, not trusted before."""
+    """Another client claims the upload just after this one looked: this one's claim fails, and the other's
+    volume is used once its marker appears: not deleted, not uploaded again, not trusted before."""
     host, pool, directory = remote
-    name, marker = _unmarked(host, pool, image)
+    name, marker, claim = _claimed(host, pool, image)
     before = (directory / name).stat()
     looked: list[str] = []
     real_volume = host.volume
 
-    def looked_up_before_the_other_client_created_it(p: Any, n: str) -> Any:
-        if n == name and not looked:
+    def looked_up_before_the_other_client_claimed_it(p: Any, n: str) -> Any:
+        if n in (name, claim) and n not in looked:
             looked.append(n)
             return None
         return real_volume(p, n)
 
-    monkeypatch.setattr(host, "volume", looked_up_before_the_other_client_created_it)
-    written = threading.Timer(2.0, lambda: (directory / marker).write_text(str(image[1])))
-    written.start()
+    monkeypatch.setattr(host, "volume", looked_up_before_the_other_client_claimed_it)
+    done = _later(2.0, lambda: (directory / marker).write_text(str(image[1])), (directory / claim).unlink)
     try:
         vol = host.base_volume(pool, name, image[0], image[1])
     finally:
-        written.join()
-    assert looked == [name] and vol.name() == name
+        done.join()
+    assert set(looked) == {name, claim} and vol.name() == name
     after = (directory / name).stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert (directory / marker).read_text() == str(image[1])
+
+
+def test_two_clients_marking_the_same_volume_at_once_both_succeed(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    """Two clients hash the same unmarked volume and mark it: the second finds the marker made and carries on."""
+    host, pool, directory = remote
+    digest = image[1]
+    marker = digest.filename + VERIFIED
+    host._mark(pool, marker, digest)
+    host._mark(pool, marker, digest)  # the other client's marker is as good as this one's
+    assert (directory / marker).read_text() == str(digest)
+    with pytest.raises(HypervisorError, match="cannot create volume"):
+        host._mark(pool, "../" + marker, digest)  # a marker that cannot be made is an error, not a silent pass
+
+
+def test_a_slow_upload_that_keeps_progressing_is_not_taken_over(
+    sshd: Sshd,  # noqa: F811
+    remote: tuple[Host, Any, Path],
+    image: tuple[Path, Digest],
+) -> None:
+    """Client A sends a chunk every 0.7 s, for longer in all than B's `stale`: as long as its volume keeps changing,
+    B waits for it; both end with A's volume."""
+    b, pool_b, directory = remote
+    source, digest = image
+    name = digest.filename
+    chunks = source.stat().st_size // UPLOAD_CHUNK
+    assert chunks * 0.7 > 2 * 2.5  # the upload lasts over twice B's stale
+    with Host(sshd.uri) as a:
+        pool_a = a.conn.storagePoolLookupByName(pool_b.name())
+        started = threading.Event()
+
+        def slowly(done: int, total: int | None) -> None:
+            started.set()
+            time.sleep(0.7)
+
+        thread_a, result_a = _in_thread(lambda: a.base_volume(pool_a, name, source, digest, progress=slowly))
+        assert started.wait(60), "A's upload never started"
+        inode = (directory / name).stat().st_ino
+        vol_b = b.base_volume(pool_b, name, source, digest, stale=2.5)
+        thread_a.join(60)
+    assert not thread_a.is_alive() and not isinstance(result_a[0], BaseException), result_a
+    assert vol_b.path() == result_a[0].path() and (directory / name).stat().st_ino == inode, "B took the upload over"
+    assert _sha512(directory / name) == digest.hex
+    assert (directory / (name + VERIFIED)).read_text() == str(digest)

@@ -138,8 +138,23 @@ def test_fields_outside_qinst_namespace_are_read_not_a_crash() -> None:
 
 def test_a_record_with_a_non_numeric_port_is_refused() -> None:
     xml = f'<instance xmlns="{METADATA_NS}"><image>i</image><digest/><user>u</user><network>user</network>'
-    with pytest.raises(UsageError, match="unreadable qinst metadata"):
+    with pytest.raises(UsageError, match=r"^unreadable qinst metadata: .*22x"):  # says what is wrong
         metadata_from_domain_xml(_domain_xml(xml + "<ssh-port>22x</ssh-port></instance>"))
+
+
+def test_recorded_forwards_and_mounts_are_validated() -> None:
+    """`up --forward`/`--mount` rules read back from libvirt are untrusted: a valid record passes, a forged one
+    (a port out of range, a mount of a relative or '..' path) is refused."""
+    good = replace(GOOD, forwards=("127.0.0.1:8080:80",), mounts=("virtiofs:ro:/srv/data:/mnt/data",))
+    assert validate_metadata("vm1", good) is good
+    for bad, message in [
+        ({"forwards": ("127.0.0.1:8080:99999",)}, "invalid port in forward"),
+        ({"forwards": ("8080",)}, "invalid forward '8080'"),
+        ({"mounts": ("virtiofs:ro:srv:/mnt",)}, "invalid mount 'virtiofs:ro:srv:/mnt'"),
+        ({"mounts": ("virtiofs:rw:/srv/../etc:/mnt",)}, "invalid mount"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            validate_metadata("vm1", replace(good, **bad))  # type: ignore[arg-type]
 
 
 # -- the cache's temporaries: links planted in the cache go, their targets stay -----------------------------------

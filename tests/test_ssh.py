@@ -137,3 +137,10 @@ def test_the_key_check_goes_through_the_hop_when_there_is_one(sshd: Sshd, tmp_pa
     assert ssh.key_checker(hop)("127.0.0.1", sshd.port, [sshd.host_key]) is True
     assert f"-W 127.0.0.1:{sshd.port}" in used.read_text()  # the hop opened the channel to the guest
     assert ssh.key_checker(hop)("127.0.0.1", sshd.port, [("ssh-ed25519", "A" * 68)]) is False
+
+
+def test_only_scripted_ssh_runs_in_batch_mode(tmp_path: Path) -> None:
+    """`qinst ssh` may ask for the passphrase of the user's key; the checks qinst runs itself never wait on a prompt."""
+    target = SshTarget("127.0.0.1", 2222, "debian", tmp_path / "known_hosts")
+    assert "BatchMode=yes" not in ssh.ssh_argv(target, ["uptime"])
+    assert "BatchMode=yes" in ssh.ssh_argv(target, ["uptime"], batch=True)

@@ -11,6 +11,7 @@ from qemu_instances.wait import (
     GuestPaused,
     Probe,
     Readiness,
+    wait_for_ssh,
     wait_ready,
 )
 
@@ -120,3 +121,13 @@ def test_ssh_not_answering_yet_keeps_waiting_then_times_out() -> None:
 def test_cancel_stops_the_wait() -> None:
     with pytest.raises(Interrupted):
         wait_ready(_probe([BOOT], cancelled=True), timeout=60, readiness=Readiness())
+
+
+def test_wait_for_ssh_outlasts_a_pause_and_a_server_not_answering_yet() -> None:
+    """A restarted guest may be paused a moment, and its sshd silent at first: neither is a failure; a stop is."""
+    states = iter([("paused", "user"), ("running", "booted"), ("running", "booted")])
+    verdicts = iter([None, True])
+    key = ("ssh-ed25519", "AAAAC3NzaC1lZDI1NTE5AAAAIExampleExampleExampleExampleExample")
+    wait_for_ssh("127.0.0.1", 2222, {key}, lambda: next(states), 30, check=lambda *_: next(verdicts))
+    with pytest.raises(GuestFailed, match=r"the guest stopped \(shutoff: crashed\)"):
+        wait_for_ssh("127.0.0.1", 2222, {key}, lambda: ("shutoff", "crashed"), 30, check=lambda *_: True)
