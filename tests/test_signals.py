@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,20 +15,23 @@ from testsupport.qinst import qinst_argv, qinst_env
 
 
 @pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A TCP port on 127.0.0.1 that accepts connections and never answers: a download that hangs."""
+def silent_server() -> Iterator[socket.socket]:
+    """A listening TCP socket on 127.0.0.1 that never answers: a download that hangs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(8)
-        yield s.getsockname()[1]
+        s.settimeout(120)
+        yield s
 
 
 @pytest.mark.parametrize(
     ("sig", "code", "said"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
 )
-def test_signal_during_a_pull_exits_cleanly(silent_server: int, tmp_path: Path, sig: int, code: int, said: str) -> None:
+def test_signal_during_a_pull_exits_cleanly(
+    silent_server: socket.socket, tmp_path: Path, sig: int, code: int, said: str
+) -> None:
     cache = tmp_path / "cache"
-    url = f"http://127.0.0.1:{silent_server}/image.qcow2"
+    url = f"http://127.0.0.1:{silent_server.getsockname()[1]}/image.qcow2"
     proc = subprocess.Popen(
         [*qinst_argv(), "--cache-dir", str(cache), "pull", url, "--sha256", "a" * 64],
         env=qinst_env(),
@@ -39,10 +41,11 @@ def test_signal_during_a_pull_exits_cleanly(silent_server: int, tmp_path: Path, 
         text=True,
     )
     try:
-        time.sleep(3)  # well inside the download
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        conn, _ = silent_server.accept()  # the download has connected: qinst is inside it (a slow machine waits)
+        with conn:
+            assert proc.poll() is None, proc.communicate()
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == code, err
