@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,11 @@ RunQinst = Callable[..., subprocess.CompletedProcess[str]]
 
 # Fixtures for tests that boot the test guest image (tests/guest.py).
 pytest_plugins = ["guest"]
+
+# A shell runs a background job (`cmd &`, nohup) with SIGINT ignored, and an ignored signal stays ignored in every
+# child: the `qinst` processes the tests interrupt with SIGINT (Ctrl-C) would never see it. A handled signal is
+# reset to the default at exec, so the children start as they would from a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

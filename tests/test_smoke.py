@@ -280,7 +280,8 @@ def test_allow_lists_pass_and_the_broken_image_fails(runs: dict[str, Run], vm_en
     cloud_init = _case(broken, "cloud-init").find("failure")
     assert "Cloud-init v. ... finished" in cloud_init.get("message")
     assert "not ready within 120 s" in cloud_init.get("message")
-    assert "Linux" in (_case(broken, "cloud-init").find("system-out").text or "")
+    # The console's tail: its last lines carry kernel timestamps (which lines depends on how far the boot got).
+    assert re.search(r"^\[ *\d+\.\d+\] ", _case(broken, "cloud-init").find("system-out").text or "", re.M)
     assert _case(broken, "hostname").find("skipped") is not None
     assert any(line.startswith("FAIL qinst-test-broken[bios]: cloud-init:") for line in run.stderr.splitlines())
 
