@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -123,6 +121,8 @@ def _settings(ctx: typer.Context, *, connects: bool = False) -> Settings:
 
 
 def _print_json(data: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
@@ -1036,6 +1036,8 @@ def main(argv: list[str] | None = None) -> None:
     except (Exception, KeyboardInterrupt) as exc:
         error = as_error(exc)
         if log.isEnabledFor(logging.DEBUG) and not isinstance(error, Interrupted):
+            import traceback
+
             traceback.print_exception(exc)
         report_error(error)
         raise SystemExit(error.exit_code) from None

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import importlib.resources
 import io
 import re
-import secrets
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -26,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from qemu_instances.errors import QinstError, UsageError
 from qemu_instances.sshkeys import parse_public_key
 
-if TYPE_CHECKING:  # yaml, pycdlib and email are imported where used: `ls` and `rm` only need the validators
+if TYPE_CHECKING:  # yaml, pycdlib, email (and the rest) are imported where used: `ls` and `rm` need the validators
     from email.message import Message
     from email.mime.text import MIMEText
 
@@ -125,6 +122,8 @@ def validate_instance_id(instance_id: str) -> str:
 
 def new_instance_id() -> str:
     """A fresh random instance id, so that cloud-init treats the boot as a new instance's first."""
+    import secrets
+
     return "i-" + secrets.token_hex(8)
 
 
@@ -135,6 +134,8 @@ def load_template(name: str) -> dict[str, Any]:
 
 @functools.cache
 def _parsed_template(name: str) -> dict[str, Any]:
+    import importlib.resources
+
     import yaml
 
     resource = importlib.resources.files(TEMPLATES_PACKAGE).joinpath(f"{name}.yaml")
@@ -291,6 +292,8 @@ def _multipart(user_parts: list[Message], ours: Mapping[str, Any]) -> bytes:
     for part in parts:
         message.attach(part)
     # email picks a random boundary; derive one from the content instead, so the bytes are reproducible.
+    import hashlib
+
     body = b"".join(part.as_bytes() for part in parts)
     message.set_boundary("==qinst-" + hashlib.sha256(body).hexdigest()[:32] + "==")
     return message.as_bytes()

@@ -132,6 +132,37 @@ def test_up_of_a_cached_image_imports_no_http_stack_and_runs_no_qemu_img(tmp_pat
     assert not [p for p in spawned if "qemu-img" in p], spawned
 
 
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"XDG_CACHE_HOME": "/x/cache", "XDG_CONFIG_HOME": "/x/config/"},
+        {"XDG_CACHE_HOME": "relative/cache", "XDG_CONFIG_HOME": ""},  # not absolute: ignored, as XDG says
+        {"HOME": "/home/someone/"},
+        {"HOME": "/"},
+        {"HOME": "relative"},  # a relative HOME counts as unset: the account's home
+        {"HOME": ""},
+        {"HOME": None},
+    ],
+)
+def test_the_cache_and_config_dirs_are_the_ones_platformdirs_gives(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str | None]
+) -> None:
+    import platformdirs
+
+    from qemu_instances.settings import default_cache_dir, default_config_dir
+
+    for name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert default_cache_dir() == Path(platformdirs.user_cache_dir("qinst"))
+    assert default_config_dir() == Path(platformdirs.user_config_dir("qinst"))
+
+
 # -- the image record's virtual size: untrusted input ----------------------------------------------------------
 
 
