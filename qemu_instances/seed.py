@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import os
 import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from time import struct_time
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,6 @@ if TYPE_CHECKING:  # yaml, pycdlib, email (and the rest) are imported where used
     from email.message import Message
     from email.mime.text import MIMEText
 
-TEMPLATES_PACKAGE = "cloudinit_templates"
 VOLUME_LABEL = "cidata"  # what NoCloud looks for (or CIDATA)
 # Every date in the ISO: a fixed instant, so the same inputs give the same bytes (2020-01-01T00:00:00Z).
 SEED_EPOCH = 1577836800.0
@@ -122,9 +122,7 @@ def validate_instance_id(instance_id: str) -> str:
 
 def new_instance_id() -> str:
     """A fresh random instance id, so that cloud-init treats the boot as a new instance's first."""
-    import secrets
-
-    return "i-" + secrets.token_hex(8)
+    return "i-" + os.urandom(8).hex()  # what secrets.token_hex(8) does, without its import (hmac, OpenSSL)
 
 
 def load_template(name: str) -> dict[str, Any]:
@@ -134,11 +132,11 @@ def load_template(name: str) -> dict[str, Any]:
 
 @functools.cache
 def _parsed_template(name: str) -> dict[str, Any]:
-    import importlib.resources
-
     import yaml
 
-    resource = importlib.resources.files(TEMPLATES_PACKAGE).joinpath(f"{name}.yaml")
+    import cloudinit_templates  # a plain folder of data: its files sit next to its __init__ when installed
+
+    resource = Path(cloudinit_templates.__file__).with_name(f"{name}.yaml")
     try:
         data = yaml.load(resource.read_text(encoding="utf-8"), Loader=_yaml_loader())
     except FileNotFoundError as exc:
