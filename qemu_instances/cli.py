@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from qemu_instances.errors import Interrupted, QinstError, SmokeFailed, Terminated
+from qemu_instances.logs import configure as configure_logging
+from qemu_instances.logs import debugging
 from qemu_instances.settings import (
     DEFAULT_ALEPH_API,
     DEFAULT_IPFS_GATEWAY,
@@ -41,7 +40,6 @@ def _new_app() -> typer.Typer:
 app = _new_app()
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
-log = logging.getLogger("qinst")
 
 
 @app.callback()
@@ -94,7 +92,7 @@ def _global(
     from qemu_instances.config import host_uri, load_hosts
     from qemu_instances.settings import default_config_dir
 
-    _setup_logging(debug)
+    configure_logging(debug)
     if mirror and not mirror.startswith(("http://", "https://")):
         raise typer.BadParameter("expected an http(s) URL", param_hint="--mirror")
     config_dir = default_config_dir()
@@ -123,6 +121,8 @@ def _settings(ctx: typer.Context, *, connects: bool = False) -> Settings:
 
 
 def _print_json(data: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
@@ -938,20 +938,6 @@ def _choice(enum: Any, value: str, option: str) -> Any:
         raise typer.BadParameter(f"{value!r} is not one of {choices}", param_hint=option) from None
 
 
-class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        prefix = "qinst: warning: " if record.levelno >= logging.WARNING else "qinst: "
-        return prefix + record.getMessage()
-
-
-def _setup_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
-    log.propagate = False
-
-
 def report_error(exc: QinstError) -> None:
     """The one way an error reaches the user: a line, and the hint with the fix when there is one."""
     sys.stderr.write(f"qinst: error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else ""))
@@ -1021,7 +1007,7 @@ def main(argv: list[str] | None = None) -> None:
 
     Typer (standalone) handles usage errors itself: a message and exit 2.
     """
-    _setup_logging(False)  # --debug turns on debug logs once the options are parsed
+    configure_logging(False)  # --debug turns on debug logs once the options are parsed
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         try:
@@ -1035,7 +1021,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
     except (Exception, KeyboardInterrupt) as exc:
         error = as_error(exc)
-        if log.isEnabledFor(logging.DEBUG) and not isinstance(error, Interrupted):
+        if debugging() and not isinstance(error, Interrupted):
+            import traceback
+
             traceback.print_exception(exc)
         report_error(error)
         raise SystemExit(error.exit_code) from None

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qemu_instances.errors import ImageError, UsageError
+
+if TYPE_CHECKING:  # imported where a hash is computed: `ls` reads digests, never hashes (OpenSSL's load)
+    import hashlib
 
 
 class Algorithm(StrEnum):
@@ -22,6 +24,8 @@ class Algorithm(StrEnum):
         return {Algorithm.SHA256: 64, Algorithm.SHA512: 128}[self]
 
     def new(self) -> hashlib._Hash:
+        import hashlib
+
         return hashlib.new(self.value)
 
 

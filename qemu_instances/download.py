@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import queue
 import re
@@ -22,8 +21,7 @@ import urllib3
 from qemu_instances import __version__
 from qemu_instances.digests import Digest
 from qemu_instances.errors import DigestMismatch, DownloadError
-
-log = logging.getLogger("qinst")
+from qemu_instances.logs import log
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes done, total bytes or None) as a download advances."""

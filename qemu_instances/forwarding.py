@@ -10,7 +10,6 @@ import errno
 import ipaddress
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -94,6 +93,8 @@ def recorded_forwards(values: Sequence[str]) -> tuple[str, ...]:
 
 def port_in_use(fwd: Forward) -> bool:
     """Is fwd's host address and port taken on this machine right now (a bind test)?"""
+    import socket  # here: `ls` reads forwards, never binds
+
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((fwd.addr, fwd.host_port))

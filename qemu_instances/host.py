@@ -6,11 +6,9 @@ QinstError. libvirt.libvirtError is translated into HypervisorError here, at thi
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import fcntl
 import io
-import logging
 import os
 import re
 import secrets
@@ -29,11 +27,11 @@ from qemu_instances.console import tail_lines, utf8_decoder
 from qemu_instances.digests import Digest
 from qemu_instances.errors import HypervisorError
 from qemu_instances.faults import _test_pause
+from qemu_instances.logs import log
 
 if TYPE_CHECKING:
     from qemu_instances.download import Progress
 
-log = logging.getLogger("qinst")
 # libvirt's handles, named for readers (libvirt-python ships no type information: to mypy they are Any). Only this
 # module touches their methods; above it they are opaque tokens handed back to Host.
 Pool: TypeAlias = libvirt.virStoragePool
@@ -118,6 +116,8 @@ def _send(
     hashlib and libvirt both release the GIL for big buffers, so hashing costs no wall time; sends that take
     only part of a chunk are continued (virStream.sendAll would drop the rest).
     """
+    import concurrent.futures  # here: it imports logging, which `ls` does without
+
     sent = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash") as pool:
         pending: concurrent.futures.Future[None] | None = None

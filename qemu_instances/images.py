@@ -5,12 +5,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import os
 import re
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -22,6 +20,7 @@ from urllib.parse import urlsplit
 from qemu_instances.catalog import Catalog, CatalogEntry, http_url, printable
 from qemu_instances.digests import Algorithm, Digest, algorithm_for_checksums, parse_checksums
 from qemu_instances.errors import DigestMismatch, DownloadError, ImageError, UsageError
+from qemu_instances.logs import log
 from qemu_instances.proc import run
 from qemu_instances.settings import Settings
 
@@ -30,7 +29,6 @@ if TYPE_CHECKING:  # requests is imported only when something is downloaded: `up
 
     from qemu_instances.download import Progress, RetryPolicy
 
-log = logging.getLogger("qinst")
 CHUNK = 1 << 20
 
 
@@ -586,6 +584,8 @@ class ImageStore:
 
     def _import_file(self, path: Path) -> CachedImage:
         """A local image, identified by its own sha256, copied into the cache (hashing while copying)."""
+        import tempfile  # here: `images` and a cached `up` make no temporary file
+
         from qemu_instances.download import replace_durably
 
         check_format(path, None, str(path))  # refuse early, before copying gigabytes

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import logging
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ from qemu_instances.domain import METADATA_NS, Metadata, Network, validate_name
 from qemu_instances.errors import HypervisorError, UsageError
 from qemu_instances.forwarding import Forward
 from qemu_instances.host import POOL_NAME, VERIFIED, Domain, Host, forget_snapshots, snapshot_count
+from qemu_instances.logs import log
 from qemu_instances.mounts import Mount
 from qemu_instances.seed import validate_hostname, validate_instance_id, validate_user
 from qemu_instances.settings import Settings
@@ -30,7 +30,6 @@ from qemu_instances.ssh import KEY_LINE, SshHop, key_checker
 if TYPE_CHECKING:  # `ls` imports neither the image store (requests, the catalog) nor the readiness loop
     from qemu_instances.images import ImageStore
 
-log = logging.getLogger("qinst")
 INVALID = "invalid"  # the state `ls` shows for a record that does not validate
 _UNKNOWN = Metadata(image="-", digest="", user="", network="")
 

@@ -11,16 +11,14 @@ letter is ignored). `qinst doctor` shows it; `qinst doctor --reset-kvm` (or dele
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_instances.files import write_atomically
+from qemu_instances.logs import log
 
-log = logging.getLogger("qinst")
 DIRECTORY = "kvm-verdicts"  # under the cache directory
 MAX_BYTES = 4096  # a verdict file is a few hundred bytes; anything larger is not one
 REASON_CHARS = 300
@@ -36,6 +34,8 @@ class HostKey:
 
     @property
     def filename(self) -> str:
+        import hashlib  # here: `up --accel tcg` never needs OpenSSL's start
+
         text = json.dumps([self.uri, self.qemu, self.kernel])
         return hashlib.sha256(text.encode()).hexdigest()[:32] + ".json"
 

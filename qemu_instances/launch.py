@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
-import logging
-import secrets
 import socket
 import string
 import threading
@@ -48,6 +46,7 @@ from qemu_instances.instances import (
     remove_logs,
     seed_volume,
 )
+from qemu_instances.logs import log
 from qemu_instances.mounts import Mount
 from qemu_instances.mounts import cloud_config as mounts_cloud_config
 from qemu_instances.mounts import resolve as resolve_mounts
@@ -60,7 +59,6 @@ from qemu_instances.wait import CloudInitErrors, GuestPaused, Probe, Readiness, 
 if TYPE_CHECKING:
     from qemu_instances.download import Progress
 
-log = logging.getLogger("qinst")
 GiB = 1 << 30
 
 
@@ -138,7 +136,9 @@ def free_port() -> int:
 
 def default_name(image: str) -> str:
     base = "".join(c if c in string.ascii_lowercase + string.digits else "-" for c in image.lower()).strip("-")
-    suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(4))
+    import random  # SystemRandom (os.urandom) is what `secrets` draws from, without its hmac and OpenSSL imports
+
+    suffix = "".join(random.SystemRandom().choice(string.ascii_lowercase + string.digits) for _ in range(4))
     return f"{base[:58] or 'vm'}-{suffix}"
 
 
@@ -465,7 +465,11 @@ def _record_reachable(dom: Domain, spec: InstanceSpec, keys: list[HostKey]) -> M
 
 def _pick_port(host: Host) -> int:
     """A port for the SSH forward. It listens on the daemon's host: a port free here says nothing of a remote one."""
-    return free_port() if host.is_local else 20000 + secrets.randbelow(30000)
+    if host.is_local:
+        return free_port()
+    import random
+
+    return 20000 + random.SystemRandom().randrange(30000)
 
 
 def _port_picker(host: Host, plan: Plan) -> Callable[[], int] | None:

@@ -7,15 +7,14 @@ since nothing of the failed start remains.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TypeVar
 
 from qemu_instances.domain import InstanceSpec
 from qemu_instances.errors import HypervisorError, UsageError
+from qemu_instances.logs import log
 
-log = logging.getLogger("qinst")
 T = TypeVar("T")
 HOSTFWD_TAKEN = "Could not set up host forwarding rule"
 TRIES = 5

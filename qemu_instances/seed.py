@@ -9,28 +9,25 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import importlib.resources
 import io
+import os
 import re
-import secrets
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from time import struct_time
 from typing import TYPE_CHECKING, Any
 
 from qemu_instances.errors import QinstError, UsageError
 from qemu_instances.sshkeys import parse_public_key
 
-if TYPE_CHECKING:  # yaml, pycdlib and email are imported where used: `ls` and `rm` only need the validators
+if TYPE_CHECKING:  # yaml, pycdlib, email (and the rest) are imported where used: `ls` and `rm` need the validators
     from email.message import Message
     from email.mime.text import MIMEText
 
-TEMPLATES_PACKAGE = "cloudinit_templates"
 VOLUME_LABEL = "cidata"  # what NoCloud looks for (or CIDATA)
 # Every date in the ISO: a fixed instant, so the same inputs give the same bytes (2020-01-01T00:00:00Z).
 SEED_EPOCH = 1577836800.0
@@ -125,7 +122,7 @@ def validate_instance_id(instance_id: str) -> str:
 
 def new_instance_id() -> str:
     """A fresh random instance id, so that cloud-init treats the boot as a new instance's first."""
-    return "i-" + secrets.token_hex(8)
+    return "i-" + os.urandom(8).hex()  # what secrets.token_hex(8) does, without its import (hmac, OpenSSL)
 
 
 def load_template(name: str) -> dict[str, Any]:
@@ -137,7 +134,9 @@ def load_template(name: str) -> dict[str, Any]:
 def _parsed_template(name: str) -> dict[str, Any]:
     import yaml
 
-    resource = importlib.resources.files(TEMPLATES_PACKAGE).joinpath(f"{name}.yaml")
+    import cloudinit_templates  # a plain folder of data: its files sit next to its __init__ when installed
+
+    resource = Path(cloudinit_templates.__file__).with_name(f"{name}.yaml")
     try:
         data = yaml.load(resource.read_text(encoding="utf-8"), Loader=_yaml_loader())
     except FileNotFoundError as exc:
@@ -291,6 +290,8 @@ def _multipart(user_parts: list[Message], ours: Mapping[str, Any]) -> bytes:
     for part in parts:
         message.attach(part)
     # email picks a random boundary; derive one from the content instead, so the bytes are reproducible.
+    import hashlib
+
     body = b"".join(part.as_bytes() for part in parts)
     message.set_boundary("==qinst-" + hashlib.sha256(body).hexdigest()[:32] + "==")
     return message.as_bytes()

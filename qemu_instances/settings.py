@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import platformdirs
+from qemu_instances.errors import ConfigError
 
 DEFAULT_ALEPH_API = "https://api2.aleph.im"
 DEFAULT_IPFS_GATEWAY = "https://ipfs.aleph.im"
@@ -17,11 +17,31 @@ def default_connect_uri() -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(platformdirs.user_cache_dir("qinst"))
+    return _xdg_dir("XDG_CACHE_HOME", ".cache")
 
 
 def default_config_dir() -> Path:
-    return Path(platformdirs.user_config_dir("qinst"))
+    return _xdg_dir("XDG_CONFIG_HOME", ".config")
+
+
+def _xdg_dir(variable: str, fallback: str) -> Path:
+    """$variable/qinst when the variable holds an absolute path, else ~/fallback/qinst: the XDG base directories as
+    platformdirs resolves them on Linux (root included: it has no site directories by default; a relative HOME
+    counts as unset), without its import (~0.004 s of every command)."""
+    path = os.environ.get(variable, "")
+    if os.path.isabs(path):
+        return Path(path, "qinst")
+    home = os.environ.get("HOME", "")
+    if not os.path.isabs(home):
+        import pwd
+
+        try:
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:
+            home = ""
+        if not os.path.isabs(home):
+            raise ConfigError(f"no home directory for ~/{fallback}/qinst", hint=f"set HOME or {variable}")
+    return Path(home, fallback, "qinst")
 
 
 @dataclass(frozen=True)

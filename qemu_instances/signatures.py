@@ -6,29 +6,28 @@ and its --status-fd output (VALIDSIG with the primary key's fingerprint) decides
 
 from __future__ import annotations
 
-import hashlib
 import re
 import subprocess
-import tempfile
-from importlib import resources
 from pathlib import Path
 
 from qemu_instances.errors import ImageError
 
+# The shipped keyrings, next to this module (the catalog checks their names on every `images` and `up`:
+# importlib.resources and hashlib would cost those ~0.004 s).
+KEYRINGS = Path(__file__).with_name("keyrings")
 KEYRING_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _FPR = re.compile(r"[0-9A-F]{40}")
 
 
 def shipped_keyrings() -> list[str]:
     """Names of the keyrings qinst ships (catalog `signing_keys = "<name>"`)."""
-    folder = resources.files("qemu_instances").joinpath("keyrings")
-    return sorted(p.name.removesuffix(".gpg") for p in folder.iterdir() if p.name.endswith(".gpg"))
+    return sorted(p.name.removesuffix(".gpg") for p in KEYRINGS.iterdir() if p.name.endswith(".gpg"))
 
 
 def keyring_path(spec: str) -> Path:
     """The keyring file of a catalog's `signing_keys`: a shipped keyring's name, or a path (with a '/')."""
     if "/" not in spec and KEYRING_NAME.fullmatch(spec):
-        path = Path(str(resources.files("qemu_instances").joinpath("keyrings", f"{spec}.gpg")))
+        path = KEYRINGS / f"{spec}.gpg"
         if not path.is_file():
             raise ImageError(f"no keyring named {spec!r} ships with qinst (known: {', '.join(shipped_keyrings())})")
         return path
@@ -74,6 +73,8 @@ def keyring_fingerprints(path: Path) -> set[str]:
         packets = _packets(path.read_bytes())
     except (OSError, ValueError, IndexError) as exc:
         raise ImageError(f"cannot read keyring {path}: {exc} (a binary keyring is needed: gpg --export)") from exc
+    import hashlib
+
     found = set()
     for tag, body in packets:
         if tag == 6 and body[:1] == b"\x04":  # a v4 public (primary) key
@@ -89,6 +90,8 @@ def verify_detached(data: bytes, signature: bytes, keyring: Path, *, what: str) 
     primaries = keyring_fingerprints(keyring)
     if not primaries:
         raise ImageError(f"keyring {keyring} holds no OpenPGP v4 public key")
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="qinst-gpgv-") as tmp:
         home = Path(tmp)
         (home / "data").write_bytes(data)

@@ -12,7 +12,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import re
 import secrets
@@ -35,6 +34,7 @@ from qemu_instances.images import ImageStore
 from qemu_instances.instances import Instance
 from qemu_instances.junit import junit_xml
 from qemu_instances.launch import Launcher, UpRequest
+from qemu_instances.logs import log
 from qemu_instances.seed import load_template
 from qemu_instances.settings import Settings
 from qemu_instances.smokereport import (
@@ -51,7 +51,6 @@ from qemu_instances.wait import Readiness
 
 __all__ = ["CheckResult", "ImageReport", "SmokeOptions", "Status", "run_smoke", "write_reports"]
 
-log = logging.getLogger("qinst")
 SMOKE_DISK_GIB = 4
 SMOKE_MEMORY_MIB = 1024
 HOST_CHECKS = ("pull", "launch", "booted", "cloud-init", "ssh")

@@ -21,7 +21,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -194,6 +193,8 @@ class Connection:
 
     def __enter__(self) -> Connection:
         require_ssh()
+        import tempfile  # here: `ls` imports this module for its key checks
+
         self._dir = Path(tempfile.mkdtemp(prefix="qinst-ssh-"))  # mode 0700: only we reach the socket
         argv = ["ssh", *ssh_options(self.target, batch=True), *self._control_options("yes"), "-N", "--"]
         self._master = subprocess.Popen(
@@ -245,6 +246,8 @@ def check_host_keys_via(hop: SshHop | None) -> KeyCheck:
     """
 
     def check(host: str, port: int, keys: list[HostKey]) -> bool | None:
+        import tempfile
+
         with tempfile.TemporaryDirectory(prefix="qinst-known-") as tmp:
             known = write_known_hosts(Path(tmp) / "hosts", host, port, keys)
             argv = ssh_argv(SshTarget(host, port, "qinst-probe", known, hop=hop), ["true"], batch=True)

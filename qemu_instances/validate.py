@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from qemu_instances.errors import QinstError, UsageError
@@ -46,6 +45,8 @@ def output_dir(path: Path, option: str) -> Path:
 
 def _check_writable(folder: Path, option: str) -> None:
     # Really write: permission bits say nothing to root, nor about read-only mounts or /proc.
+    import tempfile
+
     try:
         with tempfile.TemporaryFile(dir=folder, prefix=".qinst-probe-"):
             pass

@@ -50,8 +50,17 @@ from qemu_instances.cli import main
 main(sys.argv[2:])
 """
 # Heavy modules no command below needs: typer's pydantic coercion (typer >= 0.29), rich (progress bars only),
-# the HTTP stack (downloads only), MIME (multipart user-data only), the download code.
-NEVER = ("pydantic", "rich", "requests", "urllib3", "http.client", "email.mime", "qemu_instances.download")
+# the HTTP stack (downloads only), MIME (multipart user-data only), the download code; platformdirs (settings.py
+# resolves the XDG directories), `secrets` (hmac and OpenSSL: os.urandom and random.SystemRandom do), package data
+# through importlib.resources (its readers import zipfile: the data sits next to the modules).
+NEVER = (
+    *("pydantic", "rich", "requests", "urllib3", "http.client", "email.mime", "qemu_instances.download"),
+    *("platformdirs", "secrets", "hmac", "importlib.resources", "importlib.readers", "zipfile"),
+)
+# What a command that neither logs, hashes, binds, makes temporary files nor runs a thread pool never imports:
+# logging (~0.005 s with traceback's helpers; qemu_instances.logs imports it on the first message), concurrent.futures
+# (it imports logging), hashlib (OpenSSL's start), socket, tempfile and random.
+QUIET = ("logging", "concurrent.futures", "hashlib", "_hashlib", "socket", "tempfile", "random")
 
 
 def _probe(tmp_path: Path, *args: str) -> tuple[int, set[str], list[str], str]:
@@ -81,13 +90,14 @@ def _heavy(modules: set[str], names: tuple[str, ...]) -> list[str]:
     return sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in names))
 
 
-def test_ls_imports_no_image_store_seed_builder_or_http(tmp_path: Path) -> None:
+def test_ls_imports_no_image_store_seed_builder_http_logging_or_config_parser(tmp_path: Path) -> None:
     rc, modules, spawned, err, built = _probe_all(tmp_path, "--connect", TEST_URI, "--cache-dir", str(tmp_path), "ls")
     assert rc == 0, err
     assert built == ["ls"]  # typer built no other command's options
     assert "qemu_instances.instances" in modules and "libvirt" in modules  # it did list
     assert _heavy(modules, (*NEVER, "yaml", "pycdlib", "qemu_instances.images", "qemu_instances.launch")) == []
     assert _heavy(modules, ("qemu_instances.catalog", "qemu_instances.wait", "qemu_instances.fleet")) == []
+    assert _heavy(modules, (*QUIET, "tomllib")) == []  # no config file here (json: the probe's own)
     assert spawned == []  # `ls` spawns nothing
 
 
@@ -95,12 +105,13 @@ def test_help_and_images_import_no_libvirt(tmp_path: Path) -> None:
     rc, modules, _, err, built = _probe_all(tmp_path, "--help")
     assert rc == 0, err
     assert len(built) >= 16 and "ls" in built  # the listing of every command
-    assert _heavy(modules, (*NEVER, "libvirt", "yaml", "pycdlib", "qemu_instances.images")) == []
+    assert _heavy(modules, (*NEVER, *QUIET, "libvirt", "yaml", "pycdlib", "qemu_instances.images")) == []
+    assert _heavy(modules, ("tomllib", "qemu_instances.catalog")) == []
     rc, modules, spawned, err, built = _probe_all(tmp_path, "--cache-dir", str(tmp_path), "images")
     assert rc == 0, err
     assert built == ["images"]
     assert "qemu_instances.catalog" in modules
-    assert _heavy(modules, (*NEVER, "libvirt", "yaml", "pycdlib", "qemu_instances.host")) == []
+    assert _heavy(modules, (*NEVER, *QUIET, "libvirt", "yaml", "pycdlib", "qemu_instances.host")) == []
     assert spawned == []
 
 
@@ -127,9 +138,60 @@ def test_up_of_a_cached_image_imports_no_http_stack_and_runs_no_qemu_img(tmp_pat
     assert built == ["up"]
     # The test driver cannot take a volume upload: `up` gets past pull, plan and seed, and stops at provision.
     assert rc == 4 and "virStorageVolUpload" in err, err
+    assert "\nqinst: KVM is not usable here" in "\n" + err  # a notice, set up after logging's late import
     assert "pycdlib" in modules and "qemu_instances.launch" in modules  # the seed was built
     assert _heavy(modules, (*NEVER, "qemu_instances.fleet", "qemu_instances.smoke", "qemu_instances.doctor")) == []
+    assert _heavy(modules, ("tempfile",)) == []  # hashlib and random: pycdlib's, on the seed's thread
     assert not [p for p in spawned if "qemu-img" in p], spawned
+
+
+def test_the_log_imports_logging_on_its_first_message_with_the_cli_set_up() -> None:
+    code = """
+import sys
+from qemu_instances import logs
+logs.configure(debug=True)
+assert "logging" not in sys.modules
+logs.log.debug("first %s", "message")
+assert "logging" in sys.modules
+logs.log.warning("second")
+logs.configure(debug=False)  # a second set-up replaces the first: one handler, INFO
+logs.log.debug("hidden")
+logs.log.info("third")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=qinst_env(), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "qinst: first message\nqinst: warning: second\nqinst: third\n"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"XDG_CACHE_HOME": "/x/cache", "XDG_CONFIG_HOME": "/x/config/"},
+        {"XDG_CACHE_HOME": "relative/cache", "XDG_CONFIG_HOME": ""},  # not absolute: ignored, as XDG says
+        {"HOME": "/home/someone/"},
+        {"HOME": "/"},
+        {"HOME": "relative"},  # a relative HOME counts as unset: the account's home
+        {"HOME": ""},
+        {"HOME": None},
+    ],
+)
+def test_the_cache_and_config_dirs_are_the_ones_platformdirs_gives(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str | None]
+) -> None:
+    import platformdirs
+
+    from qemu_instances.settings import default_cache_dir, default_config_dir
+
+    for name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert default_cache_dir() == Path(platformdirs.user_cache_dir("qinst"))
+    assert default_config_dir() == Path(platformdirs.user_config_dir("qinst"))
 
 
 # -- the image record's virtual size: untrusted input ----------------------------------------------------------
