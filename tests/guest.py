@@ -74,8 +74,11 @@ def vm_env(test_image: TestImage, tmp_path_factory: pytest.TempPathFactory) -> I
         "SSH_AUTH_SOCK": "",
     }
     yield env
+    # Another test session on this libvirtd (a developer's run beside CI's) may have instances on the same image:
+    # a base volume named in any domain's qinst metadata is kept.
+    in_use = "".join(virsh("dumpxml", name).stdout for name in domains())
     for path in (cache / "images").glob("sha512-*"):
-        if not path.name.endswith(".json"):
+        if not path.name.endswith(".json") and path.name.removeprefix("sha512-") not in in_use:
             virsh("vol-delete", "--pool", "qinst", path.name)
             virsh("vol-delete", "--pool", "qinst", path.name + ".verified")  # left by remote launches
 
