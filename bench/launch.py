@@ -192,6 +192,29 @@ class Peer(Protocol):
     def remove(self, name: str) -> None: ...
 
 
+def learn_kvm_verdict(auto: QinstTool, name: str) -> None:
+    """Let qinst remember, as a user's second `up` does, that KVM fails here (warm-up, not measured).
+
+    A first `up --no-wait` may return before its KVM guest pauses (on these machines ~15 s into the boot); removed
+    at once, it teaches qinst nothing, and every "remembered" run would pay a KVM start again. So wait for that
+    guest to pause (or to keep running: KVM works, nothing to learn) and start a second one, which sees the paused
+    instance and records the verdict."""
+    auto.running(name)
+    deadline = time.monotonic() + 90
+    state = ""
+    while time.monotonic() < deadline:
+        state = quiet(["virsh", "--connect", URI, "domstate", name]).stdout.strip()
+        if state == "paused" or any((auto.q.cache / "kvm-verdicts").glob("*")):
+            break  # paused, or KVM failed at start and qinst already remembered it
+        time.sleep(1)
+    if state == "paused":
+        auto.running(name + "-2")
+        auto.remove(name + "-2")
+    auto.remove(name)
+    learned = any((auto.q.cache / "kvm-verdicts").glob("*"))
+    log(f"warm-up: qinst's first guest under --accel auto was {state or 'unknown'}; KVM verdict remembered: {learned}")
+
+
 def figures(ran: Ran) -> dict[str, float]:
     """A command's time to a running domain and its peak RSS."""
     return {"running": ran.seconds, "rss_mib": ran.max_rss_kib / 1024}
@@ -625,8 +648,7 @@ def measure(q: Qinst, work: Path, peers: dict[str, dict[str, Any]], args: argpar
         template = quiet(["virsh", "--connect", URI, "dumpxml", "--inactive", name]).stdout
         qinst.remove(name)
         auto = QinstTool(q, accel=None)  # a user's first `up`: where KVM fails, qinst remembers it here
-        auto.running(name)
-        auto.remove(name)
+        learn_kvm_verdict(auto, name)
         floor = Floor(template, work, base, q)
         vi.prepare(name)
         vi.running(name, free_port())
