@@ -369,6 +369,18 @@ class Host:
         except (libvirt.libvirtError, ET.ParseError, ValueError):
             return None
 
+    def upload_alive(self, pool: Pool, name: str, stale: float = STALE_UPLOAD) -> bool:
+        """Whether a claimed upload of base volume `name` may still be going on, for a one-look caller (prune)
+        that cannot watch it the way `_await_upload` does: its claim exists and the claim or the volume changed
+        less than `stale` seconds ago by libvirt's clock (alive too when libvirt gives no time). Older, the
+        uploading client died: `_await_upload` would take it over."""
+        claim = self.volume(pool, name + UPLOADING)
+        if claim is None:
+            return False
+        vol = self.volume(pool, name)
+        ages = [self.volume_age(v) for v in (claim, vol) if v is not None]
+        return any(age is None or age < stale for age in ages)
+
     def pool_free(self, pool: Pool) -> int:
         with libvirt_errors("cannot read the storage pool"):
             return int(pool.info()[3])

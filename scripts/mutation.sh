@@ -10,7 +10,7 @@ TARGETS=${QINST_MUTATION_TARGETS:-"digests.py:* download.py:*
  ssh.py:escape_percent,SshHop.from_uri,SshHop.proxy_command,SshHop.ssh_options,known_hosts_line,write_known_hosts,ssh_options,destination,ssh_argv,scan_host_keys,check_host_keys,check_host_keys_via,key_checker
  wait.py:host_keys,wait_for_ssh access.py:known_hosts_file,ssh_target
  sshkeys.py:parse_public_key,_check_key_body,_blob_fields,load_key_file,_read_public,generate_keypair,_make_private_dir,resolve_keys,_key_identity
- host.py:_hard_link,_send,Host.base_volume,Host._physical,Host._mark,Host._upload_claimed,Host._claim_token,Host._await_upload,Host._modified,Host.upload_volume,Host.volume_digest
+ host.py:_hard_link,_send,Host.base_volume,Host._physical,Host._mark,Host._upload_claimed,Host._claim_token,Host._await_upload,Host._modified,Host.upload_volume,Host.volume_digest,Host.upload_alive
  images.py:ImageStore.prune,Cache.stale_temporaries,_locked instances.py:validate_metadata,prune
  domain.py:validate_name,Metadata.from_xml,metadata_from_domain_xml seed.py:validate_*,SeedSpec.__post_init__"}
 # The fast tests that exercise those modules (no VM boot; libvirtd and an sshd on 127.0.0.1 for the base-volume,

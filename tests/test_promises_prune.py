@@ -6,7 +6,9 @@ this test's own (a transient directory pool with a unique name) holding base vol
 
 from __future__ import annotations
 
+import os
 import secrets
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +117,33 @@ def test_prune_reports_the_bytes_each_volume_freed_and_keeps_other_volumes(tmp_p
     assert removed[f"volume {own_pool.name()}/{gone.digest.filename}{host_module.VERIFIED}"] == 4096
     own_pool.refresh(0)
     assert own_pool.listVolumes() == ["aaa-disk.qcow2"]
+
+
+def test_prune_keeps_a_base_volume_whose_upload_is_claimed_and_alive(tmp_path: Path, own_pool: Any) -> None:
+    """Another client is uploading an image no instance uses yet (its `up` is about to): the volume and its claim
+    stay. Once neither changed for STALE_UPLOAD seconds (the client died), both go."""
+    settings = Settings(connect=URI, cache_dir=tmp_path / "cache")
+    store = ImageStore(settings)
+    image = store.pull(store.resolve(str(make_qcow2(tmp_path / "up.qcow2", 1, seed=24).file)))
+    directory = tmp_path / "pool"
+    name, claim = image.digest.filename, image.digest.filename + host_module.UPLOADING
+    _filled_volume(own_pool, directory, claim, 32)
+    _filled_volume(own_pool, directory, name, 4096)
+    removed = dict(instances.prune(settings, store))
+    assert not any(key.startswith("volume ") for key in removed), removed
+    own_pool.refresh(0)
+    assert sorted(own_pool.listVolumes()) == sorted([name, claim])
+    # the claim alone fresh (a volume not yet written to) still keeps it
+    old = time.time() - host_module.STALE_UPLOAD - 60
+    os.utime(directory / name, (old, old))
+    own_pool.refresh(0)
+    assert not any(key.startswith("volume ") for key in dict(instances.prune(settings, store)))
+    os.utime(directory / claim, (old, old))
+    own_pool.refresh(0)
+    removed = dict(instances.prune(settings, store))
+    assert {f"volume {own_pool.name()}/{name}", f"volume {own_pool.name()}/{claim}"} <= set(removed)
+    own_pool.refresh(0)
+    assert own_pool.listVolumes() == []
 
 
 @pytest.fixture
