@@ -43,6 +43,7 @@ UPLOAD_CHUNK = 256 << 10  # bytes handed to a libvirt stream at a time (its larg
 VERIFIED = ".verified"  # suffix of the marker volume of a completed, verified upload
 UPLOADING = ".uploading"  # suffix of the claim volume of an upload in progress (a random token)
 STALE_UPLOAD = 120.0  # seconds without progress after which another client's upload is taken over
+UPLOAD_POLL = 1.0  # seconds between two looks at another client's upload
 
 # libvirt prints every error to stderr by default; we report them ourselves, once.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -514,7 +515,7 @@ class Host:
                 self.delete_volume(pool, claim)
                 self.delete_volume(pool, name)
                 return
-            time.sleep(1.0)
+            time.sleep(UPLOAD_POLL)
 
     def _modified(self, vol: Volume) -> str | None:
         """The volume's last modification time as libvirt reports it (its own clock: only compared)."""
