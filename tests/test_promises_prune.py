@@ -133,12 +133,14 @@ def test_prune_keeps_a_base_volume_whose_upload_is_claimed_and_alive(tmp_path: P
     assert not any(key.startswith("volume ") for key in removed), removed
     own_pool.refresh(0)
     assert sorted(own_pool.listVolumes()) == sorted([name, claim])
-    # the claim alone fresh (a volume not yet written to) still keeps it
-    old = time.time() - host_module.STALE_UPLOAD - 60
+    # either of them fresh keeps both: a claim just made (no byte written yet), a volume still being written
+    old, now = time.time() - host_module.STALE_UPLOAD - 60, time.time()
+    for stale, fresh in ((name, claim), (claim, name)):
+        os.utime(directory / stale, (old, old))
+        os.utime(directory / fresh, (now, now))
+        own_pool.refresh(0)
+        assert not any(key.startswith("volume ") for key in dict(instances.prune(settings, store))), stale
     os.utime(directory / name, (old, old))
-    own_pool.refresh(0)
-    assert not any(key.startswith("volume ") for key in dict(instances.prune(settings, store)))
-    os.utime(directory / claim, (old, old))
     own_pool.refresh(0)
     removed = dict(instances.prune(settings, store))
     assert {f"volume {own_pool.name()}/{name}", f"volume {own_pool.name()}/{claim}"} <= set(removed)
