@@ -148,6 +148,48 @@ def test_prune_keeps_a_base_volume_whose_upload_is_claimed_and_alive(tmp_path: P
     assert own_pool.listVolumes() == []
 
 
+def test_prune_removes_the_volumes_of_instances_whose_domain_is_gone_once_past_the_grace(
+    tmp_path: Path, own_pool: Any
+) -> None:
+    """An `up` killed before it defined its domain leaves its disk and seed: prune removes them (each of two such
+    instances, sizes reported) once ORPHAN_GRACE passed; a younger one may be an `up` still running: kept."""
+    settings = Settings(connect=URI, cache_dir=tmp_path / "cache")
+    store = ImageStore(settings)
+    directory = tmp_path / "pool"
+    tag = secrets.token_hex(3)
+    dead = [f"qinst-dead{i}-{tag}" for i in (1, 2)]
+    young = f"qinst-young-{tag}"
+    old = time.time() - instances.ORPHAN_GRACE - 60
+    for name in dead:
+        _filled_volume(own_pool, directory, instances.disk_volume(name), 8192)  # whole blocks: the bytes it takes
+        _filled_volume(own_pool, directory, instances.seed_volume(name), 4096)
+        for vol in (instances.disk_volume(name), instances.seed_volume(name)):
+            os.utime(directory / vol, (old, old))
+    _filled_volume(own_pool, directory, instances.disk_volume(young), 4096)
+    own_pool.refresh(0)
+    removed = dict(instances.prune(settings, store))
+    assert removed == {
+        **{f"volume {own_pool.name()}/{instances.disk_volume(name)}": 8192 for name in dead},
+        **{f"volume {own_pool.name()}/{instances.seed_volume(name)}": 4096 for name in dead},
+    }
+    own_pool.refresh(0)
+    assert own_pool.listVolumes() == [instances.disk_volume(young)]
+
+
+def test_prune_goes_on_past_temporaries_it_cannot_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale temporary removed meanwhile (by another prune), or one that cannot be removed, does not stop prune
+    from removing the others."""
+    store = ImageStore(Settings(connect="test:///default", cache_dir=tmp_path / "cache"))
+    store.cache.dir.mkdir(parents=True, exist_ok=True)
+    real = store.cache.dir / ".partial-of-a-dead-pull"
+    real.write_bytes(b"x" * 100)
+    gone = store.cache.dir / ".removed-by-another-prune"
+    unremovable = store.cache.dir / ("." + "n" * 300)  # lstat() fails (name too long): an OSError, not "gone"
+    monkeypatch.setattr(store.cache, "stale_temporaries", lambda: [gone, unremovable, real])
+    assert store.prune(set()) == [(real, 100)]
+    assert not real.exists()
+
+
 @pytest.fixture
 def test_driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """libvirt's test driver (shared within this process); qinst's pool name made unique, so that no prune here
