@@ -207,6 +207,20 @@ def _claimed(host: Host, pool: Any, image: tuple[Path, Digest], content: bytes |
     return name, name + VERIFIED, name + UPLOADING
 
 
+def _another_client(pool: Any, *, marks: tuple[str, Digest] | None = None, deletes: tuple[str, ...] = ()) -> Any:
+    """What another client ends its upload with, through its own connection: a marker written, volumes deleted."""
+
+    def act() -> None:
+        with _Streamed(LOCAL) as other:
+            its_pool = other.conn.storagePoolLookupByName(pool.name())
+            if marks is not None:
+                other._mark(its_pool, *marks)
+            for name in deletes:
+                other.delete_volume(its_pool, name)
+
+    return act
+
+
 def _later(seconds: float, *actions: Any) -> threading.Timer:
     timer = threading.Timer(seconds, lambda: [action() for action in actions])
     timer.start()
@@ -219,7 +233,7 @@ def test_a_claimed_upload_is_used_once_its_client_marks_it(
     host, pool, directory = remote
     name, marker, claim = _claimed(host, pool, image)
     before = (directory / name).stat()
-    done = _later(0.5, lambda: (directory / marker).write_text(str(image[1])), (directory / claim).unlink)
+    done = _later(0.5, _another_client(pool, marks=(marker, image[1]), deletes=(claim,)))
     try:
         vol = host.base_volume(pool, name, image[0], image[1])
     finally:
@@ -233,7 +247,7 @@ def test_a_claimed_upload_that_failed_is_done_again(remote: tuple[Host, Any, Pat
     """The other client's upload fails (its volume and claim are removed): this one uploads the image itself."""
     host, pool, directory = remote
     name, marker, claim = _claimed(host, pool, image, content=b"half")
-    failed = _later(0.5, (directory / name).unlink, (directory / claim).unlink)
+    failed = _later(0.5, _another_client(pool, deletes=(name, claim)))
     try:
         host.base_volume(pool, name, image[0], image[1])
     finally:
@@ -455,7 +469,7 @@ def test_an_upload_racing_another_clients_waits_for_its_marker(
         return real_volume(p, n)
 
     monkeypatch.setattr(host, "volume", looked_up_before_the_other_client_claimed_it)
-    done = _later(0.5, lambda: (directory / marker).write_text(str(image[1])), (directory / claim).unlink)
+    done = _later(0.5, _another_client(pool, marks=(marker, image[1]), deletes=(claim,)))
     try:
         vol = host.base_volume(pool, name, image[0], image[1])
     finally:
