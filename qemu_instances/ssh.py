@@ -238,6 +238,9 @@ def check_host_keys(host: str, port: int, keys: list[HostKey]) -> bool | None:
     return bool(set(offered) & set(keys))
 
 
+PROBE_TIMEOUT = 20.0  # seconds for a host-key probe through ssh: ConnectTimeout does not cover a stalled key exchange
+
+
 def check_host_keys_via(hop: SshHop | None) -> KeyCheck:
     """The same check through the hop: ssh with a known_hosts of `keys` and no identity.
 
@@ -252,7 +255,7 @@ def check_host_keys_via(hop: SshHop | None) -> KeyCheck:
                 "-o", "ConnectTimeout=5", "-o", "PreferredAuthentications=publickey",
                 "-o", "IdentitiesOnly=yes", "-o", "IdentityFile=/dev/null",
             ]  # fmt: skip
-            result = _timed(argv, 20)
+            result = _timed(argv, PROBE_TIMEOUT)
         if "Permission denied" in result.stderr:
             return True
         if "Host key verification failed" in result.stderr or "IDENTIFICATION HAS CHANGED" in result.stderr:
