@@ -223,10 +223,14 @@ class Connection:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
+SCAN_TIMEOUT = 30.0  # seconds for ssh-keyscan in all: its -T restarts with every byte read (a trickling server)
+
+
 def scan_host_keys(host: str, port: int) -> list[HostKey]:
     """The host keys the SSH server at host:port offers right now (empty when it does not answer)."""
     # -T 10: a guest under heavy emulation may take seconds to answer; an early give-up only makes the next try later.
-    proc = try_run(["ssh-keyscan", "-T", "10", "-p", str(port), "--", host], timeout=30, hint="install openssh-client")
+    argv = ["ssh-keyscan", "-T", "10", "-p", str(port), "--", host]
+    proc = try_run(argv, timeout=SCAN_TIMEOUT, hint="install openssh-client")
     return KEY_LINE.findall(proc.stdout) if proc is not None else []
 
 

@@ -146,6 +146,31 @@ def test_check_through_ssh_refuses_another_key(sshd: Sshd, closed_port: int) -> 
     assert check("127.0.0.1", closed_port, [sshd.key]) is None
 
 
+def test_scan_gives_up_on_a_server_that_trickles_its_banner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ssh-keyscan's -T starts again with each byte read: a server sending one byte at a time would hold it for
+    as long as it likes; the scan's own timeout ends it: no keys (not yet an answer), not a hang."""
+    monkeypatch.setattr(ssh_module, "SCAN_TIMEOUT", 2.0)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(15)
+
+        def trickle() -> None:
+            with contextlib.suppress(OSError):
+                conn, _ = server.accept()
+                with conn:
+                    for byte in b"SSH-2.0-OpenSSH_9.2 trickled"[:24]:  # 12 s in all
+                        conn.sendall(bytes([byte]))
+                        time.sleep(0.5)
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        assert scan_host_keys("127.0.0.1", server.getsockname()[1]) == []
+        assert time.monotonic() - started < 8, "the scan waited on the trickling server"
+        thread.join(15)
+
+
 def test_check_through_ssh_gives_up_on_a_server_that_stalls_after_its_banner(
     sshd: Sshd, monkeypatch: pytest.MonkeyPatch
 ) -> None:
