@@ -337,7 +337,7 @@ def test_content_encoding_is_decoded_before_hashing(http_server: HTTPServer, tmp
 
 
 @http
-def test_a_body_that_is_not_the_encoding_it_claims_is_an_error_saying_so(http_server: HTTPServer, tmp_path: Path) -> None:
+def test_a_body_not_in_the_encoding_it_claims_is_an_error_saying_so(http_server: HTTPServer, tmp_path: Path) -> None:
     """Content-Encoding: gzip over bytes that are not gzip: a one-line error with urllib3's reason (not retried)."""
     data = random.Random(9).randbytes(10_000)
     url = http_server.add("/blob", data, Content_Encoding="gzip")
