@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from httpserver import HTTPServer
 
 from qemu_instances.digests import Algorithm, Digest
@@ -327,3 +328,18 @@ def test_an_untrusted_certificate_is_said_as_a_tls_failure(tls_context: ssl.SSLC
     finally:
         gen.close()
     assert ": TLS failure talking to 127.0.0.1 (certificate not trusted?)" in message
+
+
+class _BareFailure(requests.adapters.HTTPAdapter):
+    """A transport that fails with an exception carrying nothing: no message, no cause (as some adapters raise)."""
+
+    def send(self, *args: Any, **kwargs: Any) -> requests.Response:
+        raise requests.ConnectionError()
+
+
+def test_a_failure_that_says_nothing_is_still_one_line_naming_the_host(tmp_path: Path) -> None:
+    session = new_session()
+    session.mount("http://", _BareFailure())
+    url = "http://127.0.0.1:9/image"
+    with pytest.raises(DownloadError, match=r"^cannot download .*: cannot connect to 127\.0\.0\.1 \(no network\?\)"):
+        download_verified(url, tmp_path / "image", Digest(Algorithm.SHA256, "0" * 64), session=session, policy=QUICK)
