@@ -498,25 +498,26 @@ def test_a_slow_upload_that_keeps_progressing_is_not_taken_over(
     remote: tuple[Host, Any, Path],
     image: tuple[Path, Digest],
 ) -> None:
-    """Client A sends a chunk every 0.2 s, for longer in all than B's `stale`: as long as its volume keeps changing,
-    B waits for it; both end with A's volume."""
+    """Client A sends a chunk every 0.4 s, for longer in all than B's `stale` (2 s: five gaps, so that a loaded
+    machine's pauses are not taken for a stall): as long as its volume keeps changing, B waits for it; both end
+    with A's volume."""
     b, pool_b, directory = remote
     source, digest = image
     name = digest.filename
     chunks = source.stat().st_size // UPLOAD_CHUNK
-    assert chunks * 0.2 > 2 * 0.8  # the upload lasts over twice B's stale
+    assert chunks * 0.4 > 1.5 * 2.0  # the upload lasts well over B's stale
     with _Streamed(LOCAL) as a:
         pool_a = a.conn.storagePoolLookupByName(pool_b.name())
         started = threading.Event()
 
         def slowly(done: int, total: int | None) -> None:
             started.set()
-            time.sleep(0.2)
+            time.sleep(0.4)
 
         thread_a, result_a = _in_thread(lambda: a.base_volume(pool_a, name, source, digest, progress=slowly))
         assert started.wait(30), "A's upload never started"
         inode = (directory / name).stat().st_ino
-        vol_b = b.base_volume(pool_b, name, source, digest, stale=0.8)
+        vol_b = b.base_volume(pool_b, name, source, digest, stale=2.0)
         thread_a.join(30)
     assert not thread_a.is_alive() and not isinstance(result_a[0], BaseException), result_a
     assert vol_b.path() == result_a[0].path() and (directory / name).stat().st_ino == inode, "B took the upload over"
