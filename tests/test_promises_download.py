@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 import socket
 import ssl
@@ -343,3 +344,16 @@ def test_a_failure_that_says_nothing_is_still_one_line_naming_the_host(tmp_path:
     url = "http://127.0.0.1:9/image"
     with pytest.raises(DownloadError, match=r"^cannot download .*: cannot connect to 127\.0\.0\.1 \(no network\?\)"):
         download_verified(url, tmp_path / "image", Digest(Algorithm.SHA256, "0" * 64), session=session, policy=QUICK)
+
+
+def test_a_download_is_written_private_whatever_the_umask(http_server: HTTPServer, tmp_path: Path) -> None:
+    """The partial file (and so the image it becomes) is created 0600: not readable by other users meanwhile."""
+    body = random.Random(5).randbytes(5000)
+    url = http_server.add("/private", body)
+    old = os.umask(0)
+    try:
+        digest = Digest(Algorithm.SHA256, hashlib.sha256(body).hexdigest())
+        download_verified(url, tmp_path / "image", digest, session=new_session(), policy=QUICK)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "image").stat().st_mode & 0o777 == 0o600
