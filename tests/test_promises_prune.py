@@ -129,8 +129,13 @@ def test_prune_keeps_a_base_volume_whose_upload_is_claimed_and_alive(tmp_path: P
     name, claim = image.digest.filename, image.digest.filename + host_module.UPLOADING
     _filled_volume(own_pool, directory, claim, 32)
     _filled_volume(own_pool, directory, name, 4096)
+    unused = [f"sha256-{secrets.token_hex(32)}" for _ in range(3)]  # other images' volumes: pruned all the same
+    for other in unused:
+        _filled_volume(own_pool, directory, other, 4096)
+        _filled_volume(own_pool, directory, other + host_module.VERIFIED, 4096)
     removed = dict(instances.prune(settings, store))
-    assert not any(key.startswith("volume ") for key in removed), removed
+    expected = {f"volume {own_pool.name()}/{v}" for other in unused for v in (other, other + host_module.VERIFIED)}
+    assert {key for key in removed if key.startswith("volume ")} == expected
     own_pool.refresh(0)
     assert sorted(own_pool.listVolumes()) == sorted([name, claim])
     # either of them fresh keeps both: a claim just made (no byte written yet), a volume still being written
