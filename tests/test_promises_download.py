@@ -357,3 +357,15 @@ def test_a_download_is_written_private_whatever_the_umask(http_server: HTTPServe
     finally:
         os.umask(old)
     assert (tmp_path / "image").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_partial_that_is_not_a_regular_file_is_refused_and_left(http_server: HTTPServer, tmp_path: Path) -> None:
+    """A directory planted where the partial download goes: refused by name, never read, written or removed."""
+    body = b"image bytes"
+    url = http_server.add("/planted", body)
+    planted = tmp_path / ".image.part"
+    planted.mkdir()
+    digest = Digest(Algorithm.SHA256, hashlib.sha256(body).hexdigest())
+    with pytest.raises(DownloadError, match=r"^refusing to write .*\.image\.part: not a regular file$"):
+        download_verified(url, tmp_path / "image", digest, session=new_session(), policy=QUICK)
+    assert planted.is_dir() and not (tmp_path / "image").exists()
