@@ -523,3 +523,12 @@ def test_a_slow_upload_that_keeps_progressing_is_not_taken_over(
     assert vol_b.path() == result_a[0].path() and (directory / name).stat().st_ino == inode, "B took the upload over"
     assert _sha512(directory / name) == digest.hex
     assert (directory / (name + VERIFIED)).read_text() == str(digest)
+
+
+def test_a_volume_deleted_under_a_reader_is_an_error_naming_it(remote: tuple[Host, Any, Path]) -> None:
+    """Another client deletes a volume this one just looked up: reading its size is a one-line error naming it."""
+    host, pool, _ = remote
+    vol = host.upload_volume(pool, "gone", io.BytesIO(b"bytes"), 5)
+    pool.storageVolLookupByName("gone").delete(0)
+    with pytest.raises(HypervisorError, match=r"^cannot read volume gone: "):
+        host._physical(vol, "gone")
