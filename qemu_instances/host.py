@@ -40,6 +40,7 @@ UPLOAD_CHUNK = 256 << 10  # bytes handed to a libvirt stream at a time (its larg
 VERIFIED = ".verified"  # suffix of the marker volume of a completed, verified upload
 UPLOADING = ".uploading"  # suffix of the claim volume of an upload in progress (a random token)
 STALE_UPLOAD = 120.0  # seconds without progress after which another client's upload is taken over
+UPLOAD_POLL = 1.0  # seconds between two looks at another client's upload
 
 # libvirt prints every error to stderr by default; we report them ourselves, once.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -368,6 +369,18 @@ class Host:
         except (libvirt.libvirtError, ET.ParseError, ValueError):
             return None
 
+    def upload_alive(self, pool: Pool, name: str, stale: float = STALE_UPLOAD) -> bool:
+        """Whether a claimed upload of base volume `name` may still be going on, for a one-look caller (prune)
+        that cannot watch it the way `_await_upload` does: its claim exists and the claim or the volume changed
+        less than `stale` seconds ago by libvirt's clock (alive too when libvirt gives no time). Older, the
+        uploading client died: `_await_upload` would take it over."""
+        claim = self.volume(pool, name + UPLOADING)
+        if claim is None:
+            return False
+        vol = self.volume(pool, name)
+        ages = [self.volume_age(v) for v in (claim, vol) if v is not None]
+        return any(age is None or age < stale for age in ages)
+
     def pool_free(self, pool: Pool) -> int:
         with libvirt_errors("cannot read the storage pool"):
             return int(pool.info()[3])
@@ -501,7 +514,7 @@ class Host:
                 self.delete_volume(pool, claim)
                 self.delete_volume(pool, name)
                 return
-            time.sleep(1.0)
+            time.sleep(UPLOAD_POLL)
 
     def _modified(self, vol: Volume) -> str | None:
         """The volume's last modification time as libvirt reports it (its own clock: only compared)."""

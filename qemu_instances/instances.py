@@ -20,7 +20,7 @@ from qemu_instances.digests import Digest
 from qemu_instances.domain import METADATA_NS, Metadata, Network, validate_name
 from qemu_instances.errors import HypervisorError, UsageError
 from qemu_instances.forwarding import Forward
-from qemu_instances.host import POOL_NAME, VERIFIED, Domain, Host, forget_snapshots, snapshot_count
+from qemu_instances.host import POOL_NAME, UPLOADING, VERIFIED, Domain, Host, forget_snapshots, snapshot_count
 from qemu_instances.logs import log
 from qemu_instances.mounts import Mount
 from qemu_instances.seed import validate_hostname, validate_instance_id, validate_user
@@ -248,7 +248,8 @@ def _remove_orphan(host: Host, orphan: Orphan) -> list[tuple[str, int]]:
 
 def prune(settings: Settings, store: ImageStore) -> list[tuple[str, int]]:
     """Remove cached images and base volumes that no instance uses, stale partial downloads, and the volumes of
-    instances whose domain is gone (older than ORPHAN_GRACE).
+    instances whose domain is gone (older than ORPHAN_GRACE). A base volume whose upload is claimed and alive
+    (Host.upload_alive) is kept with its claim; a stale claim goes with its volume.
 
     While any instance's record is invalid, nothing is pruned: which image it uses cannot be known.
     """
@@ -267,10 +268,16 @@ def prune(settings: Settings, store: ImageStore) -> list[tuple[str, int]]:
         in_use = {i.metadata.digest for i in found}
         pool = host.pool(create=False) if POOL_NAME in host.pool_names() else None
         if pool is not None:
+            alive: dict[str, bool] = {}  # base volume name -> its claimed upload is going on (judged once)
             for vol_name in host.volume_names(pool):
-                digest = Digest.from_filename(vol_name.removesuffix(VERIFIED))
+                base = vol_name.removesuffix(VERIFIED).removesuffix(UPLOADING)
+                digest = Digest.from_filename(base)
                 if digest is None or str(digest) in in_use:
                     continue
+                if base not in alive:
+                    alive[base] = host.upload_alive(pool, base)
+                if alive[base]:
+                    continue  # another client is uploading it: an `up` is about to use it
                 vol = host.volume(pool, vol_name)
                 size = host.volume_size(vol) if vol is not None else 0
                 if host.delete_volume(pool, vol_name):

@@ -224,10 +224,14 @@ class Connection:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
+SCAN_TIMEOUT = 30.0  # seconds for ssh-keyscan in all: its -T restarts with every byte read (a trickling server)
+
+
 def scan_host_keys(host: str, port: int) -> list[HostKey]:
     """The host keys the SSH server at host:port offers right now (empty when it does not answer)."""
     # -T 10: a guest under heavy emulation may take seconds to answer; an early give-up only makes the next try later.
-    proc = try_run(["ssh-keyscan", "-T", "10", "-p", str(port), "--", host], timeout=30, hint="install openssh-client")
+    argv = ["ssh-keyscan", "-T", "10", "-p", str(port), "--", host]
+    proc = try_run(argv, timeout=SCAN_TIMEOUT, hint="install openssh-client")
     return KEY_LINE.findall(proc.stdout) if proc is not None else []
 
 
@@ -237,6 +241,9 @@ def check_host_keys(host: str, port: int, keys: list[HostKey]) -> bool | None:
     if not offered:
         return None
     return bool(set(offered) & set(keys))
+
+
+PROBE_TIMEOUT = 20.0  # seconds for a host-key probe through ssh: ConnectTimeout does not cover a stalled key exchange
 
 
 def check_host_keys_via(hop: SshHop | None) -> KeyCheck:
@@ -255,7 +262,7 @@ def check_host_keys_via(hop: SshHop | None) -> KeyCheck:
                 "-o", "ConnectTimeout=5", "-o", "PreferredAuthentications=publickey",
                 "-o", "IdentitiesOnly=yes", "-o", "IdentityFile=/dev/null",
             ]  # fmt: skip
-            result = _timed(argv, 20)
+            result = _timed(argv, PROBE_TIMEOUT)
         if "Permission denied" in result.stderr:
             return True
         if "Host key verification failed" in result.stderr or "IDENTIFICATION HAS CHANGED" in result.stderr:

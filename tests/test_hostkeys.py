@@ -4,9 +4,11 @@ is refused by the readiness check of `up`, by `start`'s check, by the check thro
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from qemu_instances import ssh as ssh_module
 from qemu_instances.access import ssh_argv
 from qemu_instances.domain import METADATA_NS, Metadata
 from qemu_instances.errors import GuestFailed, QinstError, UsageError
@@ -141,6 +144,59 @@ def test_check_through_ssh_refuses_another_key(sshd: Sshd, closed_port: int) -> 
     assert check("127.0.0.1", sshd.port, [sshd.key]) is True
     assert check("127.0.0.1", sshd.port, [sshd.other]) is False
     assert check("127.0.0.1", closed_port, [sshd.key]) is None
+
+
+def test_scan_gives_up_on_a_server_that_trickles_its_banner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ssh-keyscan's -T starts again with each byte read: a server sending one byte at a time would hold it for
+    as long as it likes; the scan's own timeout ends it: no keys (not yet an answer), not a hang."""
+    monkeypatch.setattr(ssh_module, "SCAN_TIMEOUT", 2.0)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(15)
+
+        def trickle() -> None:
+            with contextlib.suppress(OSError):
+                conn, _ = server.accept()
+                with conn:
+                    for byte in b"SSH-2.0-OpenSSH_9.2 trickled"[:24]:  # 12 s in all
+                        conn.sendall(bytes([byte]))
+                        time.sleep(0.5)
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        assert scan_host_keys("127.0.0.1", server.getsockname()[1]) == []
+        assert time.monotonic() - started < 8, "the scan waited on the trickling server"
+        thread.join(15)
+
+
+def test_check_through_ssh_gives_up_on_a_server_that_stalls_after_its_banner(
+    sshd: Sshd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that says its version and then nothing (a guest's sshd frozen mid key exchange): ssh's
+    ConnectTimeout does not end that, the probe's own timeout does: no answer yet (None), not a hang."""
+    monkeypatch.setattr(ssh_module, "PROBE_TIMEOUT", 2.0)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(15)
+
+        def stall() -> None:
+            with contextlib.suppress(OSError):
+                conn, _ = server.accept()
+                with conn:
+                    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                    conn.settimeout(12)
+                    while conn.recv(4096):  # the client's key exchange, never answered, until it gives up
+                        pass
+
+        thread = threading.Thread(target=stall, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        assert check_host_keys_via(None)("127.0.0.1", server.getsockname()[1], [sshd.key]) is None
+        assert time.monotonic() - started < 10, "the probe waited on the stalled server"
+        thread.join(15)
 
 
 def test_up_readiness_refuses_a_server_with_a_key_the_console_did_not_print(sshd: Sshd) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 import socket
 import ssl
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from httpserver import HTTPServer
 
 from qemu_instances.digests import Algorithm, Digest
@@ -327,3 +329,43 @@ def test_an_untrusted_certificate_is_said_as_a_tls_failure(tls_context: ssl.SSLC
     finally:
         gen.close()
     assert ": TLS failure talking to 127.0.0.1 (certificate not trusted?)" in message
+
+
+class _BareFailure(requests.adapters.HTTPAdapter):
+    """A transport that fails with an exception carrying nothing: no message, no cause (as some adapters raise)."""
+
+    def send(self, *args: Any, **kwargs: Any) -> requests.Response:
+        raise requests.ConnectionError()
+
+
+def test_a_failure_that_says_nothing_is_still_one_line_naming_the_host(tmp_path: Path) -> None:
+    session = new_session()
+    session.mount("http://", _BareFailure())
+    url = "http://127.0.0.1:9/image"
+    with pytest.raises(DownloadError, match=r"^cannot download .*: cannot connect to 127\.0\.0\.1 \(no network\?\)"):
+        download_verified(url, tmp_path / "image", Digest(Algorithm.SHA256, "0" * 64), session=session, policy=QUICK)
+
+
+def test_a_download_is_written_private_whatever_the_umask(http_server: HTTPServer, tmp_path: Path) -> None:
+    """The partial file (and so the image it becomes) is created 0600: not readable by other users meanwhile."""
+    body = random.Random(5).randbytes(5000)
+    url = http_server.add("/private", body)
+    old = os.umask(0)
+    try:
+        digest = Digest(Algorithm.SHA256, hashlib.sha256(body).hexdigest())
+        download_verified(url, tmp_path / "image", digest, session=new_session(), policy=QUICK)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "image").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_partial_that_is_not_a_regular_file_is_refused_and_left(http_server: HTTPServer, tmp_path: Path) -> None:
+    """A directory planted where the partial download goes: refused by name, never read, written or removed."""
+    body = b"image bytes"
+    url = http_server.add("/planted", body)
+    planted = tmp_path / ".image.part"
+    planted.mkdir()
+    digest = Digest(Algorithm.SHA256, hashlib.sha256(body).hexdigest())
+    with pytest.raises(DownloadError, match=r"^refusing to write .*\.image\.part: not a regular file$"):
+        download_verified(url, tmp_path / "image", digest, session=new_session(), policy=QUICK)
+    assert planted.is_dir() and not (tmp_path / "image").exists()

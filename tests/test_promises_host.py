@@ -1,9 +1,13 @@
 """Base volumes on a remote libvirt host: uploaded once through a libvirt stream, hashed, marked; a volume without
 its `.verified` marker, truncated or corrupted, is re-hashed and replaced.
 
-The remote host is the real libvirtd reached over SSH (qemu+ssh://root@127.0.0.1 through the sshd of
-test_remote.py), with a transient pool of this test's own, so no volume another test made (a hard link of a local
-launch) can stand in for an upload.
+The remote host is the real libvirtd with a transient pool of this test's own, so no volume another test made (a
+hard link of a local launch) can stand in for an upload. Most tests reach it through its local socket as a client
+on another machine would (`_Streamed`: no hard link, every byte through a libvirt stream), which takes
+milliseconds; one test goes through SSH (qemu+ssh://root@127.0.0.1, the sshd of test_remote.py), which takes
+seconds. The waits on another client's upload poll every UPLOAD_POLL seconds (made short here) and take it over
+after `stale` seconds (given short): no test waits seconds of real time. Each test fails by a deadline (DEADLINE)
+instead of hanging, whatever a broken upload loop does (scripts/mutation.sh runs these tests on such code).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import io
 import os
 import secrets
+import signal
 import subprocess
 import tempfile
 import threading
@@ -26,30 +31,79 @@ import pytest
 from mirror import make_qcow2
 from test_remote import Sshd, sshd  # noqa: F401  (the fixture)
 
+from qemu_instances import host as host_module
 from qemu_instances.digests import Algorithm, Digest, hash_file
 from qemu_instances.errors import HypervisorError
 from qemu_instances.host import UPLOAD_CHUNK, UPLOADING, VERIFIED, Host, _hard_link, _send
 
 pytestmark = pytest.mark.libvirt
+LOCAL = "qemu:///system"
+DEADLINE = 30  # seconds: a test still running then fails (a loop that never ends, a wait that is never answered)
 
 
-@pytest.fixture
-def remote(sshd: Sshd, tmp_path: Path) -> Iterator[tuple[Host, Any, Path]]:  # noqa: F811
-    """(remote Host, its pool object, the pool's directory): a fresh transient directory pool."""
-    directory = tmp_path / "pool"
+class _TimedOut(BaseException):
+    """Raised by SIGALRM at a test's deadline (a BaseException: no `except Exception` of the code swallows it)."""
+
+
+@pytest.fixture(autouse=True)
+def deadline_and_short_polls(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    def expire(_signum: int, _frame: Any) -> None:
+        raise _TimedOut(f"the test ran over its {DEADLINE} s deadline")
+
+    monkeypatch.setattr(host_module, "UPLOAD_POLL", 0.05)
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(DEADLINE)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class _Streamed(Host):
+    """The real libvirtd through its local socket, used as a remote host is: uploads go through libvirt streams."""
+
+    @property
+    def is_local(self) -> bool:
+        return False
+
+
+def _transient_pool(host: Host, directory: Path) -> Any:
     directory.mkdir()
     root = ET.Element("pool", type="dir")
     ET.SubElement(root, "name").text = f"qinst-upload-{secrets.token_hex(3)}"
     ET.SubElement(ET.SubElement(root, "target"), "path").text = str(directory)
+    return host.conn.storagePoolCreateXML(ET.tostring(root, encoding="unicode"), 0)
+
+
+def _drop(pool: Any) -> None:
+    for vol in pool.listAllVolumes():
+        vol.delete(0)
+    pool.destroy()
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> Iterator[tuple[Host, Any, Path]]:
+    """(a Host used as remote, its pool object, the pool's directory): a fresh transient directory pool."""
+    with _Streamed(LOCAL) as host:
+        assert not host.is_local
+        pool = _transient_pool(host, tmp_path / "pool")
+        try:
+            yield host, pool, tmp_path / "pool"
+        finally:
+            _drop(pool)
+
+
+@pytest.fixture
+def over_ssh(sshd: Sshd, tmp_path: Path) -> Iterator[tuple[Host, Any, Path]]:  # noqa: F811
+    """As `remote`, through SSH: a remote host as users reach it."""
     with Host(sshd.uri) as host:
         assert not host.is_local
-        pool = host.conn.storagePoolCreateXML(ET.tostring(root, encoding="unicode"), 0)
+        pool = _transient_pool(host, tmp_path / "pool")
         try:
-            yield host, pool, directory
+            yield host, pool, tmp_path / "pool"
         finally:
-            for vol in pool.listAllVolumes():
-                vol.delete(0)
-            pool.destroy()
+            _drop(pool)
 
 
 @pytest.fixture
@@ -62,8 +116,11 @@ def _sha512(path: Path) -> str:
     return hashlib.sha512(path.read_bytes()).hexdigest()
 
 
-def test_upload_verified_marked_and_not_repeated(remote: tuple[Host, Any, Path], image: tuple[Path, Digest]) -> None:
-    host, pool, directory = remote
+@pytest.mark.parametrize("through", ["stream", "ssh"])
+def test_upload_verified_marked_and_not_repeated(
+    through: str, request: pytest.FixtureRequest, image: tuple[Path, Digest]
+) -> None:
+    host, pool, directory = request.getfixturevalue("remote" if through == "stream" else "over_ssh")
     source, digest = image
     vol = host.base_volume(pool, digest.filename, source, digest)
     uploaded = directory / digest.filename
@@ -150,6 +207,20 @@ def _claimed(host: Host, pool: Any, image: tuple[Path, Digest], content: bytes |
     return name, name + VERIFIED, name + UPLOADING
 
 
+def _another_client(pool: Any, *, marks: tuple[str, Digest] | None = None, deletes: tuple[str, ...] = ()) -> Any:
+    """What another client ends its upload with, through its own connection: a marker written, volumes deleted."""
+
+    def act() -> None:
+        with _Streamed(LOCAL) as other:
+            its_pool = other.conn.storagePoolLookupByName(pool.name())
+            if marks is not None:
+                other._mark(its_pool, *marks)
+            for name in deletes:
+                other.delete_volume(its_pool, name)
+
+    return act
+
+
 def _later(seconds: float, *actions: Any) -> threading.Timer:
     timer = threading.Timer(seconds, lambda: [action() for action in actions])
     timer.start()
@@ -162,7 +233,7 @@ def test_a_claimed_upload_is_used_once_its_client_marks_it(
     host, pool, directory = remote
     name, marker, claim = _claimed(host, pool, image)
     before = (directory / name).stat()
-    done = _later(2.0, lambda: (directory / marker).write_text(str(image[1])), (directory / claim).unlink)
+    done = _later(0.5, _another_client(pool, marks=(marker, image[1]), deletes=(claim,)))
     try:
         vol = host.base_volume(pool, name, image[0], image[1])
     finally:
@@ -176,7 +247,7 @@ def test_a_claimed_upload_that_failed_is_done_again(remote: tuple[Host, Any, Pat
     """The other client's upload fails (its volume and claim are removed): this one uploads the image itself."""
     host, pool, directory = remote
     name, marker, claim = _claimed(host, pool, image, content=b"half")
-    failed = _later(2.0, (directory / name).unlink, (directory / claim).unlink)
+    failed = _later(0.5, _another_client(pool, deletes=(name, claim)))
     try:
         host.base_volume(pool, name, image[0], image[1])
     finally:
@@ -191,8 +262,8 @@ def test_a_stalled_claimed_upload_is_taken_over(remote: tuple[Host, Any, Path], 
     host, pool, directory = remote
     name, marker, claim = _claimed(host, pool, image, content=image[0].read_bytes()[:65536])
     started = time.monotonic()
-    host.base_volume(pool, name, image[0], image[1], stale=3.0)
-    assert time.monotonic() - started >= 3.0, "a claimed upload was taken over before it stalled"
+    host.base_volume(pool, name, image[0], image[1], stale=0.5)
+    assert time.monotonic() - started >= 0.5, "a claimed upload was taken over before it stalled"
     assert _sha512(directory / name) == image[1].hex
     assert (directory / marker).read_text() == str(image[1]) and not (directory / claim).exists()
 
@@ -206,7 +277,7 @@ class _Paused:
     def __call__(self, done: int, total: int | None) -> None:
         if not self.reached.is_set():
             self.reached.set()
-            assert self.go.wait(120), "never resumed"
+            assert self.go.wait(DEADLINE), "never resumed"
 
 
 def _in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
@@ -224,11 +295,11 @@ def _in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
 
 
 def _settled(path: Path) -> os.stat_result:
-    """path's status once it stopped changing for a second."""
+    """path's status once it stopped changing for a quarter of a second."""
     deadline = time.monotonic() + 30
     last = path.stat()
     while time.monotonic() < deadline:
-        time.sleep(1.0)
+        time.sleep(0.25)
         now = path.stat()
         if now.st_mtime_ns == last.st_mtime_ns:
             return now
@@ -238,7 +309,6 @@ def _settled(path: Path) -> os.stat_result:
 
 @pytest.mark.parametrize("stalled", [False, True], ids=["alive", "stalled"])
 def test_an_upload_paused_midstream_is_not_deleted_by_another_client(
-    sshd: Sshd,  # noqa: F811
     remote: tuple[Host, Any, Path],
     image: tuple[Path, Digest],
     stalled: bool,
@@ -251,26 +321,28 @@ def test_an_upload_paused_midstream_is_not_deleted_by_another_client(
     name = digest.filename
     assert source.stat().st_size > 2 * UPLOAD_CHUNK  # the pause is mid-stream
     paused = _Paused()
-    with Host(sshd.uri) as a:
+    with _Streamed(LOCAL) as a:
         pool_a = a.conn.storagePoolLookupByName(pool_b.name())
         thread_a, result_a = _in_thread(lambda: a.base_volume(pool_a, name, source, digest, progress=paused))
-        assert paused.reached.wait(60), "A's upload never started"
-        partial = _settled(directory / name)  # A's first chunk may still be on its way to the disk
-        assert (directory / (name + UPLOADING)).exists() and not (directory / (name + VERIFIED)).exists()
-        stale = 3.0 if stalled else 600.0
-        thread_b, result_b = _in_thread(lambda: b.base_volume(pool_b, name, source, digest, stale=stale))
-        if stalled:
-            thread_b.join(60)
-            assert not thread_b.is_alive() and not isinstance(result_b[0], BaseException), result_b
-            assert (directory / name).stat().st_ino != partial.st_ino  # B's own upload replaced A's
-        else:
-            time.sleep(4.0)  # B waits; nothing to wait for but time: B must do nothing meanwhile
-            assert thread_b.is_alive(), f"B did not wait for A's upload: {result_b}"
-            now = (directory / name).stat()
-            assert (now.st_ino, now.st_mtime_ns) == (partial.st_ino, partial.st_mtime_ns), "B touched A's volume"
-        paused.go.set()
-        thread_a.join(60)
-        thread_b.join(60)
+        try:
+            assert paused.reached.wait(30), "A's upload never started"
+            partial = _settled(directory / name)  # A's first chunk may still be on its way to the disk
+            assert (directory / (name + UPLOADING)).exists() and not (directory / (name + VERIFIED)).exists()
+            stale = 0.5 if stalled else 600.0
+            thread_b, result_b = _in_thread(lambda: b.base_volume(pool_b, name, source, digest, stale=stale))
+            if stalled:
+                thread_b.join(30)
+                assert not thread_b.is_alive() and not isinstance(result_b[0], BaseException), result_b
+                assert (directory / name).stat().st_ino != partial.st_ino  # B's own upload replaced A's
+            else:
+                time.sleep(1.0)  # B looks 20 times meanwhile; nothing to wait for but time: B must do nothing
+                assert thread_b.is_alive(), f"B did not wait for A's upload: {result_b}"
+                now = (directory / name).stat()
+                assert (now.st_ino, now.st_mtime_ns) == (partial.st_ino, partial.st_mtime_ns), "B touched A's volume"
+        finally:
+            paused.go.set()
+        thread_a.join(30)
+        thread_b.join(30)
     assert not thread_a.is_alive() and not thread_b.is_alive()
     vol_a, vol_b = result_a[0], result_b[0]
     assert not isinstance(vol_a, BaseException), vol_a
@@ -397,7 +469,7 @@ def test_an_upload_racing_another_clients_waits_for_its_marker(
         return real_volume(p, n)
 
     monkeypatch.setattr(host, "volume", looked_up_before_the_other_client_claimed_it)
-    done = _later(2.0, lambda: (directory / marker).write_text(str(image[1])), (directory / claim).unlink)
+    done = _later(0.5, _another_client(pool, marks=(marker, image[1]), deletes=(claim,)))
     try:
         vol = host.base_volume(pool, name, image[0], image[1])
     finally:
@@ -423,31 +495,40 @@ def test_two_clients_marking_the_same_volume_at_once_both_succeed(
 
 
 def test_a_slow_upload_that_keeps_progressing_is_not_taken_over(
-    sshd: Sshd,  # noqa: F811
     remote: tuple[Host, Any, Path],
     image: tuple[Path, Digest],
 ) -> None:
-    """Client A sends a chunk every 0.7 s, for longer in all than B's `stale`: as long as its volume keeps changing,
-    B waits for it; both end with A's volume."""
+    """Client A sends a chunk every 0.4 s, for longer in all than B's `stale` (2 s: five gaps, so that a loaded
+    machine's pauses are not taken for a stall): as long as its volume keeps changing, B waits for it; both end
+    with A's volume."""
     b, pool_b, directory = remote
     source, digest = image
     name = digest.filename
     chunks = source.stat().st_size // UPLOAD_CHUNK
-    assert chunks * 0.7 > 2 * 2.5  # the upload lasts over twice B's stale
-    with Host(sshd.uri) as a:
+    assert chunks * 0.4 > 1.5 * 2.0  # the upload lasts well over B's stale
+    with _Streamed(LOCAL) as a:
         pool_a = a.conn.storagePoolLookupByName(pool_b.name())
         started = threading.Event()
 
         def slowly(done: int, total: int | None) -> None:
             started.set()
-            time.sleep(0.7)
+            time.sleep(0.4)
 
         thread_a, result_a = _in_thread(lambda: a.base_volume(pool_a, name, source, digest, progress=slowly))
-        assert started.wait(60), "A's upload never started"
+        assert started.wait(30), "A's upload never started"
         inode = (directory / name).stat().st_ino
-        vol_b = b.base_volume(pool_b, name, source, digest, stale=2.5)
-        thread_a.join(60)
+        vol_b = b.base_volume(pool_b, name, source, digest, stale=2.0)
+        thread_a.join(30)
     assert not thread_a.is_alive() and not isinstance(result_a[0], BaseException), result_a
     assert vol_b.path() == result_a[0].path() and (directory / name).stat().st_ino == inode, "B took the upload over"
     assert _sha512(directory / name) == digest.hex
     assert (directory / (name + VERIFIED)).read_text() == str(digest)
+
+
+def test_a_volume_deleted_under_a_reader_is_an_error_naming_it(remote: tuple[Host, Any, Path]) -> None:
+    """Another client deletes a volume this one just looked up: reading its size is a one-line error naming it."""
+    host, pool, _ = remote
+    vol = host.upload_volume(pool, "gone", io.BytesIO(b"bytes"), 5)
+    pool.storageVolLookupByName("gone").delete(0)
+    with pytest.raises(HypervisorError, match=r"^cannot read volume gone: "):
+        host._physical(vol, "gone")

@@ -61,6 +61,22 @@ def test_generated_private_key_is_ed25519_without_a_passphrase(tmp_path: Path) -
     assert ((tmp_path / "own").stat().st_mode & 0o777) == 0o700
 
 
+def test_generating_a_key_never_asks_for_a_passphrase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a desktop ssh-keygen asks through SSH_ASKPASS when no passphrase is given: qinst gives the empty one, so
+    nothing pops up and the key is not encrypted with whatever a prompt got."""
+    asked = tmp_path / "asked"
+    askpass = tmp_path / "askpass"
+    askpass.write_text(f"#!/bin/sh\necho asked >> {asked}\necho typed-passphrase\n")
+    askpass.chmod(0o755)
+    monkeypatch.setenv("SSH_ASKPASS", str(askpass))
+    monkeypatch.setenv("SSH_ASKPASS_REQUIRE", "force")
+    monkeypatch.setenv("DISPLAY", ":0")
+    key = sshkeys.generate_keypair(tmp_path / "id")
+    assert not asked.exists(), "ssh-keygen asked for a passphrase"
+    assert key.private_path is not None
+    subprocess.run(["ssh-keygen", "-y", "-P", "", "-f", str(key.private_path)], capture_output=True, check=True)
+
+
 def test_without_ssh_keygen_the_error_says_which_package_has_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

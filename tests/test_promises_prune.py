@@ -6,7 +6,9 @@ this test's own (a transient directory pool with a unique name) holding base vol
 
 from __future__ import annotations
 
+import os
 import secrets
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +117,82 @@ def test_prune_reports_the_bytes_each_volume_freed_and_keeps_other_volumes(tmp_p
     assert removed[f"volume {own_pool.name()}/{gone.digest.filename}{host_module.VERIFIED}"] == 4096
     own_pool.refresh(0)
     assert own_pool.listVolumes() == ["aaa-disk.qcow2"]
+
+
+def test_prune_keeps_a_base_volume_whose_upload_is_claimed_and_alive(tmp_path: Path, own_pool: Any) -> None:
+    """Another client is uploading an image no instance uses yet (its `up` is about to): the volume and its claim
+    stay. Once neither changed for STALE_UPLOAD seconds (the client died), both go."""
+    settings = Settings(connect=URI, cache_dir=tmp_path / "cache")
+    store = ImageStore(settings)
+    image = store.pull(store.resolve(str(make_qcow2(tmp_path / "up.qcow2", 1, seed=24).file)))
+    directory = tmp_path / "pool"
+    name, claim = image.digest.filename, image.digest.filename + host_module.UPLOADING
+    _filled_volume(own_pool, directory, claim, 32)
+    _filled_volume(own_pool, directory, name, 4096)
+    unused = [f"sha256-{secrets.token_hex(32)}" for _ in range(3)]  # other images' volumes: pruned all the same
+    for other in unused:
+        _filled_volume(own_pool, directory, other, 4096)
+        _filled_volume(own_pool, directory, other + host_module.VERIFIED, 4096)
+    removed = dict(instances.prune(settings, store))
+    expected = {f"volume {own_pool.name()}/{v}" for other in unused for v in (other, other + host_module.VERIFIED)}
+    assert {key for key in removed if key.startswith("volume ")} == expected
+    own_pool.refresh(0)
+    assert sorted(own_pool.listVolumes()) == sorted([name, claim])
+    # either of them fresh keeps both: a claim just made (no byte written yet), a volume still being written
+    old, now = time.time() - host_module.STALE_UPLOAD - 60, time.time()
+    for stale, fresh in ((name, claim), (claim, name)):
+        os.utime(directory / stale, (old, old))
+        os.utime(directory / fresh, (now, now))
+        own_pool.refresh(0)
+        assert not any(key.startswith("volume ") for key in dict(instances.prune(settings, store))), stale
+    os.utime(directory / name, (old, old))
+    own_pool.refresh(0)
+    removed = dict(instances.prune(settings, store))
+    assert {f"volume {own_pool.name()}/{name}", f"volume {own_pool.name()}/{claim}"} <= set(removed)
+    own_pool.refresh(0)
+    assert own_pool.listVolumes() == []
+
+
+def test_prune_removes_the_volumes_of_instances_whose_domain_is_gone_once_past_the_grace(
+    tmp_path: Path, own_pool: Any
+) -> None:
+    """An `up` killed before it defined its domain leaves its disk and seed: prune removes them (each of two such
+    instances, sizes reported) once ORPHAN_GRACE passed; a younger one may be an `up` still running: kept."""
+    settings = Settings(connect=URI, cache_dir=tmp_path / "cache")
+    store = ImageStore(settings)
+    directory = tmp_path / "pool"
+    tag = secrets.token_hex(3)
+    dead = [f"qinst-dead{i}-{tag}" for i in (1, 2)]
+    young = f"qinst-young-{tag}"
+    old = time.time() - instances.ORPHAN_GRACE - 60
+    for name in dead:
+        _filled_volume(own_pool, directory, instances.disk_volume(name), 8192)  # whole blocks: the bytes it takes
+        _filled_volume(own_pool, directory, instances.seed_volume(name), 4096)
+        for vol in (instances.disk_volume(name), instances.seed_volume(name)):
+            os.utime(directory / vol, (old, old))
+    _filled_volume(own_pool, directory, instances.disk_volume(young), 4096)
+    own_pool.refresh(0)
+    removed = dict(instances.prune(settings, store))
+    assert removed == {
+        **{f"volume {own_pool.name()}/{instances.disk_volume(name)}": 8192 for name in dead},
+        **{f"volume {own_pool.name()}/{instances.seed_volume(name)}": 4096 for name in dead},
+    }
+    own_pool.refresh(0)
+    assert own_pool.listVolumes() == [instances.disk_volume(young)]
+
+
+def test_prune_goes_on_past_temporaries_it_cannot_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale temporary removed meanwhile (by another prune), or one that cannot be removed, does not stop prune
+    from removing the others."""
+    store = ImageStore(Settings(connect="test:///default", cache_dir=tmp_path / "cache"))
+    store.cache.dir.mkdir(parents=True, exist_ok=True)
+    real = store.cache.dir / ".partial-of-a-dead-pull"
+    real.write_bytes(b"x" * 100)
+    gone = store.cache.dir / ".removed-by-another-prune"
+    unremovable = store.cache.dir / ("." + "n" * 300)  # lstat() fails (name too long): an OSError, not "gone"
+    monkeypatch.setattr(store.cache, "stale_temporaries", lambda: [gone, unremovable, real])
+    assert store.prune(set()) == [(real, 100)]
+    assert not real.exists()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import time
@@ -333,6 +334,17 @@ def test_content_encoding_is_decoded_before_hashing(http_server: HTTPServer, tmp
     assert (tmp_path / "blob").read_bytes() == data
     statuses = [h.status for h in http_server.hits("/blob")]
     assert statuses == ([200] if cut is None else [200, 206, 200])
+
+
+@http
+def test_a_body_not_in_the_encoding_it_claims_is_an_error_saying_so(http_server: HTTPServer, tmp_path: Path) -> None:
+    """Content-Encoding: gzip over bytes that are not gzip: a one-line error with urllib3's reason (not retried)."""
+    data = random.Random(9).randbytes(10_000)
+    url = http_server.add("/blob", data, Content_Encoding="gzip")
+    digest = Digest.parse(f"sha256:{hashlib.sha256(data).hexdigest()}")
+    with pytest.raises(DownloadError, match=f"^cannot download {re.escape(url)}: .*failed to decode it"):
+        download_verified(url, tmp_path / "blob", digest, session=new_session(), policy=FAST)
+    assert not (tmp_path / "blob").exists()
 
 
 @http

@@ -110,6 +110,7 @@ def test_through_a_hop(sshd: Sshd, tmp_path: Path) -> None:
     assert check("127.0.0.1", sshd.port, [sshd.host_key]) is True
     assert check("127.0.0.1", sshd.port, [("ssh-ed25519", "A" * 68)]) is False
     assert ssh.key_checker(None)("127.0.0.1", sshd.port, [sshd.host_key]) is True  # directly, with ssh-keyscan
+    assert ssh.key_checker(None) is ssh.check_host_keys  # no hop: the guest is asked directly, not through ssh
 
 
 def test_the_hop_comes_whole_from_the_uri_and_only_from_ssh_uris() -> None:

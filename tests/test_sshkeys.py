@@ -105,6 +105,11 @@ def test_other_private_key_formats_are_refused(private: str) -> None:
         sshkeys.parse_public_key(private, "key")
 
 
+def test_an_empty_key_file_is_named_and_said_to_be_empty() -> None:
+    with pytest.raises(UsageError, match=r"^keys\.pub is empty; expected exactly one OpenSSH public key$"):
+        sshkeys.parse_public_key(" \n\n", "keys.pub")
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
