@@ -387,6 +387,28 @@ def test_a_send_that_takes_part_of_a_chunk_is_continued_not_repeated() -> None:
     assert hasher.hexdigest() == hashlib.sha512(data).hexdigest()
 
 
+class _CountedReads(io.BytesIO):
+    """A source that records how much each read asked for."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.asked: list[int | None] = []
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self.asked.append(size)
+        return super().read(size)
+
+
+def test_an_upload_holds_one_chunk_at_a_time_whatever_the_image_size() -> None:
+    # Images are GiBs: the upload streams them in bounded chunks, never the whole file into memory.
+    data = secrets.token_bytes(5 * UPLOAD_CHUNK + 1)
+    source = _CountedReads(data)
+    stream = _ShortSends(len(data))
+    _send(stream, source, len(data), None, None)  # type: ignore[arg-type]
+    assert bytes(stream.received) == data
+    assert source.asked and all(n is not None and 0 < n <= UPLOAD_CHUNK for n in source.asked), source.asked
+
+
 # -- a local daemon: the cached file is hard-linked into the pool, never copied -------------------------------------
 
 
@@ -532,3 +554,21 @@ def test_a_volume_deleted_under_a_reader_is_an_error_naming_it(remote: tuple[Hos
     pool.storageVolLookupByName("gone").delete(0)
     with pytest.raises(HypervisorError, match=r"^cannot read volume gone: "):
         host._physical(vol, "gone")
+
+
+class _FailsAfterOneChunk(io.BytesIO):
+    """A source whose disk fails after the first chunk."""
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if self.tell() > 0:
+            raise OSError("the cached image became unreadable")
+        return super().read(size)
+
+
+def test_an_upload_that_fails_midstream_leaves_no_volume_and_says_why(local: tuple[Host, Any, Path]) -> None:
+    host, pool, directory = local
+    data = secrets.token_bytes(3 * UPLOAD_CHUNK)
+    with pytest.raises(OSError, match="the cached image became unreadable"):
+        host.upload_volume(pool, "half.raw", _FailsAfterOneChunk(data), len(data))
+    assert "half.raw" not in host.volume_names(pool)
+    assert not (directory / "half.raw").exists()
