@@ -24,7 +24,7 @@ from qemu_instances.errors import GuestFailed, QinstError, UsageError
 from qemu_instances.host import Host
 from qemu_instances.instances import Instance, start
 from qemu_instances.settings import Settings
-from qemu_instances.ssh import check_host_keys, check_host_keys_via, scan_host_keys
+from qemu_instances.ssh import check_host_keys, check_host_keys_via, scan_host_keys, scan_types
 from qemu_instances.wait import Probe, Readiness, host_keys, wait_for_ssh, wait_ready
 
 BOOT = "[    0.000000] Linux version 6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org)\r\n"
@@ -129,6 +129,22 @@ def closed_port() -> Iterator[int]:
 
 def test_scan_returns_the_key_the_server_offers(sshd: Sshd) -> None:
     assert scan_host_keys("127.0.0.1", sshd.port) == [sshd.key]
+
+
+def test_the_scan_asks_for_ed25519_alone_when_the_guest_printed_one() -> None:
+    # Each type asked is a key exchange with an emulated guest (RSA signs slowly): ~12 s for ssh-keyscan's five
+    # default types against a TCG guest, ~1-3 s for ed25519 alone.
+    printed = [("ecdsa-sha2-nistp256", "A" * 40), ("ssh-ed25519", "B" * 40), ("ssh-rsa", "C" * 40)]
+    assert scan_types(printed) == ["ed25519"]
+    assert scan_types([("ssh-rsa", "C" * 40), ("ecdsa-sha2-nistp384", "A" * 40)]) == ["rsa", "ecdsa"]
+    assert scan_types([("ssh-dss", "D" * 40)]) == []  # not asked for by type: every type is
+
+
+def test_a_server_offering_only_other_key_types_is_refused_not_awaited(sshd: Sshd, tmp_path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    kind, body = (tmp_path / "k.pub").read_text().split()[:2]
+    assert scan_host_keys("127.0.0.1", sshd.port, ["ecdsa"]) == []  # the server has no ECDSA key...
+    assert check_host_keys("127.0.0.1", sshd.port, [(kind, body)]) is False  # ...and its ed25519 one is not ours
 
 
 def test_check_accepts_the_offered_key_and_refuses_another(sshd: Sshd, closed_port: int) -> None:
