@@ -87,7 +87,8 @@ def test_remote_smoke(qinst: RunQinst, vm_env: dict[str, str], sshd: Sshd, tmp_p
     statuses = {c["name"]: c["status"] for c in report["checks"]}
     assert report["passed"] and set(statuses.values()) <= {"passed", "skipped"}, statuses
     assert list(statuses.values()).count("passed") >= 5, statuses  # the built-in checks ran and passed
-    assert not {d for d in domains() if d.startswith("smoke-qinst-test")}
+    # Its own instance is gone (other smoke runs on this libvirtd, a developer's beside CI's, are not ours to judge).
+    assert report["instance"].startswith("smoke-qinst-test-") and report["instance"] not in domains()
 
 
 def test_hosts_table_placement_and_all_hosts(
