@@ -195,27 +195,13 @@ def test_a_body_longer_than_the_pinned_size_is_stopped_even_unannounced(
 
 def _answering(head: bytes) -> Iterator[str]:
     """A server that answers every request with `head` and ten bytes of body."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(16)
-        s.settimeout(0.2)
-        stop = threading.Event()
 
-        def serve() -> None:
-            while not stop.is_set():
-                try:
-                    conn, _ = s.accept()
-                except OSError:
-                    continue
-                with conn:
-                    conn.recv(65536)
-                    conn.sendall(head + b"Content-Length: 10\r\nConnection: close\r\n\r\n" + b"r" * 10)
+    def answer(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(head + b"Content-Length: 10\r\nConnection: close\r\n\r\n" + b"r" * 10)
 
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        yield f"http://127.0.0.1:{s.getsockname()[1]}/img"
-        stop.set()
-        thread.join(5)
+    for address in _raw_server(answer):
+        yield f"http://{address}/img"
 
 
 @pytest.mark.parametrize(
