@@ -25,7 +25,17 @@ from pathlib import Path
 
 from qemu_instances import instances, ssh
 from qemu_instances.access import console_text, ssh_target
-from qemu_instances.checks import ARTIFACTS, PROPERTIES, Batch, Check, Context, Output, describe, plan
+from qemu_instances.checks import (
+    ARTIFACTS,
+    PROPERTIES,
+    Batch,
+    Check,
+    Context,
+    Output,
+    cloud_init_version,
+    describe,
+    plan,
+)
 from qemu_instances.domain import Accel, Firmware
 from qemu_instances.errors import GuestFailed, GuestTimeout, Interrupted, QinstError
 from qemu_instances.fleet import for_host
@@ -253,7 +263,10 @@ class _Runner:
         commands |= {f"prop:{name}": (command, 30.0) for name, command in PROPERTIES.items()}
         if self.opts.artifacts is not None:
             commands |= {f"file:{name}": (command, 60.0) for name, command in ARTIFACTS.items()}
-        batch = Batch(commands)
+        # The built-in checks and the properties only read the guest: they run side by side (the guest has up to 2
+        # vCPUs and each check mostly waits on a process start); user checks and artifacts then run in order.
+        together = {f"check:{c.name}" for c in self.checks if not c.user} | {f"prop:{name}" for name in PROPERTIES}
+        batch = Batch(commands, parallel=frozenset(together))
         t = time.monotonic()
         code, stdout, stderr = self._session(inst, batch)
         results = batch.parse(stdout)
@@ -359,6 +372,8 @@ class _Runner:
                 inst = None
             if inst is not None:
                 report.console = console_text(host, inst)
+                if version := cloud_init_version(report.console):
+                    report.properties["cloud-init-version"] = version
                 if report.passed or not keep:
                     instances.remove(host, report.instance, force=True)
                 else:

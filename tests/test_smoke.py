@@ -227,6 +227,9 @@ def test_nightly_matrix_has_a_testsuite_per_firmware_and_exit_6(runs: dict[str, 
         assert props["firmware"] == result["firmware"]
         assert float(props["boot-time-kernel"]) > 0 and float(props["boot-time-userspace"]) > 0
         assert float(props["boot-time-total"]) >= float(props["boot-time-kernel"])
+        # Facts: the kernel the guest runs (asked in the session), cloud-init's version (from its console line).
+        assert props["kernel"].endswith("-cloud-amd64"), props
+        assert re.fullmatch(r"2\d\.\d+(\.\d+)?", props["cloud-init-version"]), props
 
 
 @pytest.mark.vm

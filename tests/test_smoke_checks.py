@@ -4,7 +4,9 @@ the smoke command's checks of its options before anything boots (through the rea
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from qemu_instances.checks import (
     Output,
     boot_times,
     cloud_init_status,
+    cloud_init_version,
     load_checks,
     parse_check_option,
     parse_duration,
@@ -79,6 +82,62 @@ def test_batch_parse_takes_only_well_formed_lines_with_its_nonce() -> None:
     ]
     results = batch.parse("\n".join(forged).encode() + b"\n\xff\xfe garbage\n")
     assert set(results) == {"y"} and results["y"] == Output(0, "hi", "hi", 0.001)
+
+
+def test_batch_runs_the_parallel_commands_together_then_the_others_in_order(tmp_path: Path) -> None:
+    d = tmp_path
+    # Each of a and b waits (at most 5 s) for the other's mark: both pass only when they run at the same time.
+    meet = "touch {d}/{me}; n=0; while [ ! -e {d}/{other} ]; do n=$((n+1)); [ $n -lt 100 ] || exit 9; sleep 0.05; done"
+    batch = Batch(
+        {
+            "first": (f"test -e {d}/a && test -e {d}/b && echo first >>{d}/order", 5.0),
+            "a": (meet.format(d=d, me="a", other="b"), 10.0),
+            "b": (meet.format(d=d, me="b", other="a"), 10.0),
+            "second": (f"echo second >>{d}/order; sleep 0.3", 5.0),
+        },
+        parallel=frozenset({"a", "b"}),
+    )
+    proc = subprocess.run(["sh", "-c", batch.remote_command()], capture_output=True, timeout=60, check=False)
+    results = batch.parse(proc.stdout)
+    assert {k: r.exit for k, r in results.items()} == {"a": 0, "b": 0, "first": 0, "second": 0}, proc.stderr
+    assert (d / "order").read_text() == "first\nsecond\n"  # after the parallel ones, in the order given
+    assert 0.25 <= results["second"].seconds < 5  # the guest's clock: /proc/uptime, read by the shell
+
+
+def test_batch_prints_each_result_as_it_ends_so_a_stopped_session_keeps_them() -> None:
+    batch = Batch({"quick": ("echo done", 5.0), "stuck": ("sleep 60", 120.0)}, parallel=frozenset({"quick"}))
+    proc = subprocess.Popen(["sh", "-c", batch.remote_command()], stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the quick result arrives while the stuck command still runs
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert batch.parse(first) == {"quick": Output(0, "done\n", "", batch.parse(first)["quick"].seconds)}
+
+
+def test_batch_encodes_output_without_gnu_base64(tmp_path: Path) -> None:
+    """A base64 without -w0 (BusyBox's, say): the script falls back to base64 | tr and the output is the same."""
+    fake = tmp_path / "base64"
+    fake.write_text(
+        '#!/bin/sh\ncase "$1" in -w*) echo "unknown option" >&2; exit 1 ;; esac\nexec /usr/bin/base64 "$@"\n'
+    )
+    fake.chmod(0o755)
+    batch = Batch({"long": ("seq 1 2000", 5.0), "err": ("echo oops >&2; exit 2", 5.0)})
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    proc = subprocess.run(["sh", "-c", batch.remote_command()], capture_output=True, timeout=60, check=False, env=env)
+    results = batch.parse(proc.stdout)
+    assert results["long"].stdout == "".join(f"{i}\n" for i in range(1, 2001))
+    assert (results["err"].exit, results["err"].stdout, results["err"].stderr) == (2, "", "oops\n")
+
+
+def test_cloud_init_version_comes_from_its_last_finished_line_and_only_if_plain() -> None:
+    console = (
+        "Cloud-init v. 22.4.2 finished at Sat, 28 Nov 2026 10:00:00 +0000. Up 20.1 seconds\n"
+        "Cloud-init v. 23.1.2-0ubuntu0~22.04.1 finished at Sun, 29 Nov 2026. Up 9 seconds\r\n"
+    )
+    assert cloud_init_version(console) == "23.1.2-0ubuntu0~22.04.1"
+    assert cloud_init_version("Cloud-init v. 22.4.2 running 'modules:final'") is None
+    assert cloud_init_version("Cloud-init v. \x1b[31mevil finished at now") is None
+    assert cloud_init_version("Cloud-init v. " + "9" * 80 + " finished at now") is None
 
 
 def test_user_checks_judge_exit_and_output() -> None:
