@@ -142,6 +142,9 @@ aleph_item_hash = "{"0" * 64}"
         (f'url = "https://e.example/a b"\ndigest = "{SHA256}"\n', ["'url'", "spaces"]),
         (f'url = "https://e.example/x"\ndigest = "{SHA256}"\naliases = ["Bad Alias"]\n', ["'aliases'"]),
         (f'url = "https://e.example/x"\ndigest = "{SHA256}"\naliases = [""]\n', ["'aliases'"]),
+        # a valid name followed by more: the whole alias must be a name, not just its start
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\naliases = ["ok name"]\n', ["'aliases'"]),
+        (f'url = "https://e.example/x"\ndigest = "{SHA256}"\naliases = ["ok\\u001b[31m"]\n', ["'aliases'"]),
         (f'url = "https://e.example/x"\ndigest = "{SHA256}"\ndefault_user = "root"\n', ["'default_user'", "root"]),
         (f'url = "https://e.example/x"\ndigest = "{SHA256}"\ndefault_user = "a b"\n', ["'default_user'"]),
         (f'url = "https://e.example/x"\ndigest = "{SHA256}"\ntitle = "\\u001b"\n', ["'title'", "printable"]),
