@@ -146,6 +146,20 @@ def test_a_truncated_volume_is_replaced_even_when_marked(
     assert _sha512(directory / digest.filename) == digest.hex
 
 
+def test_a_marked_volume_longer_than_the_image_is_replaced(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    """Bytes appended to a verified volume (its marker kept): only a volume of exactly the image's size is trusted."""
+    host, pool, directory = remote
+    source, digest = image
+    host.base_volume(pool, digest.filename, source, digest)
+    with (directory / digest.filename).open("ab") as f:
+        f.write(b"appended by someone else" * 100)
+    pool.refresh(0)
+    host.base_volume(pool, digest.filename, source, digest)
+    assert _sha512(directory / digest.filename) == digest.hex
+
+
 def test_an_unmarked_volume_is_rehashed_and_replaced_when_corrupt(
     remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
 ) -> None:
