@@ -131,6 +131,15 @@ def test_scan_returns_the_key_the_server_offers(sshd: Sshd) -> None:
     assert scan_host_keys("127.0.0.1", sshd.port) == [sshd.key]
 
 
+def test_a_host_name_starting_with_a_dash_is_never_read_as_an_option(sshd: Sshd, tmp_path: Path) -> None:
+    # "-f FILE" would make ssh-keyscan scan the hosts listed in FILE (here the sshd's address) instead of the host
+    # named: a host name that starts with "-" is a name that does not resolve, and gives no keys.
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1\n")
+    assert scan_host_keys("127.0.0.1", sshd.port) == [sshd.key]  # the file's host does answer
+    assert scan_host_keys(f"-f{hosts}", sshd.port) == []
+
+
 def test_the_scan_asks_for_ed25519_alone_when_the_guest_printed_one() -> None:
     # Each type asked is a key exchange with an emulated guest (RSA signs slowly): ~12 s for ssh-keyscan's five
     # default types against a TCG guest, ~1-3 s for ed25519 alone.

@@ -572,3 +572,37 @@ def test_an_upload_that_fails_midstream_leaves_no_volume_and_says_why(local: tup
         host.upload_volume(pool, "half.raw", _FailsAfterOneChunk(data), len(data))
     assert "half.raw" not in host.volume_names(pool)
     assert not (directory / "half.raw").exists()
+
+
+def test_an_upload_of_more_bytes_than_announced_is_an_error_naming_the_volume(remote: tuple[Host, Any, Path]) -> None:
+    """The image grew after its size was read: libvirtd refuses the bytes beyond the volume's end, and the stream,
+    failed already, refuses the clean-up's abort too. That second failure must not hide the first: the error is
+    the one-line HypervisorError naming the volume, and no volume is left."""
+    host, pool, directory = remote
+    data = secrets.token_bytes(UPLOAD_CHUNK + 1)
+    with pytest.raises(HypervisorError, match=r"^cannot upload volume grown\.raw: \S"):
+        host.upload_volume(pool, "grown.raw", io.BytesIO(data), UPLOAD_CHUNK)
+    assert "grown.raw" not in host.volume_names(pool)
+    assert not (directory / "grown.raw").exists()
+
+
+def test_a_failed_upload_whose_volume_another_client_deleted_raises_its_own_error(
+    remote: tuple[Host, Any, Path],
+) -> None:
+    """While this client uploads, another one deletes the volume (a prune), then this client's source fails: the
+    clean-up's delete finds no volume, which must not replace the upload's own error."""
+    host, pool, directory = remote
+    other_client = _another_client(pool, deletes=("taken.raw",))
+
+    class _DeletedThenFails(io.BytesIO):
+        def read(self, size: int | None = -1, /) -> bytes:
+            if self.tell() > 0:
+                other_client()
+                raise OSError("the cached image became unreadable")
+            return super().read(size)
+
+    data = secrets.token_bytes(3 * UPLOAD_CHUNK)
+    with pytest.raises(OSError, match="the cached image became unreadable"):
+        host.upload_volume(pool, "taken.raw", _DeletedThenFails(data), len(data))
+    assert "taken.raw" not in host.volume_names(pool)
+    assert not (directory / "taken.raw").exists()
