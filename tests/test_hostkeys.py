@@ -149,6 +149,11 @@ def test_the_scan_asks_for_ed25519_alone_when_the_guest_printed_one() -> None:
     assert scan_types([("ssh-dss", "D" * 40)]) == []  # not asked for by type: every type is
 
 
+def test_the_scan_asks_for_the_types_given(sshd: Sshd) -> None:
+    assert scan_host_keys("127.0.0.1", sshd.port, ["ed25519"]) == [sshd.key]
+    assert scan_host_keys("127.0.0.1", sshd.port, ["ecdsa", "ed25519"]) == [sshd.key]  # the server has ed25519 only
+
+
 def test_a_server_offering_only_other_key_types_is_refused_not_awaited(sshd: Sshd, tmp_path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(tmp_path / "k")], check=True)
     kind, body = (tmp_path / "k.pub").read_text().split()[:2]

@@ -268,6 +268,21 @@ def test_a_stalled_claimed_upload_is_taken_over(remote: tuple[Host, Any, Path], 
     assert (directory / marker).read_text() == str(image[1]) and not (directory / claim).exists()
 
 
+def test_a_claim_whose_client_died_before_making_its_volume_is_taken_over(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    """A client claimed the upload and died before creating the volume: the claim alone stays. With no volume to
+    watch, nothing changes for `stale` seconds: the claim is removed and the image uploaded and verified."""
+    host, pool, directory = remote
+    name, claim = image[1].filename, image[1].filename + UPLOADING
+    host.upload_volume(pool, claim, io.BytesIO(b"another client"), len(b"another client"))
+    started = time.monotonic()
+    host.base_volume(pool, name, image[0], image[1], stale=0.5)
+    assert time.monotonic() - started >= 0.5, "a claimed upload was taken over before it stalled"
+    assert _sha512(directory / name) == image[1].hex
+    assert (directory / (name + VERIFIED)).read_text() == str(image[1]) and not (directory / claim).exists()
+
+
 class _Paused:
     """A progress callback that stops an upload after its first chunk, until resumed."""
 
