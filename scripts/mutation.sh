@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of the code that carries qinst's security and data-safety claims (issue 16), with mutmut 3.
-# Not part of every CI run: it takes ~10-20 minutes on 2 cores. Usage: bash scripts/mutation.sh [--keep|--report]
+# Not part of every CI run: it takes ~22-30 minutes on 2 cores (see README). Usage: bash scripts/mutation.sh [--keep|--report]
 #
 # Each target is MODULE:FUNCTIONS (FUNCTIONS: comma-separated globs of function names; Class.method for methods;
 # * for the whole module). Host-key checking, known_hosts and the ssh options live in ssh.py; host.py is the only

@@ -131,6 +131,15 @@ def test_scan_returns_the_key_the_server_offers(sshd: Sshd) -> None:
     assert scan_host_keys("127.0.0.1", sshd.port) == [sshd.key]
 
 
+def test_a_host_name_starting_with_a_dash_is_never_read_as_an_option(sshd: Sshd, tmp_path: Path) -> None:
+    # "-f FILE" would make ssh-keyscan scan the hosts listed in FILE (here the sshd's address) instead of the host
+    # named: a host name that starts with "-" is a name that does not resolve, and gives no keys.
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1\n")
+    assert scan_host_keys("127.0.0.1", sshd.port) == [sshd.key]  # the file's host does answer
+    assert scan_host_keys(f"-f{hosts}", sshd.port) == []
+
+
 def test_the_scan_asks_for_ed25519_alone_when_the_guest_printed_one() -> None:
     # Each type asked is a key exchange with an emulated guest (RSA signs slowly): ~12 s for ssh-keyscan's five
     # default types against a TCG guest, ~1-3 s for ed25519 alone.
@@ -138,6 +147,11 @@ def test_the_scan_asks_for_ed25519_alone_when_the_guest_printed_one() -> None:
     assert scan_types(printed) == ["ed25519"]
     assert scan_types([("ssh-rsa", "C" * 40), ("ecdsa-sha2-nistp384", "A" * 40)]) == ["rsa", "ecdsa"]
     assert scan_types([("ssh-dss", "D" * 40)]) == []  # not asked for by type: every type is
+
+
+def test_the_scan_asks_for_the_types_given(sshd: Sshd) -> None:
+    assert scan_host_keys("127.0.0.1", sshd.port, ["ed25519"]) == [sshd.key]
+    assert scan_host_keys("127.0.0.1", sshd.port, ["ecdsa", "ed25519"]) == [sshd.key]  # the server has ed25519 only
 
 
 def test_a_server_offering_only_other_key_types_is_refused_not_awaited(sshd: Sshd, tmp_path: Path) -> None:

@@ -282,6 +282,21 @@ def test_a_stalled_claimed_upload_is_taken_over(remote: tuple[Host, Any, Path], 
     assert (directory / marker).read_text() == str(image[1]) and not (directory / claim).exists()
 
 
+def test_a_claim_whose_client_died_before_making_its_volume_is_taken_over(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    """A client claimed the upload and died before creating the volume: the claim alone stays. With no volume to
+    watch, nothing changes for `stale` seconds: the claim is removed and the image uploaded and verified."""
+    host, pool, directory = remote
+    name, claim = image[1].filename, image[1].filename + UPLOADING
+    host.upload_volume(pool, claim, io.BytesIO(b"another client"), len(b"another client"))
+    started = time.monotonic()
+    host.base_volume(pool, name, image[0], image[1], stale=0.5)
+    assert time.monotonic() - started >= 0.5, "a claimed upload was taken over before it stalled"
+    assert _sha512(directory / name) == image[1].hex
+    assert (directory / (name + VERIFIED)).read_text() == str(image[1]) and not (directory / claim).exists()
+
+
 class _Paused:
     """A progress callback that stops an upload after its first chunk, until resumed."""
 
@@ -586,3 +601,37 @@ def test_an_upload_that_fails_midstream_leaves_no_volume_and_says_why(local: tup
         host.upload_volume(pool, "half.raw", _FailsAfterOneChunk(data), len(data))
     assert "half.raw" not in host.volume_names(pool)
     assert not (directory / "half.raw").exists()
+
+
+def test_an_upload_of_more_bytes_than_announced_is_an_error_naming_the_volume(remote: tuple[Host, Any, Path]) -> None:
+    """The image grew after its size was read: libvirtd refuses the bytes beyond the volume's end, and the stream,
+    failed already, refuses the clean-up's abort too. That second failure must not hide the first: the error is
+    the one-line HypervisorError naming the volume, and no volume is left."""
+    host, pool, directory = remote
+    data = secrets.token_bytes(UPLOAD_CHUNK + 1)
+    with pytest.raises(HypervisorError, match=r"^cannot upload volume grown\.raw: \S"):
+        host.upload_volume(pool, "grown.raw", io.BytesIO(data), UPLOAD_CHUNK)
+    assert "grown.raw" not in host.volume_names(pool)
+    assert not (directory / "grown.raw").exists()
+
+
+def test_a_failed_upload_whose_volume_another_client_deleted_raises_its_own_error(
+    remote: tuple[Host, Any, Path],
+) -> None:
+    """While this client uploads, another one deletes the volume (a prune), then this client's source fails: the
+    clean-up's delete finds no volume, which must not replace the upload's own error."""
+    host, pool, directory = remote
+    other_client = _another_client(pool, deletes=("taken.raw",))
+
+    class _DeletedThenFails(io.BytesIO):
+        def read(self, size: int | None = -1, /) -> bytes:
+            if self.tell() > 0:
+                other_client()
+                raise OSError("the cached image became unreadable")
+            return super().read(size)
+
+    data = secrets.token_bytes(3 * UPLOAD_CHUNK)
+    with pytest.raises(OSError, match="the cached image became unreadable"):
+        host.upload_volume(pool, "taken.raw", _DeletedThenFails(data), len(data))
+    assert "taken.raw" not in host.volume_names(pool)
+    assert not (directory / "taken.raw").exists()
