@@ -5,14 +5,15 @@
 # Each target is MODULE:FUNCTIONS (FUNCTIONS: comma-separated globs of function names; Class.method for methods;
 # * for the whole module). Host-key checking, known_hosts and the ssh options live in ssh.py; host.py is the only
 # libvirt importer (base-volume upload, verification and its .verified marker); metadata read back from libvirt is
-# validated by domain.py (parsing) and instances.py (validate_metadata; prune's in-use set).
+# validated by domain.py (parsing) and instances.py (validate_metadata; prune's in-use set). Catalog validation: catalog.py.
 TARGETS=${QINST_MUTATION_TARGETS:-"digests.py:* download.py:*
  ssh.py:escape_percent,SshHop.from_uri,SshHop.proxy_command,SshHop.ssh_options,known_hosts_line,write_known_hosts,ssh_options,destination,ssh_argv,scan_host_keys,check_host_keys,check_host_keys_via,key_checker
  wait.py:host_keys,wait_for_ssh access.py:known_hosts_file,ssh_target
  sshkeys.py:parse_public_key,_check_key_body,_blob_fields,load_key_file,_read_public,generate_keypair,_make_private_dir,resolve_keys,_key_identity
  host.py:_hard_link,_send,Host.base_volume,Host._physical,Host._mark,Host._upload_claimed,Host._claim_token,Host._await_upload,Host._modified,Host.upload_volume,Host.volume_digest,Host.upload_alive
  images.py:ImageStore.prune,Cache.stale_temporaries,_locked instances.py:validate_metadata,prune
- domain.py:validate_name,Metadata.from_xml,metadata_from_domain_xml seed.py:validate_*,SeedSpec.__post_init__"}
+ domain.py:validate_name,Metadata.from_xml,metadata_from_domain_xml seed.py:validate_*,SeedSpec.__post_init__
+ catalog.py:printable,http_url,_text,_display,_url,_format,_aliases,_digest,_aleph_hash,_user,_size,_keys,_entry,parse_catalog"}
 # The fast tests that exercise those modules (no VM boot; libvirtd and an sshd on 127.0.0.1 for the base-volume,
 # host-key and prune tests). mutmut runs, for each mutant, only the tests that cover its function (fastest first,
 # stopping at the first failure), so each mutant is judged in seconds; tests that cover none of TARGETS are left
@@ -21,7 +22,7 @@ TESTS=${QINST_MUTATION_TESTS:-"tests/test_digests.py tests/test_pull.py tests/te
        tests/test_hostkeys.py tests/test_ssh.py tests/test_domain.py tests/test_host.py tests/test_seed.py tests/test_cli_seed.py
        tests/test_images_ref.py tests/test_promises_digests.py tests/test_promises_download.py
        tests/test_promises_host.py tests/test_promises_keys.py tests/test_promises_prune.py
-       tests/test_promises_seed.py tests/test_promises_mutation.py tests/test_cache_faults.py tests/test_hostile_bytes.py tests/test_mirror_trust.py"}
+       tests/test_promises_seed.py tests/test_promises_mutation.py tests/test_promises_catalog.py tests/test_catalog.py tests/test_cache_faults.py tests/test_hostile_bytes.py tests/test_mirror_trust.py"}
 # (QINST_MUTATION_TARGETS / QINST_MUTATION_TESTS / QINST_MUTATION_DIR: a part of the run, e.g. host.py's targets with
 # tests/test_promises_host.py tests/test_promises_prune.py tests/test_host.py, in a scratch directory of its own.)
 set -euo pipefail
