@@ -5,6 +5,8 @@ The race is forced deterministically: the test holds the port (listening on 127.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import socket
 from collections.abc import Iterator
@@ -83,6 +85,43 @@ def test_other_start_failures_are_not_retried() -> None:
     with pytest.raises(HypervisorError, match="unsupported configuration"):
         start_with_port(start, _spec(2400), lambda: 2401)
     assert started == [2400]
+
+
+def test_the_launcher_picks_again_when_its_picked_port_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Launcher._boot on libvirt's test driver: the first start fails as QEMU does on a taken forward port; the
+    launcher's own picker gives the next port, and the instance records it. With --ssh-port given, no retry."""
+    from test_host import TEST_URI, _plan, _run, _test_xml
+
+    from qemu_instances.host import Host
+    from qemu_instances.launch import Launcher
+    from qemu_instances.settings import Settings
+
+    monkeypatch.setattr(launch, "domain_xml", _test_xml)
+    monkeypatch.setattr(launch, "_pick_port", lambda host: 2223)
+    started: list[int] = []
+    real_start = Host.define_and_start
+
+    def define_and_start(self: Host, xml: str, name: str) -> object:
+        port = 2222 if not started else 2223
+        started.append(port)
+        if port == 2222:
+            raise HypervisorError(TAKEN % port)
+        return real_start(self, xml, name)
+
+    monkeypatch.setattr(Host, "define_and_start", define_and_start)
+    plan, spec = _plan("port-race", (Accel.TCG,), wait=False)
+    with Host(TEST_URI) as host, contextlib.ExitStack() as undo:
+        result = Launcher(Settings(connect=TEST_URI))._boot(_run(host, undo), plan, spec)
+        assert started == [2222, 2223]
+        assert result.instance.metadata.ssh_port == 2223
+        undo.close()
+    chosen, spec = _plan("port-chosen", (Accel.TCG,), wait=False)
+    chosen = dataclasses.replace(chosen, req=dataclasses.replace(chosen.req, ssh_port=2222))
+    started.clear()
+    with Host(TEST_URI) as host, contextlib.ExitStack() as undo:
+        with pytest.raises(UsageError, match=r"port 2222 on 127\.0\.0\.1 is already in use"):
+            Launcher(Settings(connect=TEST_URI))._boot(_run(host, undo), chosen, spec)
+        assert started == [2222]
 
 
 # -- the real daemon and QEMU --------------------------------------------------------------------------------------
