@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of the code that carries qinst's security and data-safety claims (issue 16), with mutmut 3.
-# Not part of every CI run: it takes ~22-30 minutes on 2 cores (see README). Usage: bash scripts/mutation.sh [--keep|--report]
+# Not part of every CI run: it takes ~21 minutes on a quiet 2-core machine (3 workers; see README). Usage: bash scripts/mutation.sh [--keep|--report|--recheck]
 #
 # Each target is MODULE:FUNCTIONS (FUNCTIONS: comma-separated globs of function names; Class.method for methods;
 # * for the whole module). Host-key checking, known_hosts and the ssh options live in ssh.py; host.py is the only
@@ -94,7 +94,7 @@ else
   patterns_run=("${patterns[@]}")
 fi
 if [ "$report_only" = 0 ] && [ "${#patterns_run[@]}" -gt 0 ]; then
-  "$mutmut" run --max-children "${QINST_MUTATION_JOBS:-2}" "${patterns_run[@]}" >"$work/run.log" 2>&1 || {
+  "$mutmut" run --max-children "${QINST_MUTATION_JOBS:-3}" "${patterns_run[@]}" >"$work/run.log" 2>&1 || {
     tail -c 3000 "$work/run.log" >&2
     echo "mutation: mutmut run failed (log: $work/run.log)" >&2
     exit 1

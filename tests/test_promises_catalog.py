@@ -54,6 +54,15 @@ def test_a_refused_value_is_named_with_its_reason(line: str, key: str, reason: s
     assert err.value.message == f"my.toml: [images.x]: key {key!r}: {reason}"
 
 
+@pytest.mark.parametrize("value", ["3", "[1, 2]", "true"])
+def test_an_aleph_hash_that_is_not_a_string_is_refused_not_a_crash(value: str) -> None:
+    with pytest.raises(CatalogError) as err:
+        parse_catalog(f"[images.x]\naleph_item_hash = {value}\n", "my.toml")
+    assert err.value.message == (
+        "my.toml: [images.x]: key 'aleph_item_hash': must be 64 lower-case hex digits or a CID (Qm..., bafy...)"
+    )
+
+
 def test_a_digest_that_is_not_a_string_is_said_so() -> None:
     with pytest.raises(CatalogError) as err:
         parse_catalog('[images.x]\nurl = "https://e.example/x"\ndigest = 3\n', "my.toml")

@@ -129,7 +129,9 @@ def test_prune_keeps_a_base_volume_whose_upload_is_claimed_and_alive(tmp_path: P
     name, claim = image.digest.filename, image.digest.filename + host_module.UPLOADING
     _filled_volume(own_pool, directory, claim, 32)
     _filled_volume(own_pool, directory, name, 4096)
-    unused = [f"sha256-{secrets.token_hex(32)}" for _ in range(3)]  # other images' volumes: pruned all the same
+    # other images' volumes, listed before and after the claimed one (volumes are judged in name order): pruned all
+    # the same, the claimed image is skipped, not the end of the pass
+    unused = [f"sha256-{secrets.token_hex(32)}" for _ in range(3)] + ["sha512-" + "f" * 128]
     for other in unused:
         _filled_volume(own_pool, directory, other, 4096)
         _filled_volume(own_pool, directory, other + host_module.VERIFIED, 4096)
