@@ -133,28 +133,21 @@ def test_upload_verified_marked_and_not_repeated(
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "uploaded twice"
 
 
-def test_a_truncated_volume_is_replaced_even_when_marked(
-    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
+@pytest.mark.parametrize("change", ["truncated", "appended"])
+def test_a_marked_volume_of_another_size_is_replaced(
+    change: str, remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
 ) -> None:
+    """A verified volume (its marker kept) cut short or with bytes appended: only a volume of exactly the image's
+    size is trusted."""
     host, pool, directory = remote
     source, digest = image
     host.base_volume(pool, digest.filename, source, digest)
     with (directory / digest.filename).open("r+b") as f:
-        f.truncate(source.stat().st_size // 2)
-    pool.refresh(0)
-    host.base_volume(pool, digest.filename, source, digest)
-    assert _sha512(directory / digest.filename) == digest.hex
-
-
-def test_a_marked_volume_longer_than_the_image_is_replaced(
-    remote: tuple[Host, Any, Path], image: tuple[Path, Digest]
-) -> None:
-    """Bytes appended to a verified volume (its marker kept): only a volume of exactly the image's size is trusted."""
-    host, pool, directory = remote
-    source, digest = image
-    host.base_volume(pool, digest.filename, source, digest)
-    with (directory / digest.filename).open("ab") as f:
-        f.write(b"appended by someone else" * 100)
+        if change == "truncated":
+            f.truncate(source.stat().st_size // 2)
+        else:
+            f.seek(0, 2)
+            f.write(b"appended by someone else" * 100)
     pool.refresh(0)
     host.base_volume(pool, digest.filename, source, digest)
     assert _sha512(directory / digest.filename) == digest.hex
