@@ -10,7 +10,7 @@ from typing import Any
 
 from qemu_instances.errors import UsageError
 from qemu_instances.forwarding import Forward, recorded_forwards
-from qemu_instances.mounts import Driver, Mount, recorded_mounts, tag
+from qemu_instances.mounts import Driver, Mount, readonly_helper, recorded_mounts, tag
 
 METADATA_NS = "http://qinst.invalid/xmlns/instance/1"
 METADATA_KEY = "qinst"
@@ -190,16 +190,19 @@ def _extra_hostfwds(forwards: tuple[str, ...]) -> str:
 
 
 def _filesystems(devices: ET.Element, mounts: tuple[str, ...]) -> None:
-    """`up --mount` folders: virtiofs (passthrough is the only mode virtiofsd has) or 9p (mapped)."""
+    """`up --mount` folders: virtiofs (passthrough is the only mode virtiofsd has) or 9p (mapped); a read-only one
+    is read-only on the host, whatever the guest remounts."""
     for index, record in enumerate(mounts):
         mount = Mount.from_record(record)
         virtiofs = mount.driver is Driver.VIRTIOFS
         fs = _sub(devices, "filesystem", type="mount", accessmode="passthrough" if virtiofs else "mapped")
         if virtiofs:
             _sub(fs, "driver", type="virtiofs")
+            if mount.readonly:  # libvirt 9.0 refuses <readonly/> on virtiofs: qinst's virtiofsd binds the folder ro
+                _sub(fs, "binary", path=readonly_helper())
         _sub(fs, "source", dir=mount.host_dir)
         _sub(fs, "target", dir=tag(index))
-        if mount.readonly and not virtiofs:  # libvirt 9.0 refuses <readonly/> on virtiofs: the guest mounts it ro
+        if mount.readonly and not virtiofs:  # QEMU refuses the guest's writes
             _sub(fs, "readonly")
 
 
