@@ -349,7 +349,8 @@ def up(
         typer.Option(
             "--mount",
             metavar="HOSTDIR[:GUESTDIR][:rw]",
-            help="Share a folder of the libvirt host (repeatable; read-only unless :rw; a remote host's own folder).",
+            help="Share a folder of the libvirt host (repeatable; a remote host's own folder). Read-only unless :rw,"
+            " enforced by the host; with :rw, root in the guest can make root-owned and set-uid files in it.",
             show_default=False,
         ),
     ] = None,
