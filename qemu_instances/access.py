@@ -5,6 +5,7 @@ The SSH command lines themselves are built in ssh.py; this module only turns an 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from qemu_instances.host import Host
 from qemu_instances.instances import Instance, console_log_path
 from qemu_instances.settings import Settings
 from qemu_instances.ssh import KEY_LINE, SshResult
+
+LOG_LIMIT = 64 << 20  # bytes of a recorded console that `logs` and smoke read: its end
 
 __all__ = ["SshResult", "console_text", "known_hosts_file", "ssh_argv", "ssh_run", "ssh_target"]
 
@@ -48,10 +51,13 @@ def ssh_target(inst: Instance, settings: Settings) -> ssh.SshTarget:
     )
 
 
-def ssh_argv(inst: Instance, settings: Settings, command: Sequence[str] = ()) -> list[str]:
-    """The system ssh's argv for the instance: its user, port, key and known_hosts; host keys checked strictly."""
+def ssh_argv(
+    inst: Instance, settings: Settings, command: Sequence[str] = (), *, forwards: Sequence[str] = ()
+) -> list[str]:
+    """The system ssh's argv for the instance: its user, port, key and known_hosts; host keys checked strictly.
+    `forwards` are ssh -L specifications (qinst forward)."""
     ssh.require_ssh()
-    return ssh.ssh_argv(ssh_target(inst, settings), command)
+    return ssh.ssh_argv(ssh_target(inst, settings), command, forwards=forwards)
 
 
 def ssh_run(inst: Instance, settings: Settings, command: Sequence[str], timeout: float = 60.0) -> SshResult:
@@ -66,10 +72,13 @@ def console_text(host: Host, inst: Instance) -> str:
     """
     if not host.is_local:
         pool = host.pool(create=False)
-        return host.download_volume(pool, console_log_path(host, pool, inst.name).name).decode("utf-8", "replace")
+        name = console_log_path(host, pool, inst.name).name
+        return host.download_volume(pool, name, limit=LOG_LIMIT).decode("utf-8", "replace")
     path = console_log_path(host, None, inst.name)
     try:
-        return path.read_text(errors="replace")
+        with path.open("rb") as f:  # virtlogd's file: its last LOG_LIMIT bytes (virtlogd rotates it at 2 MiB)
+            f.seek(max(0, os.fstat(f.fileno()).st_size - LOG_LIMIT))
+            return f.read(LOG_LIMIT).decode("utf-8", "replace")
     except FileNotFoundError:
         return ""
     except OSError as exc:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -81,10 +80,9 @@ def _loopback(host: str) -> bool:
 
 
 def _json(data: bytes, url: str) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise ImageError(f"unexpected answer from the aleph API at {url}: not JSON") from exc
+    from qemu_instances.files import parse_json
+
+    return parse_json(data, f"unexpected answer from the aleph API at {url}", ImageError)
 
 
 def _hash_of(data: bytes, like: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import tomllib
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from urllib.parse import urlsplit
 from qemu_instances import cid as cids
 from qemu_instances.digests import Digest
 from qemu_instances.errors import CatalogError, ImageError
+from qemu_instances.files import MAX_CATALOG, decode_text, parse_toml, read_bounded
+from qemu_instances.text import printable
 
 BUILTIN = "built-in catalog"
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -27,11 +28,6 @@ _DEFAULT_USERS = {
     "rocky": "rocky",
     "almalinux": "almalinux",
 }
-
-
-def printable(text: str) -> str:
-    """text without control characters and terminal escapes (C0, C1, DEL, bidi and other format characters)."""
-    return "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cf"))
 
 
 def http_url(text: str) -> str:
@@ -231,10 +227,7 @@ def _entry(name: str, raw: Any, origin: str) -> CatalogEntry:
 
 def parse_catalog(text: str, origin: str) -> list[CatalogEntry]:
     """Entries of one catalog file's text; errors name the file and the offending key."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise CatalogError(f"{origin}: invalid TOML: {exc}") from exc
+    data = parse_toml(text, origin, CatalogError)
     unknown = sorted(set(data) - {"images"})
     if unknown:
         raise CatalogError(f"{origin}: unknown top-level key {unknown[0]!r} (entries go under [images.NAME])")
@@ -260,13 +253,11 @@ class Catalog:
         entries = parse_catalog(builtin, BUILTIN)
         for path in extra:
             try:
-                # TOML is UTF-8 whatever the locale says.
-                text = Path(path).read_bytes().decode("utf-8")
-            except OSError as exc:
-                raise CatalogError(f"cannot read catalog {path}: {exc.strerror}") from exc
-            except UnicodeDecodeError as exc:
-                raise CatalogError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from exc
-            entries += parse_catalog(text, str(path))
+                data = read_bounded(Path(path), "catalog", MAX_CATALOG, error=CatalogError)
+            except FileNotFoundError:
+                raise CatalogError(f"cannot read catalog {path}: no such file") from None
+            # TOML is UTF-8 whatever the locale says.
+            entries += parse_catalog(decode_text(data, f"catalog {path}", CatalogError), str(path))
         return cls(entries)
 
     def __iter__(self) -> Iterator[CatalogEntry]:

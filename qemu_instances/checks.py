@@ -10,17 +10,16 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
-import json
 import re
 import secrets
 import shlex
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qemu_instances.errors import UsageError
+from qemu_instances.files import MAX_CHECKS, decode_text, parse_json, parse_toml, read_option_file
 
 DEFAULT_TIMEOUT = 60.0
 OUTPUT_TAIL = 2000  # characters of a check's output kept in its JUnit testcase
@@ -108,10 +107,10 @@ def cloud_init_status(status_json: str, result_json: str) -> tuple[bool, str]:
     Both are untrusted text from the guest. Returns (done without errors, what was seen when not).
     """
     try:
-        v1 = json.loads(status_json)["v1"]
+        v1 = parse_json(status_json, "status.json")["v1"]
         if not isinstance(v1, dict):
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+    except (UsageError, KeyError, TypeError):
         return False, "/run/cloud-init/status.json is missing or unreadable"
     errors: list[str] = []
     running: list[str] = []
@@ -126,12 +125,12 @@ def cloud_init_status(status_json: str, result_json: str) -> tuple[bool, str]:
             if start and not finished:
                 running.append(f"stage {key[:40]} started, not finished")
             for t in (start, finished):
-                if isinstance(t, int | float) and not isinstance(t, bool):
+                if isinstance(t, int | float) and not isinstance(t, bool) and abs(t) < 1e18:
                     latest = max(latest, float(t))
     try:
-        result_errors = json.loads(result_json)["v1"]["errors"]
+        result_errors = parse_json(result_json, "result.json")["v1"]["errors"]
         errors += [f"result: {str(e)[:200]}" for e in result_errors] if isinstance(result_errors, list) else ["result"]
-    except (ValueError, KeyError, TypeError):
+    except (UsageError, KeyError, TypeError):
         running.append("/run/cloud-init/result.json is missing or unreadable (cloud-init not finished)")
     if errors:
         return False, f"errors: {'; '.join(errors[:5])}"
@@ -308,12 +307,7 @@ _KEYS = {"name", "run", "exit", "stdout", "stderr", "not_stdout", "timeout", "su
 
 def load_checks(path: Path) -> list[Check]:
     """The [[check]] tables of a TOML file; UsageError (exit 2) naming the file and the key on any fault."""
-    try:
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read --checks {path}: {exc.strerror}") from exc
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"{path}: not valid TOML: {exc}") from exc
+    data = parse_toml(decode_text(read_option_file(path, "--checks", MAX_CHECKS) or b"", f"--checks {path}"), str(path))
     unknown = set(data) - {"check"}
     if unknown:
         raise UsageError(f"{path}: unknown key {sorted(unknown)[0]!r} (expected [[check]] tables)")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from qemu_instances.errors import Interrupted, QinstError, SmokeFailed, Terminated
+from qemu_instances.errors import Interrupted, QinstError, SmokeFailed, as_error, handle_signals
 from qemu_instances.logs import configure as configure_logging
 from qemu_instances.logs import debugging
 from qemu_instances.settings import (
@@ -19,6 +18,7 @@ from qemu_instances.settings import (
     default_cache_dir,
     default_connect_uri,
 )
+from qemu_instances.text import printable, printable_lines
 
 if TYPE_CHECKING:
     from qemu_instances.download import Progress
@@ -127,6 +127,7 @@ def _print_json(data: Any) -> None:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:
+    rows = [[printable(str(c)) for c in row] for row in rows]  # names and records come from libvirt and files
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         sys.stdout.write("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
@@ -527,7 +528,7 @@ def forward(
     forwards: Annotated[list[str], typer.Argument(metavar="[ADDR:]HOSTPORT:GUESTPORT...", help="TCP forwards.")],
 ) -> None:
     """Forward ports to an instance while this runs (an SSH tunnel; any network). Ctrl-C ends it."""
-    from qemu_instances.forwarding import Terminated, check_free, parse_forwards, run_tunnel, tunnel_argv
+    from qemu_instances.forwarding import check_free, parse_forwards, run_tunnel, tunnel_argv
     from qemu_instances.instances import get_instance, open_host
 
     parsed = parse_forwards(forwards)
@@ -544,12 +545,9 @@ def forward(
 
     try:
         run_tunnel(argv, parsed, ready)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: main() gives the exit code (130, 143, 129)
         sys.stderr.write("stopped\n")
-        raise typer.Exit(130) from None
-    except Terminated:
-        sys.stderr.write("stopped\n")
-        raise typer.Exit(143) from None
+        raise
 
 
 snapshot_app = typer.Typer(help="Snapshots of an instance: create, list, restore, delete.", no_args_is_help=True)
@@ -607,7 +605,9 @@ def snapshot_restore(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Instance name.")],
     snap: Annotated[str, typer.Argument(help="Snapshot name.")],
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for SSH after the restore.")] = 300.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", callback=_seconds, help="Seconds to wait for SSH after the restore.")
+    ] = 300.0,
 ) -> None:
     """Return an instance to a snapshot (running again if the snapshot holds its memory)."""
     from qemu_instances import snapshots
@@ -941,27 +941,8 @@ def _choice(enum: Any, value: str, option: str) -> Any:
 
 def report_error(exc: QinstError) -> None:
     """The one way an error reaches the user: a line, and the hint with the fix when there is one."""
-    sys.stderr.write(f"qinst: error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else ""))
-
-
-def as_error(exc: BaseException) -> QinstError:
-    """Any exception as the QinstError that carries its message and exit code (the one path to an exit code)."""
-    if isinstance(exc, QinstError):
-        return exc
-    interrupt = exc if isinstance(exc, KeyboardInterrupt) else exc.__cause__ or exc.__context__
-    if isinstance(interrupt, _SigTerm):
-        return Terminated("terminated (SIGTERM)")
-    if isinstance(interrupt, KeyboardInterrupt):
-        return Interrupted("interrupted")  # also Ctrl-C inside a C call (libvirt), surfacing as a SystemError
-    return QinstError(f"unexpected failure: {type(exc).__name__}: {exc}", hint="run again with --debug for a traceback")
-
-
-class _SigTerm(KeyboardInterrupt):
-    """SIGTERM (how CI cancels a job), raised where Ctrl-C would be: what the command made is removed the same way."""
-
-
-def _on_sigterm(_signum: int, _frame: object) -> None:
-    raise _SigTerm()
+    message = printable_lines(exc.message)  # it may quote names, records and console lines from elsewhere
+    sys.stderr.write(f"qinst: error: {message}\n" + (f"hint: {printable_lines(exc.hint)}\n" if exc.hint else ""))
 
 
 # The global options (_global's) that take a value: the word after one is not a command name.
@@ -1009,7 +990,7 @@ def main(argv: list[str] | None = None) -> None:
     Typer (standalone) handles usage errors itself: a message and exit 2.
     """
     configure_logging(False)  # --debug turns on debug logs once the options are parsed
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    handle_signals()
     try:
         try:
             args = list(sys.argv[1:] if argv is None else argv)

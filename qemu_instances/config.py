@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from qemu_instances.errors import ConfigError, UsageError
-from qemu_instances.validate import read_regular_file
+from qemu_instances.files import MAX_CONFIG, decode_text, parse_toml, read_bounded
 
 CONFIG_NAME = "config.toml"
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -20,17 +20,14 @@ def load_hosts(config_dir: Path) -> dict[str, str]:
     """Host name -> libvirt URI, from config_dir/config.toml (empty when there is no file)."""
     path = config_dir / CONFIG_NAME
     try:
-        text = read_regular_file(path, "config file", 1 << 20, ConfigError).decode("utf-8")
+        data = read_bounded(path, "config file", MAX_CONFIG, error=ConfigError)
     except FileNotFoundError:
         return {}
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    import tomllib  # only when there is a file: ~0.002 s of every command
+    # tomllib is imported only when there is a file: ~0.002 s of every command
+    return _hosts(path, parse_toml(decode_text(data, str(path), ConfigError), str(path), ConfigError))
 
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+def _hosts(path: Path, data: dict[str, object]) -> dict[str, str]:
     unknown = sorted(set(data) - {"hosts"})
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} (hosts go under [hosts.NAME])")

@@ -20,6 +20,10 @@ class Console(Protocol):
     def close(self) -> None: ...
 
 
+CONSOLE_LIMIT = 8 << 20  # bytes of a boot's console that readiness reads (README, "Reliability: limits"); a
+# normal boot prints a few hundred KiB: a guest that floods its console before it is ready times out
+
+
 def utf8_decoder() -> codecs.IncrementalDecoder:
     """A decoder for a console's byte stream: never fails, and keeps a character split between two reads whole."""
     return codecs.getincrementaldecoder("utf-8")("replace")
@@ -42,10 +46,13 @@ class ConsoleLog:
     _decoder: codecs.IncrementalDecoder = field(default_factory=lambda: utf8_decoder())
 
     def read(self) -> str:
+        room = CONSOLE_LIMIT - self._offset
+        if room <= 0:
+            return self.text
         try:
             with self.path.open("rb") as f:
                 f.seek(self._offset)
-                chunk = f.read()
+                chunk = f.read(room)
         except FileNotFoundError:
             return self.text
         self._offset += len(chunk)

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
@@ -21,6 +22,7 @@ import urllib3
 from qemu_instances import __version__
 from qemu_instances.digests import Digest
 from qemu_instances.errors import DigestMismatch, DownloadError
+from qemu_instances.files import replace_durably
 from qemu_instances.logs import log
 
 Progress = Callable[[int, int | None], None]
@@ -86,6 +88,10 @@ def _network_error(url: str, exc: Exception) -> str:
     return f"connection to {host} broken: {type(exc).__name__}"
 
 
+def _unresolvable(exc: BaseException) -> bool:
+    return any(isinstance(e, urllib3.exceptions.NameResolutionError) for e in _causes(exc))
+
+
 def _causes(exc: BaseException) -> list[BaseException]:
     """exc and what it wraps, outermost first: urllib3's reason for giving up, an exception's cause, or the
     exception requests wraps (its first argument)."""
@@ -107,6 +113,8 @@ def _with_retries(
         try:
             return attempt()
         except (_Transient, *_TRANSIENT_ERRORS) as exc:
+            if _unresolvable(exc):  # no DNS answer: trying again in a few seconds changes nothing
+                raise DownloadError(f"cannot download {url}: {_network_error(url, exc)}", hint=_NETWORK_HINT) from exc
             failures = 1 if done() > seen else failures + 1
             seen = done()
             if failures >= policy.attempts:
@@ -123,23 +131,77 @@ def _with_retries(
             raise DownloadError(f"cannot download {url}: {exc}") from exc
 
 
+class Redirects(StrEnum):
+    """Where a small document may be redirected to. Its bytes are trusted as they arrive (a checksum file, a
+    signature), so the hops matter: they are followed one by one and each is checked before it is asked."""
+
+    ANY = "any"  # an API answer verified by hash afterwards
+    HTTPS = "https"  # never from https:// down to http:// (a signed checksum file and its signature)
+    SAME_HOST = "same-host"  # and never to another host (an unsigned checksum file: HTTPS to its host is its trust)
+
+
+MAX_REDIRECTS = 5
+
+
+def _next_hop(url: str, location: str | None, rule: Redirects, first: str) -> str:
+    from urllib.parse import urljoin
+
+    if not location:
+        raise DownloadError(f"cannot download {first}: a redirect without a Location")
+    target = urljoin(url, location)
+    here, there, origin = urlsplit(url), urlsplit(target), urlsplit(first)
+    if there.scheme not in ("http", "https"):
+        raise DownloadError(f"refusing a redirect of {first} to {target[:200]}: not http(s)")
+    if rule is not Redirects.ANY and here.scheme == "https" and there.scheme != "https":
+        raise DownloadError(
+            f"refusing a redirect of {first} to {target[:200]}: it leaves HTTPS",
+            hint="a checksum file or signature is only read over the scheme it was asked with",
+        )
+    if rule is Redirects.SAME_HOST and (there.hostname, there.port) != (origin.hostname, origin.port):
+        raise DownloadError(
+            f"refusing a redirect of {first} to {target[:200]}: an unsigned checksum file is read from "
+            f"{origin.hostname} only",
+            hint="its only trust is HTTPS to the entry's own upstream host",
+        )
+    return target
+
+
 def fetch_bytes(
-    url: str, *, session: requests.Session, policy: RetryPolicy = RetryPolicy(), limit: int = 16 << 20
+    url: str,
+    *,
+    session: requests.Session,
+    policy: RetryPolicy = RetryPolicy(),
+    limit: int = 16 << 20,
+    redirects: Redirects = Redirects.ANY,
 ) -> bytes:
-    """A small document (checksum file, API answer), retried like a download."""
+    """A small document (checksum file, API answer, signature) of at most `limit` bytes, retried like a download;
+    each redirect is checked against `redirects` before it is followed."""
 
     def attempt() -> bytes:
-        with session.get(url, timeout=policy.timeout, stream=True) as response:
-            _check_status(response, url)
-            body = bytearray()
-            for chunk in response.iter_content(65536):
-                body += chunk
-                if len(body) > limit:
-                    raise DownloadError(f"{url} is larger than {limit} bytes; refusing it")
-            return bytes(body)
+        target = url
+        for _ in range(MAX_REDIRECTS + 1):
+            with session.get(target, timeout=policy.timeout, stream=True, allow_redirects=False) as response:
+                if response.is_redirect:
+                    target = _next_hop(target, response.headers.get("Location"), redirects, url)
+                    continue
+                _check_status(response, url)
+                body = bytearray()
+                for chunk in response.iter_content(65536):
+                    body += chunk
+                    if len(body) > limit:
+                        raise DownloadError(f"{url} is larger than {limit} bytes; refusing it")
+                return bytes(body)
+        raise DownloadError(f"cannot download {url}: more than {MAX_REDIRECTS} redirects")
 
     result: bytes = _with_retries(url, policy, attempt)
     return result
+
+
+MAX_UNSIZED = 4 << 30  # bytes: the most an image without a known size may take (README, "Trust")
+
+
+def _unsized(limit: int) -> str:
+    return f"{limit >> 20} MiB, qinst's limit for an image whose size is not known (give its size in a catalog entry)"
 
 
 _HASH_QUEUE = 8  # chunks in flight to the hashing thread: bounds the memory this takes to 8 * CHUNK
@@ -258,13 +320,15 @@ def download_verified(
     policy: RetryPolicy = RetryPolicy(),
     check: Callable[[Path], None] | None = None,
     size: int | None = None,
+    limit: int = MAX_UNSIZED,
 ) -> int:
     """Download url to dest, verifying digest; dest appears only when complete and verified. Returns the size.
 
     The bytes go to a hidden sibling ".<name>.part" that a later call resumes; the caller holds the lock.
     check(path), if given, inspects the verified file before it takes its name; if it raises, nothing is kept.
     size, if given, is the file's expected size: a body that goes past it (or past its Content-Length) stops at
-    once, and nothing is kept.
+    once, and nothing is kept. Without one, `limit` bounds the download the same way (a server sending an endless
+    body fills no disk).
     """
     with _Partial(dest.with_name(f".{dest.name}.part"), digest) as part:
         total: int | None = None
@@ -300,12 +364,16 @@ def download_verified(
                 total = part.size + int(length) if length and length.isdigit() and not encoded else None
                 if size is not None and total is not None and total > size:
                     raise _TooLong(f"{url} announces {total} bytes, more than the expected {size}")
-                bounds = [x for x in (size, total) if x is not None]
-                limit = min(bounds) if bounds else None
+                if size is None and total is not None and total > limit:
+                    raise _TooLong(f"{url} announces {total} bytes, more than {_unsized(limit)}")
+                # The first bound a body can pass: the pinned size, else the announced length, else qinst's limit.
+                bound, what = (size, f"the expected {size} bytes") if size is not None else (limit, _unsized(limit))
+                if total is not None and total < bound:
+                    bound, what = total, f"its announced {total} bytes"
                 with part.open(os.O_WRONLY | os.O_APPEND | os.O_CREAT) as f:
                     for chunk in _chunks(response, decode=encoded):
-                        if limit is not None and part.size + len(chunk) > limit:
-                            raise _TooLong(f"{url} sent more than the expected {limit} bytes; stopped")
+                        if part.size + len(chunk) > bound:
+                            raise _TooLong(f"{url} sent more than {what}; stopped")
                         part.append(f, chunk)
                         if progress:
                             progress(part.size, total)
@@ -331,15 +399,3 @@ def download_verified(
             raise
     replace_durably(part.path, dest)
     return size
-
-
-def replace_durably(src: Path, dest: Path) -> None:
-    """Rename src to dest with both the data and the rename on disk: the cache trusts a file by its name forever."""
-    with src.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(src, dest)
-    dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

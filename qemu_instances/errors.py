@@ -11,7 +11,11 @@ QinstError                 exit 1  unexpected failure
 ├── GuestTimeout           exit 5  the guest did not become ready in time
 ├── GuestFailed            exit 5  the guest failed while booting (panic, paused, cloud-init errors)
 ├── SmokeFailed            exit 6  smoke checks failed
-└── Interrupted            exit 130  Ctrl-C (Terminated: exit 143, SIGTERM)
+└── Interrupted            exit 130  Ctrl-C (Terminated: exit 143, SIGTERM; HungUp: exit 129, SIGHUP)
+
+The one signal path: `handle_signals()` makes SIGTERM and SIGHUP raise `Signalled` where Ctrl-C raises
+KeyboardInterrupt (Signalled is one), so what a command made is undone the same way whatever stopped it; `as_error`
+maps any exception, signals included, to the QinstError that carries its message and exit code.
 """
 
 from __future__ import annotations
@@ -90,3 +94,45 @@ class Terminated(Interrupted):
     """SIGTERM: handled like Ctrl-C, with the shell's exit status for it."""
 
     exit_code = 143
+
+
+class HungUp(Interrupted):
+    """SIGHUP (the terminal went away): handled like Ctrl-C, with the shell's exit status for it."""
+
+    exit_code = 129
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C's KeyboardInterrupt would be (CI cancels a job with SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, _frame: object) -> None:
+    raise Signalled(signum)
+
+
+def handle_signals() -> None:
+    """SIGTERM and SIGHUP raise Signalled in the main thread from now on (SIGINT keeps Python's KeyboardInterrupt)."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_signalled)
+
+
+def as_error(exc: BaseException) -> QinstError:
+    """Any exception as the QinstError that carries its message and exit code (the one path to an exit code)."""
+    if isinstance(exc, QinstError):
+        return exc
+    interrupt = exc if isinstance(exc, KeyboardInterrupt) else exc.__cause__ or exc.__context__
+    if isinstance(interrupt, Signalled):
+        import signal
+
+        if interrupt.signum == signal.SIGHUP:
+            return HungUp("hung up (SIGHUP)")
+        return Terminated("terminated (SIGTERM)")
+    if isinstance(interrupt, KeyboardInterrupt):
+        return Interrupted("interrupted")  # also Ctrl-C inside a C call (libvirt), surfacing as a SystemError
+    return QinstError(f"unexpected failure: {type(exc).__name__}: {exc}", hint="run again with --debug for a traceback")

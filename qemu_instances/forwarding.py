@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qemu_instances.errors import QinstError, UsageError
+from qemu_instances.proc import spawn
 
 if TYPE_CHECKING:
     from qemu_instances.instances import Instance
@@ -118,7 +118,7 @@ def tunnel_argv(inst: Instance, settings: Settings, forwards: Sequence[Forward])
     """ssh -N -L ... to the instance, with the same checked connection (and jump) as `qinst ssh`."""
     from qemu_instances.access import ssh_argv
 
-    argv = ssh_argv(inst, settings)
+    argv = ssh_argv(inst, settings, forwards=[fwd.ssh_local for fwd in forwards])
     options = [
         "-N",
         "-o", "ExitOnForwardFailure=yes",
@@ -126,47 +126,23 @@ def tunnel_argv(inst: Instance, settings: Settings, forwards: Sequence[Forward])
         "-o", "ConnectTimeout=20",
         "-o", "ServerAliveInterval=15",
     ]  # fmt: skip
-    for fwd in forwards:
-        options += ["-L", fwd.ssh_local]
     return [argv[0], *options, *argv[1:]]
 
 
-class Terminated(Exception):
-    """SIGTERM arrived (raised by the handler that run_tunnel installs)."""
-
-
-def _raise_terminated(_signum: int, _frame: object) -> None:
-    raise Terminated
-
-
 def run_tunnel(argv: Sequence[str], forwards: Sequence[Forward], on_ready: Callable[[], None]) -> None:
-    """Run the tunnel until Ctrl-C (KeyboardInterrupt) or SIGTERM (Terminated) and stop ssh cleanly then.
+    """Run the tunnel until it is interrupted (Ctrl-C, SIGTERM, SIGHUP: KeyboardInterrupt through the CLI's one
+    signal path), then stop ssh cleanly (proc.spawn does).
 
     on_ready is called once every forwarded port listens; QinstError if ssh ends by itself.
     """
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     # Its own session: the terminal's Ctrl-C reaches only qinst, which then ends ssh itself.
-    proc = subprocess.Popen(
-        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
+    with spawn(argv, stdout=subprocess.DEVNULL, new_session=True, hint="install openssh-client") as proc:
         ready = False
         while proc.poll() is None:
             if not ready and all(port_in_use(f) for f in forwards):
                 ready = True
                 on_ready()
             time.sleep(0.1 if not ready else 0.5)
-        stderr = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+        stderr = proc.stderr.read(64 << 10).decode(errors="replace").strip() if proc.stderr else ""
         why = stderr.splitlines()[-1] if stderr else f"ssh exited with status {proc.returncode}"
         raise QinstError(f"the tunnel ended: {why}", hint="is the instance still running? see 'qinst ls'")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr:
-            proc.stderr.close()

@@ -22,14 +22,16 @@ from urllib.parse import urlsplit
 
 import libvirt
 
-from qemu_instances.console import tail_lines, utf8_decoder
+from qemu_instances.console import CONSOLE_LIMIT, tail_lines, utf8_decoder
 from qemu_instances.digests import Digest
 from qemu_instances.errors import HypervisorError
 from qemu_instances.faults import _test_pause
 from qemu_instances.logs import log
+from qemu_instances.seals import Seal
 
 if TYPE_CHECKING:
     from qemu_instances.download import Progress
+    from qemu_instances.seals import SealStore
 
 # libvirt's handles, named for readers (libvirt-python ships no type information: to mypy they are Any). Only this
 # module touches their methods; above it they are opaque tokens handed back to Host.
@@ -406,43 +408,85 @@ class Host:
         digest: Digest,
         progress: Progress | None = None,
         stale: float = STALE_UPLOAD,
+        seals: SealStore | None = None,
     ) -> Volume:
-        """The cached image as a pool volume named `name` (its digest).
+        """The cached image (`source`, verified against `digest`) as the pool volume `name`: the verified bytes, or
+        nothing.
 
-        On a local daemon it is a hard link to the cached file (no second copy). Otherwise it is uploaded once
-        through a libvirt stream, hashed while it is sent, and a marker volume `name.verified` records that the
-        upload completed and matched the digest. An upload first creates a claim volume `name.uploading` (libvirt
-        creates a volume only when the name is free, so one client wins) holding a random token; while another
-        client's claim exists its upload is awaited, not hashed or deleted, unless nothing changed in it for
-        `stale` seconds (that client died): then the claim and its partial volume are replaced. A volume without
-        marker or claim (a link made through another connection, an interrupted old upload) is hashed: kept and
-        marked when it matches, replaced otherwise.
+        A volume already there is used only when it is the verified image: on a local daemon, the cached file itself
+        (a hard link: same device and inode); else a volume whose identity still matches this client's seal of it
+        (seals.py); else its bytes are hashed through a libvirt stream and it is sealed when they match. Anything
+        else is replaced. A missing volume becomes a hard link to the cached file on a local daemon (no second copy);
+        otherwise it is uploaded once through a libvirt stream, hashed while it is sent, and sealed.
+
+        Concurrent clients: an upload first creates a claim volume `name.uploading` (libvirt creates a volume only
+        when the name is free, so one client wins) holding a random token; while another client's claim exists its
+        upload is awaited, not hashed or deleted, unless nothing changed in it for `stale` seconds (that client
+        died): then the claim and its partial volume are replaced. The marker volume `name.verified` a completed
+        upload writes tells older qinst clients it completed; it is never trusted (anyone with pool access can make
+        one).
         """
         size = source.stat().st_size
-        marker, claim = name + VERIFIED, name + UPLOADING
+        claim = name + UPLOADING
         while True:
             vol = self.volume(pool, name)
-            complete = vol is not None and self._physical(vol, name) == size
-            if complete and self.volume(pool, marker) is not None:
+            if vol is not None and (self._same_file(vol, source) or self._sealed(vol, digest, seals)):
                 return vol
             if self.volume(pool, claim) is not None:
                 self._await_upload(pool, name, claim, stale)
                 continue  # the other upload ended (marked, failed or stale): look again
-            if vol is not None and complete and (self.is_local or self.volume_digest(vol, digest) == digest):
-                if not self.is_local:  # complete but unmarked: made through another connection to this host
-                    self._mark(pool, marker, digest)
-                return vol
             if vol is not None:
-                log.warning("volume %s is incomplete or of the wrong size; replacing it", name)
+                if self._physical(vol, name) == size and self.volume_digest(vol, digest) == digest:
+                    self._seal(vol, digest, seals)
+                    if not self.is_local:
+                        self._mark(pool, name + VERIFIED, digest)
+                    return vol
+                log.warning("volume %s is not the verified image (other bytes or size); replacing it", name)
                 self.delete_volume(pool, name)
             target = self.pool_path(pool) / name
             if self.is_local and target.parent.is_dir() and _hard_link(source, target):
                 with libvirt_errors("cannot refresh the storage pool"):
                     pool.refresh(0)
-                    return pool.storageVolLookupByName(name)
-            uploaded = self._upload_claimed(pool, name, source, digest, progress)
+                    vol = pool.storageVolLookupByName(name)
+                if self._same_file(vol, source):
+                    return vol
+                continue  # a file appeared there meanwhile: it is checked (and replaced) like any other
+            uploaded = self._upload_claimed(pool, name, source, digest, progress, seals)
             if uploaded is not None:
                 return uploaded
+
+    def _same_file(self, vol: Volume, source: Path) -> bool:
+        """On a local daemon: whether the volume's file is `source` itself (same device and inode)."""
+        if not self.is_local:
+            return False
+        try:
+            theirs, ours = os.stat(self.volume_path(vol)), source.stat()
+        except OSError:
+            return False
+        return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def _identity(self, vol: Volume, digest: Digest) -> Seal | None:
+        """The volume as libvirt describes it now (its key, size and change times), as a seal of `digest`."""
+        try:
+            root = ET.fromstring(vol.XMLDesc(0))
+        except (libvirt.libvirtError, ET.ParseError):
+            return None
+        key, physical = root.findtext("key"), root.findtext("physical")
+        mtime, ctime = root.findtext("target/timestamps/mtime"), root.findtext("target/timestamps/ctime")
+        if not (key and physical and physical.isdigit() and mtime and ctime):
+            return None
+        return Seal(str(digest), key, int(physical), mtime, ctime)
+
+    def _sealed(self, vol: Volume, digest: Digest, seals: SealStore | None) -> bool:
+        """Whether this client hashed this very volume to `digest` before, and it has not changed since."""
+        if seals is None:
+            return False
+        now = self._identity(vol, digest)
+        return now is not None and seals.get(now.key) == now
+
+    def _seal(self, vol: Volume, digest: Digest, seals: SealStore | None) -> None:
+        if seals is not None and (identity := self._identity(vol, digest)) is not None:
+            seals.put(identity)
 
     def _physical(self, vol: Volume, name: str) -> int:
         with libvirt_errors(f"cannot read volume {name}"):
@@ -458,9 +502,9 @@ class Host:
                 raise
 
     def _upload_claimed(
-        self, pool: Pool, name: str, source: Path, digest: Digest, progress: Progress | None
+        self, pool: Pool, name: str, source: Path, digest: Digest, progress: Progress | None, seals: SealStore | None
     ) -> Volume | None:
-        """Claim the upload of `name`, upload, verify and mark it; None when another client claimed it first or
+        """Claim the upload of `name`, upload, verify, seal and mark it; None when another client claimed it first or
         took it over (then its volume is awaited)."""
         claim, marker = name + UPLOADING, name + VERIFIED
         token = os.urandom(16).hex().encode()  # what secrets.token_hex(16) gives, without its imports
@@ -481,6 +525,7 @@ class Host:
             if hasher.hexdigest() != digest.hex:
                 self.delete_volume(pool, name)
                 raise HypervisorError(f"the bytes sent for {name} do not match its digest {digest}")
+            self._seal(vol, digest, seals)
             self._mark(pool, marker, digest)
             return vol
         finally:
@@ -692,6 +737,7 @@ class ConsoleStream:
 
     def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
         self.text = ""
+        self._received = 0  # bytes; reading stops at CONSOLE_LIMIT
         self._decoder = utf8_decoder()  # not UTF-8 becomes U+FFFD; a character split between reads stays whole
         with libvirt_errors("cannot open the serial console"):
             self._stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
@@ -699,7 +745,7 @@ class ConsoleStream:
         self._open = True
 
     def read(self) -> str:
-        while self._open:
+        while self._open and self._received < CONSOLE_LIMIT:
             try:
                 data = self._stream.recv(65536)
             except libvirt.libvirtError:
@@ -710,6 +756,7 @@ class ConsoleStream:
             if not data:  # the console closed (the domain stopped)
                 self._open = False
                 break
+            self._received += len(data)
             self.text += self._decoder.decode(data)
         return self.text
 

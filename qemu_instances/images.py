@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from qemu_instances.catalog import Catalog, CatalogEntry, http_url, printable
+from qemu_instances.catalog import Catalog, CatalogEntry, http_url
 from qemu_instances.digests import Algorithm, Digest, algorithm_for_checksums, parse_checksums
-from qemu_instances.errors import DigestMismatch, DownloadError, ImageError, UsageError
+from qemu_instances.errors import DigestMismatch, DownloadError, ImageError, QinstError, UsageError
+from qemu_instances.files import MAX_RECORD, locked, parse_json, read_bounded, replace_durably, write_atomically
 from qemu_instances.logs import log
 from qemu_instances.proc import run
 from qemu_instances.settings import Settings
+from qemu_instances.text import printable
 
 if TYPE_CHECKING:  # requests is imported only when something is downloaded: `up` of a cached image stays light
     import requests
@@ -30,6 +32,7 @@ if TYPE_CHECKING:  # requests is imported only when something is downloaded: `up
     from qemu_instances.download import Progress, RetryPolicy
 
 CHUNK = 1 << 20
+GONE = (404, 410)  # HTTP statuses that say a file is not (or no longer) there
 
 
 class Source(StrEnum):
@@ -214,9 +217,10 @@ class Cache:
         if not stat.S_ISREG(st.st_mode):
             return None  # a symlink or anything else planted under an image's name is not an image
         try:
-            record = json.loads(path.with_name(path.name + ".json").read_text())
-        except (OSError, ValueError):
-            record = {}
+            raw = read_bounded(path.with_name(path.name + ".json"), "cache record", MAX_RECORD, follow=False)
+            record = parse_json(raw, "cache record")
+        except (OSError, QinstError):
+            record = {}  # a missing, planted (link, FIFO) or corrupt record: the image is verified by its name
         if not isinstance(record, dict):
             record = {}  # a corrupt record ([] or a number) is ignored: the image itself is verified by its name
 
@@ -246,12 +250,8 @@ class Cache:
     def lock(self, digest: Digest) -> Iterator[None]:
         """Hold the per-image lock: concurrent pulls of one image wait here and then find it cached."""
         self.ensure()
-        with (self.dir / f".{digest.filename}.lock").open("a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with locked(self.dir / f".{digest.filename}.lock", error=ImageError):
+            yield
 
     def record(self, image: CachedImage) -> None:
         data: dict[str, str | int | None] = {
@@ -264,13 +264,9 @@ class Cache:
             data["aleph_item_hash"] = image.aleph_item_hash
         if image.virtual_size:
             data["virtual_size"] = image.virtual_size
-        target = image.path.with_name(image.path.name + ".json")
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.unlink(missing_ok=True)  # never write through a link planted under the temporary name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=1))
-        os.replace(tmp, target)
+        write_atomically(
+            image.path.with_name(image.path.name + ".json"), json.dumps(data, indent=1).encode(), mode=0o600
+        )
 
     def remove(self, digest: Digest) -> None:
         path = self.path(digest)
@@ -306,10 +302,10 @@ class Cache:
 
 
 def _locked(path: Path) -> bool:
-    """Whether a process holds an flock on path (a missing file is not locked)."""
+    """Whether a process holds an flock on path (a missing file, or a link or FIFO planted there, is not locked)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -328,7 +324,8 @@ class _Plan:
     source: str
     format: str | None = None
     size: int | None = None  # the expected size, when the catalog gives it: a longer body stops at once
-    fallbacks: tuple[str, ...] = ()  # tried in order when the server answers 404/413 (aleph: the IPFS gateway)
+    fallbacks: tuple[str, ...] = ()  # tried in order when a server answers 404/410/413 (aleph: the IPFS gateway;
+    # a mirrored pin: its upstream URL)
     aleph_item_hash: str | None = None
 
 
@@ -402,31 +399,22 @@ class ImageStore:
             return self._fetch(plan, progress)
         except DownloadError as exc:
             entry = ref.entry
-            gone = exc.status in (404, 410) and source is Source.UPSTREAM and not latest
-            if not (gone and entry and entry.latest_url and entry.checksums_url):
+            if exc.status not in GONE or plan.source != "upstream" or entry is None:
                 raise
-            where = "on the mirror" if self.settings.mirror else "upstream"
-            try:
-                plan = self._plan(ref, source, latest=True)  # reads the checksum file only if it can be trusted
-            except ImageError as trust:
-                raise ImageError(
-                    f"the pinned build of {entry.name} is gone {where} ({exc}), and the latest build cannot be "
-                    f"verified: {trust}",
-                    hint=trust.hint or "pull a local image file, or --source aleph",
-                ) from trust
-            log.warning(
-                "the pinned build of %s is gone %s (%s); using the latest build, verified against %s",
-                entry.name,
-                where,
-                exc,
-                self._checksums_url(entry),
-            )
-            return self._fetch_latest(ref, progress, plan)
+            # The pin wins, always: a pinned build that is gone is an error, never a reason to take whatever a
+            # checksum file (a mirror's, or an old signed one) says. --latest is the user's choice to make.
+            raise ImageError(
+                f"the pinned build of {entry.name} is gone: {exc.message}",
+                hint=f"'qinst pull --latest {entry.name}' takes the newest build, verified against its "
+                "checksum file; or pin another build in a catalog (--catalog)"
+                if entry.latest_url and entry.checksums_url
+                else "pin another build in a catalog (--catalog), or pull a local image file",
+            ) from exc
 
-    def _fetch_latest(self, ref: ImageRef, progress: Progress | None, plan: _Plan | None = None) -> CachedImage:
+    def _fetch_latest(self, ref: ImageRef, progress: Progress | None) -> CachedImage:
         """The latest build. Its directory is a moving link upstream: when a new build lands during the download,
         the bytes match neither digest; re-read the checksum file once and fetch the new build if it changed."""
-        plan = plan or self._plan(ref, Source.UPSTREAM, latest=True)
+        plan = self._plan(ref, Source.UPSTREAM, latest=True)
         try:
             return self._fetch(plan, progress)
         except DigestMismatch:
@@ -479,7 +467,9 @@ class ImageStore:
         if not (entry.url and entry.digest):
             raise ImageError(f"image {entry.name} has no upstream url", hint="use --source aleph")
         url = mirror_url(entry.url, self.settings.mirror)
-        return _Plan(entry.name, url, entry.digest, "upstream", entry.format, entry.size)
+        # A pin the mirror does not have may come from upstream: the same pin verifies it.
+        upstream = (entry.url,) if url != entry.url else ()
+        return _Plan(entry.name, url, entry.digest, "upstream", entry.format, entry.size, fallbacks=upstream)
 
     def _checksums_url(self, entry: CatalogEntry) -> str:
         """Where the checksum file is read: through the mirror only when its signature is checked, else upstream."""
@@ -487,13 +477,15 @@ class ImageStore:
         return mirror_url(entry.checksums_url, self.settings.mirror) if entry.signed else entry.checksums_url
 
     def _checksums(self, entry: CatalogEntry) -> str:
-        """The latest channel's checksum file, trusted: signed and verified, or read from the entry's own host."""
+        """The latest channel's checksum file, trusted: signed by the entry's keyring and not older than one already
+        accepted (freshness.py), or unsigned and read over its own upstream host only (redirects included)."""
         assert entry.checksums_url
-        from qemu_instances.download import fetch_bytes
+        from qemu_instances.download import Redirects, fetch_bytes
 
         url = self._checksums_url(entry)
+        rule = Redirects.HTTPS if entry.signed else Redirects.SAME_HOST
         try:
-            data = fetch_bytes(url, session=self._session, policy=self.policy)
+            data = fetch_bytes(url, session=self._session, policy=self.policy, redirects=rule)
         except DownloadError as exc:
             if entry.signed or not self.settings.mirror:
                 raise
@@ -509,11 +501,17 @@ class ImageStore:
             assert entry.checksums_signature_url and entry.signing_keys
             sig_url = mirror_url(entry.checksums_signature_url, self.settings.mirror)
             try:
-                signature = fetch_bytes(sig_url, session=self._session, policy=self.policy, limit=1 << 20)
+                signature = fetch_bytes(
+                    sig_url, session=self._session, policy=self.policy, limit=1 << 20, redirects=Redirects.HTTPS
+                )
             except DownloadError as exc:
                 raise ImageError(f"cannot fetch the signature of {url}: {exc}", hint=exc.hint) from exc
             signer = verify_detached(data, signature, keyring_path(entry.signing_keys), what=url)
-            log.debug("%s: good signature by %s", url, signer)
+            log.debug("%s: good signature by %s made at %s", url, signer.fingerprint, signer.created)
+            from qemu_instances import freshness
+
+            # Keyed by the catalog's own URL: the same channel whichever mirror served it.
+            freshness.accept(self.settings.cache_dir, entry.checksums_url, signer.created, signer.fingerprint)
         return data.decode("utf-8", "replace")
 
     def _latest_digest(self, entry: CatalogEntry) -> Digest:
@@ -550,10 +548,12 @@ class ImageStore:
     def _download(
         self, plan: _Plan, dest: Path, progress: Progress | None, check: Callable[[Path], None]
     ) -> tuple[str, int]:
-        """Download plan's file from its URL, or from its fallbacks in turn on 404/413; return (url, size)."""
+        """Download plan's file from its URL, or from its fallbacks in turn on 404/410/413; return (url, size).
+        Every URL is verified against the same pin."""
         from qemu_instances.download import download_verified
 
         urls = (plan.url, *plan.fallbacks)
+        refused: list[DownloadError] = []  # what each earlier URL answered (404/410/413)
         for i, url in enumerate(urls):
             try:
                 size = download_verified(
@@ -577,16 +577,28 @@ class ImageStore:
                     "defaults (256 KiB chunks, balanced layout, 174 links), the only import qinst can recompute",
                 ) from exc
             except DownloadError as exc:
-                if exc.status not in (404, 413) or i == len(urls) - 1:
+                if exc.status in (*GONE, 413) and i < len(urls) - 1:
+                    refused.append(exc)
+                    log.info("%s answered HTTP %s; trying %s", url, exc.status, urls[i + 1])
+                    continue
+                if not refused:
                     raise
-                log.info("%s answered HTTP %s; trying %s", url, exc.status, urls[i + 1])
+                # Say what every URL answered (a mirror's 404, then upstream's 404 or no network), not only the last.
+                gone = exc.status in GONE and all(e.status in GONE for e in refused)
+                earlier = "; ".join(e.message for e in refused)
+                hint = (
+                    "the mirror does not hold the pinned file: add it there, or pull with --latest"
+                    if plan.fallbacks and plan.source == "upstream"
+                    else exc.hint
+                )
+                raise DownloadError(
+                    f"{earlier}; then {exc.message}", hint=hint, status=exc.status if gone else None
+                ) from exc
         raise AssertionError("no URL to download from")
 
     def _import_file(self, path: Path) -> CachedImage:
         """A local image, identified by its own sha256, copied into the cache (hashing while copying)."""
         import tempfile  # here: `images` and a cached `up` make no temporary file
-
-        from qemu_instances.download import replace_durably
 
         check_format(path, None, str(path))  # refuse early, before copying gigabytes
         self.cache.ensure()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,6 +125,8 @@ def validate_metadata(name: str, meta: Metadata) -> Metadata:
             raise UsageError("invalid host-keys line")
     if meta.private_key and (not Path(meta.private_key).is_absolute() or any(c < " " for c in meta.private_key)):
         raise UsageError("invalid private-key path")
+    if meta.created and not valid_timestamp(meta.created):
+        raise UsageError(f"invalid created time {meta.created[:40]!r} (an ISO 8601 time with its zone)")
     if meta.accel not in ("", "kvm", "tcg"):
         raise UsageError(f"invalid accel {meta.accel[:20]!r}")
     if meta.console_log and Path(meta.console_log).name != console_log_name(name):
@@ -139,12 +141,22 @@ def validate_metadata(name: str, meta: Metadata) -> Metadata:
     return meta
 
 
+def valid_timestamp(text: str) -> bool:
+    """An ISO 8601 time with its zone, as `up` writes it (a naive one cannot be compared with now)."""
+    import datetime as dt
+
+    try:
+        return len(text) <= 64 and dt.datetime.fromisoformat(text).tzinfo is not None
+    except (ValueError, OverflowError):
+        return False
+
+
 def _instance(dom: Domain) -> Instance | None:
     """The instance on `dom`; None for a domain without qinst's metadata; `invalid` set for a bad record."""
-    return _record(dom.name, dom.state()[0], dom.metadata(METADATA_NS))
+    return record_of(dom.name, dom.state()[0], dom.metadata(METADATA_NS))
 
 
-def _record(name: str, state: str, text: str | None) -> Instance | None:
+def record_of(name: str, state: str, text: str | None) -> Instance | None:
     """The instance named `name` from its metadata element's text (None: not qinst's domain)."""
     if text is None:
         return None
@@ -152,8 +164,8 @@ def _record(name: str, state: str, text: str | None) -> Instance | None:
         return Instance(name, state, validate_metadata(name, Metadata.from_xml(text)))
     except UsageError as exc:
         reason = exc.message
-    except (ET.ParseError, ValueError, TypeError) as exc:
-        reason = f"unreadable metadata: {str(exc)[:100]!r}"
+    except Exception as exc:  # anything a hostile record can raise makes it invalid, never a crash
+        reason = f"unreadable metadata: {type(exc).__name__}: {str(exc)[:100]!r}"
     log.debug("instance %r: invalid metadata: %s", name, reason)
     return Instance(name, state, _UNKNOWN, invalid=reason)
 
@@ -164,7 +176,7 @@ def list_instances(host: Host, *, snapshots: bool = False) -> list[Instance]:
     found = []
     for dom, state, text in host.domain_records(METADATA_NS):
         try:
-            inst = _record(dom.name, state, text)
+            inst = record_of(dom.name, state, text)
             if inst and snapshots and not inst.invalid:
                 inst = replace(inst, snapshots=snapshot_count(dom))
         except HypervisorError:
@@ -327,8 +339,14 @@ def remove_logs(host: Host, name: str) -> None:
     if not host.is_local:
         return
     console = console_log_path(host, None, name)
-    virtiofsd = console.parent.glob(f"{name}-fs*-virtiofsd.log")  # libvirt's log of each --mount's virtiofsd
-    for path in (console, console.with_name(f"{name}.log"), *virtiofsd):
+    # libvirt's log of each --mount's virtiofsd is NAME-fsN-virtiofsd.log: matched exactly, so that another
+    # instance's logs (web-fsdata-fs0-virtiofsd.log, when this one is web-fs) are never touched.
+    virtiofsd = re.compile(re.escape(name) + r"-fs[0-9]+-virtiofsd\.log")
+    try:
+        logs = [p for p in console.parent.iterdir() if virtiofsd.fullmatch(p.name)]
+    except OSError:
+        logs = []
+    for path in (console, console.with_name(f"{name}.log"), *logs):
         with contextlib.suppress(OSError):
             path.unlink()
 

@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemu_instances.files import write_atomically
+from qemu_instances.errors import QinstError
+from qemu_instances.files import parse_json, read_bounded, write_atomically
 from qemu_instances.logs import log
 
 DIRECTORY = "kvm-verdicts"  # under the cache directory
@@ -60,10 +61,8 @@ def recall(cache_dir: Path, key: HostKey) -> Verdict | None:
     """The remembered KVM failure of this host, QEMU and kernel; None when there is none (or it is unreadable)."""
     path = directory(cache_dir) / key.filename
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_BYTES + 1)
-        data = json.loads(raw) if len(raw) <= MAX_BYTES else None
-    except (OSError, ValueError):
+        data = parse_json(read_bounded(path, "KVM verdict", MAX_BYTES, follow=False), "KVM verdict")
+    except (OSError, QinstError):
         return None
     if not isinstance(data, dict) or data.get("kvm") != "failed":
         return None
@@ -89,7 +88,7 @@ def remember(cache_dir: Path, key: HostKey, reason: str) -> None:
     folder = directory(cache_dir)
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(folder / key.filename, json.dumps(data, indent=1).encode())
+        write_atomically(folder / key.filename, json.dumps(data, indent=1).encode(), mode=0o600)
     except OSError as exc:
         log.debug("could not record the KVM verdict in %s: %s", folder, exc)
 

@@ -36,13 +36,14 @@ from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, Us
 from qemu_instances.faults import _test_pause
 from qemu_instances.files import read_option_file
 from qemu_instances.forwarding import Forward, check_free, parse_forwards
-from qemu_instances.host import Domain, Host
+from qemu_instances.host import POOL_NAME, Domain, Host
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source
 from qemu_instances.instances import (
     Instance,
     console_log_path,
     disk_volume,
     owned_volumes,
+    record_of,
     remove_logs,
     seed_volume,
 )
@@ -51,6 +52,7 @@ from qemu_instances.mounts import Mount
 from qemu_instances.mounts import cloud_config as mounts_cloud_config
 from qemu_instances.mounts import resolve as resolve_mounts
 from qemu_instances.ports import HOSTFWD_TAKEN, start_with_port
+from qemu_instances.seals import SealStore
 from qemu_instances.settings import Settings
 from qemu_instances.ssh import HostKey, SshHop, key_checker
 from qemu_instances.sshkeys import SshKey, resolve_keys
@@ -123,6 +125,19 @@ def _in_background(work: Callable[[], bytes]) -> Future[bytes]:
     return future
 
 
+NAME_TRIES = 8  # generated names drawn before giving up (36^4 names per image: a clash is rare)
+
+
+def _taken(host: Host, name: str) -> bool:
+    """Whether a domain, or an instance volume (an orphan's), already has this name: never reused, never removed."""
+    if host.lookup(name) is not None:
+        return True
+    if POOL_NAME not in host.pool_names():
+        return False
+    pool = host.pool(create=False)
+    return any(host.volume(pool, vol) is not None for vol in (disk_volume(name), seed_volume(name)))
+
+
 def _created_at() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
@@ -191,12 +206,12 @@ def _paused_kvm_instance(host: Host) -> str | None:
         if by_user:
             continue
         try:
-            text = dom.metadata(METADATA_NS)
-            meta = Metadata.from_xml(text) if text else None
-        except (HypervisorError, ValueError, TypeError, SyntaxError):
-            continue  # gone meanwhile, or not a record qinst can read (ET.ParseError is a SyntaxError)
-        if meta is not None and meta.accel == "kvm":
-            return printable_name(dom.name)
+            inst = record_of(dom.name, "paused", dom.metadata(METADATA_NS))
+        except HypervisorError:
+            continue  # gone meanwhile
+        # Another domain's record that does not validate says nothing about KVM (and never fails this launch).
+        if inst is not None and not inst.invalid and inst.metadata.accel == "kvm":
+            return printable_name(inst.name)
     return None
 
 
@@ -290,8 +305,14 @@ class Launcher:
         inputs = self._inputs(req)
         image = self._pull(inputs.ref, req, progress)
         with Host(self.settings.connect) as host, contextlib.ExitStack() as undo:
-            if host.lookup(inputs.name) is not None:
-                raise UsageError(f"an instance or domain named {inputs.name!r} already exists")
+            for _ in range(NAME_TRIES):
+                if not _taken(host, inputs.name):
+                    break
+                if req.name:
+                    raise UsageError(f"an instance, domain or volume named {inputs.name!r} already exists")
+                inputs = self._inputs(req)  # a generated name that is taken: draw another (and its seed)
+            else:
+                raise UsageError("could not find a free instance name", hint="give one with --name")
             run = _Run(
                 host,
                 undo,
@@ -366,7 +387,8 @@ class Launcher:
         if plan.network.kind in (NetworkKind.DEFAULT, NetworkKind.NETWORK):
             host.ensure_network_active(plan.network.source)
         pool = host.pool()
-        base = host.base_volume(pool, image.digest.filename, image.path, image.digest, run.progress)
+        seals = SealStore(self.settings.cache_dir, host.uri)
+        base = host.base_volume(pool, image.digest.filename, image.path, image.digest, run.progress, seals=seals)
         virtual = self.store.virtual_size(image)
         disk = host.overlay_volume(pool, disk_volume(name), base, plan.req.disk_gib * GiB, image.format, virtual)
         run.undo.callback(_quietly(f"volume {disk_volume(name)}", lambda: host.delete_volume(pool, disk_volume(name))))

@@ -86,7 +86,7 @@ class Mount:
             raise UsageError(f"invalid --mount {text!r}", hint="use HOSTDIR[:GUESTDIR][:rw] with absolute paths")
         host_dir = _checked_path(parts[0], text)
         guest_dir = _checked_path(parts[1], text) if len(parts) == 2 else host_dir
-        if guest_dir in ("/", "/boot", "/etc", "/usr", "/var", "/proc", "/sys", "/dev", "/run"):
+        if guest_dir in _SYSTEM_DIRS:
             raise UsageError(f"refusing to mount over the guest's {guest_dir}")
         return cls(host_dir, guest_dir, readonly, driver)
 
@@ -112,13 +112,20 @@ class Mount:
         return {"host": self.host_dir, "guest": self.guest_dir, "readonly": self.readonly, "driver": str(self.driver)}
 
 
+_SYSTEM_DIRS = frozenset(
+    ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr", "/var")
+)
+
+
 def _checked_path(path: str, text: str) -> str:
+    """An absolute path in its one normal form: `//etc`, `/etc/`, `/./etc` are all `/etc` (before any check of it:
+    POSIX keeps a leading `//`, which would slip past a list of system folders)."""
     if not _SAFE_PATH.fullmatch(path) or ".." in PurePosixPath(path).parts or len(path) > 1024:
         raise UsageError(
             f"invalid path {path!r} in --mount {text!r}",
             hint="paths are absolute, without '..', blanks, colons, commas, quotes or backslashes",
         )
-    return str(PurePosixPath(path))
+    return "/" + "/".join(part for part in path.split("/") if part not in ("", "."))
 
 
 def parse_mounts(texts: Iterable[str], driver: Driver, *, local: bool) -> tuple[Mount, ...]:

@@ -7,10 +7,11 @@ and its --status-fd output (VALIDSIG with the primary key's fingerprint) decides
 from __future__ import annotations
 
 import re
-import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_instances.errors import ImageError
+from qemu_instances.proc import run
 
 # The shipped keyrings, next to this module (the catalog checks their names on every `images` and `up`:
 # importlib.resources and hashlib would cost those ~0.004 s).
@@ -82,8 +83,17 @@ def keyring_fingerprints(path: Path) -> set[str]:
     return found
 
 
-def verify_detached(data: bytes, signature: bytes, keyring: Path, *, what: str) -> str:
-    """Check signature over data with gpgv and only keyring; return the signing primary key's fingerprint.
+@dataclass(frozen=True)
+class Signature:
+    """A good signature: the signing primary key's fingerprint and when the signature was made (seconds since the
+    epoch, as the signer's clock said: what `--latest` compares to refuse an older signed file)."""
+
+    fingerprint: str
+    created: int
+
+
+def verify_detached(data: bytes, signature: bytes, keyring: Path, *, what: str) -> Signature:
+    """Check signature over data with gpgv and only keyring; return the good signature (signer and time).
 
     Raises ImageError with "signature" in its message when the signature is missing, bad, or by another key.
     """
@@ -107,13 +117,8 @@ def verify_detached(data: bytes, signature: bytes, keyring: Path, *, what: str) 
             str(home / "data.sig"),
             str(home / "data"),
         ]
-        try:
-            proc = subprocess.run(argv, capture_output=True, check=False, timeout=60, stdin=subprocess.DEVNULL)
-        except FileNotFoundError as exc:
-            raise ImageError("gpgv not found: cannot check the signature of " + what, hint="install gpgv") from exc
-        except subprocess.TimeoutExpired as exc:
-            raise ImageError(f"gpgv took too long checking the signature of {what}") from exc
-    status = proc.stdout.decode("utf-8", "replace").splitlines()
+        proc = run(argv, error=ImageError, hint="install gpgv", timeout=60, check=False, limit=1 << 20)
+    status = proc.stdout.splitlines()
     valid = _valid_primaries(status)
     bad = [line.split()[1] for line in status if line.split()[1:2] and line.split()[1] in _BAD]
     if proc.returncode != 0 or bad or not valid:
@@ -122,24 +127,39 @@ def verify_detached(data: bytes, signature: bytes, keyring: Path, *, what: str) 
             f"signature check failed for {what}: {reason}",
             hint=f"nothing was downloaded; the checksum file must be signed by a key in {keyring}",
         )
-    signer = next((fpr for fpr in valid if fpr in primaries), None)
+    signer = next((sig for sig in valid if sig.fingerprint in primaries), None)
     if signer is None:
-        raise ImageError(f"signature check failed for {what}: signed by {valid[0]}, which is not in {keyring}")
+        raise ImageError(
+            f"signature check failed for {what}: signed by {valid[0].fingerprint}, which is not in {keyring}"
+        )
     return signer
 
 
 _BAD = {"BADSIG", "ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "NO_PUBKEY", "FAILURE"}
 
 
-def _valid_primaries(status: list[str]) -> list[str]:
-    """Primary-key fingerprints of VALIDSIG lines: `[GNUPG:] VALIDSIG <fpr> <date> <ts> <exp> <ver> <rsv> <pk-algo>
-    <hash-algo> <class> <primary-fpr>`."""
+def _valid_primaries(status: list[str]) -> list[Signature]:
+    """The primary key and creation time of each VALIDSIG line: `[GNUPG:] VALIDSIG <fpr> <date> <ts> <exp> <ver>
+    <rsv> <pk-algo> <hash-algo> <class> <primary-fpr>` (<ts>: seconds since the epoch, or ISO 8601 basic form)."""
     found = []
     for line in status:
         fields = line.split()
         if fields[:2] == ["[GNUPG:]", "VALIDSIG"] and len(fields) >= 12 and _FPR.fullmatch(fields[11]):
-            found.append(fields[11])
+            created = _timestamp(fields[4])
+            if created is not None:
+                found.append(Signature(fields[11], created))
     return found
+
+
+def _timestamp(text: str) -> int | None:
+    if text.isdigit() and len(text) <= 12:
+        return int(text)
+    import datetime as dt
+
+    try:
+        return int(dt.datetime.strptime(text, "%Y%m%dT%H%M%S").replace(tzinfo=dt.UTC).timestamp())
+    except ValueError:
+        return None
 
 
 def _reason(status: list[str], bad: list[str]) -> str:

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import secrets
-import subprocess
 import tempfile
 import threading
 import time
@@ -38,6 +37,7 @@ from qemu_instances.checks import (
 )
 from qemu_instances.domain import Accel, Firmware
 from qemu_instances.errors import GuestFailed, GuestTimeout, Interrupted, QinstError
+from qemu_instances.files import write_atomically
 from qemu_instances.fleet import for_host
 from qemu_instances.host import Host
 from qemu_instances.images import ImageStore
@@ -45,6 +45,7 @@ from qemu_instances.instances import Instance
 from qemu_instances.junit import junit_xml
 from qemu_instances.launch import Launcher, UpRequest
 from qemu_instances.logs import log
+from qemu_instances.proc import collect, spawn
 from qemu_instances.seed import load_template
 from qemu_instances.settings import Settings
 from qemu_instances.smokereport import (
@@ -61,6 +62,8 @@ from qemu_instances.wait import Readiness
 
 __all__ = ["CheckResult", "ImageReport", "SmokeOptions", "Status", "run_smoke", "write_reports"]
 
+SESSION_OUTPUT = 64 << 20  # bytes of stdout kept from a guest's check session (README, "Reliability: limits")
+SESSION_STDERR = 1 << 20
 SMOKE_DISK_GIB = 4
 SMOKE_MEMORY_MIB = 1024
 HOST_CHECKS = ("pull", "launch", "booted", "cloud-init", "ssh")
@@ -117,6 +120,10 @@ def _first_line(text: str) -> str:
     return (text.strip().splitlines() or [""])[0]
 
 
+def _last_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[-1]
+
+
 class _Runner:
     """One image x firmware: boot, check, clean up; again up to opts.retries times while it fails."""
 
@@ -127,6 +134,7 @@ class _Runner:
         self.cancel = cancel
         self.store = ImageStore(settings)
         self.checks = [c for c in opts.checks if c.applies_to(job.image)]
+        self.created = False  # whether the current attempt made its instance
 
     def run(self) -> ImageReport:
         first: ImageReport | None = None
@@ -146,15 +154,16 @@ class _Runner:
         if self.opts.artifacts is not None:
             directory = self.opts.artifacts / self.job.label
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / "timings.json").write_text(json.dumps(report.timings, indent=2) + "\n")
+            write_atomically(directory / "timings.json", (json.dumps(report.timings, indent=2) + "\n").encode())
         return report
 
     def _attempt(self, keep: bool) -> ImageReport:
         report = ImageReport(
             self.job.image,
             firmware=str(self.job.firmware),
-            instance=f"smoke-{_slug(self.job.image)}-{secrets.token_hex(2)}",
+            instance=f"smoke-{_slug(self.job.image)}-{secrets.token_hex(4)}",
         )
+        self.created = False  # whether this attempt made the instance: only then is it removed
         if self.settings.host:
             report.properties["host"] = self.settings.host
         with tempfile.TemporaryDirectory(prefix="qinst-smoke-") as keydir:
@@ -214,7 +223,9 @@ class _Runner:
             result = Launcher(self.settings, self.store).up(
                 request, readiness=readiness, cancel=self.cancel, timings=launch_timings
             )
+            self.created = True
         except (GuestTimeout, GuestFailed) as exc:
+            self.created = True  # the guest booted and is kept by `up`: this run removes it (or keeps it)
             self._boot_checks(report, readiness, _first_line(str(exc.message)))
             report.skip_rest(names, "the guest never became ready")
             return None
@@ -284,7 +295,7 @@ class _Runner:
             allow_warnings=self.opts.allow_warnings,
             allow_failed_units=self.opts.allow_failed_units,
         )
-        missing = f"no result: the session ended before this check (ssh exit {code}: {_first_line(stderr)})"
+        missing = f"no result: the session ended before this check (ssh exit {code}: {_last_line(stderr)})"
         for check in self.checks:
             out = results.get(f"check:{check.name}")
             if out is None:
@@ -308,34 +319,30 @@ class _Runner:
         self._artifacts(report, results)
 
     def _session(self, inst: Instance, batch: Batch) -> tuple[int, bytes, str]:
-        """Run the batch in one ssh; stopped early when the run is cancelled. (exit status, stdout, stderr)."""
+        """Run the batch in one ssh; stopped early when the run is cancelled, when it runs past the batch's timeout,
+        or when the guest sends more than SESSION_OUTPUT bytes (what was read is kept). (exit status, stdout,
+        stderr)."""
         try:
             ssh.require_ssh()
             argv = ssh.ssh_argv(ssh_target(inst, self.settings), [batch.remote_command()], batch=True)
+            with spawn(argv) as proc:
+                out = collect(
+                    proc,
+                    timeout=batch.timeout,
+                    limit=SESSION_OUTPUT,
+                    stderr_limit=SESSION_STDERR,
+                    cancelled=self.cancel.is_set,
+                )
         except QinstError as exc:
             return 255, b"", exc.message
-        env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        deadline = time.monotonic() + batch.timeout
-        out_parts: list[bytes] = []
-        err_parts: list[bytes] = []
-        while True:
-            try:
-                out, err = proc.communicate(timeout=0.5)
-                out_parts.append(out)
-                err_parts.append(err)
-                break
-            except subprocess.TimeoutExpired:
-                if self.cancel.is_set() or time.monotonic() > deadline:
-                    proc.kill()
-                    out, err = proc.communicate()
-                    out_parts.append(out)
-                    err_parts.append(err + b"\nthe SSH session was stopped (timeout or interruption)")
-                    if self.cancel.is_set():
-                        raise Interrupted("interrupted") from None
-                    break
-        stderr = b"".join(err_parts).decode("utf-8", "replace")
-        return proc.returncode if proc.returncode is not None else 255, b"".join(out_parts), stderr
+        if out.cancelled:
+            raise Interrupted("interrupted")
+        stderr = out.stderr.decode("utf-8", "replace")
+        if out.overflow:
+            stderr += f"\nthe guest sent more than {SESSION_OUTPUT >> 20} MiB over the SSH session; it was stopped"
+        elif out.timed_out:
+            stderr += f"\nthe SSH session was stopped after {batch.timeout:.0f} s"
+        return out.returncode if out.returncode is not None else 255, out.stdout, stderr
 
     def _artifacts(self, report: ImageReport, results: dict[str, Output]) -> None:
         if self.opts.artifacts is None:
@@ -348,7 +355,7 @@ class _Runner:
         for name in ARTIFACTS:
             out = results.get(f"file:{name}")
             if out is not None and out.exit == 0:
-                (directory / name).write_text(out.stdout, errors="replace")
+                write_atomically(directory / name, out.stdout.encode("utf-8", "replace"))
 
     def _compare(self, report: ImageReport) -> None:
         baseline = self.opts.baseline
@@ -364,7 +371,17 @@ class _Runner:
             report.add("boot-regression", not found, 0.0, "slower than the baseline: " + "; ".join(found))
 
     def _finish(self, report: ImageReport, keep: bool) -> None:
-        """Record the console, then remove the instance (kept only if it failed and keep)."""
+        """Record the console, then remove the instance (kept only if it failed and keep). Only an instance this
+        attempt made: a failed launch undid its own work, and a domain of the same name (another run's, a kept one)
+        is never touched."""
+        if self.created:
+            self._remove(report, keep)
+        if self.opts.artifacts is not None:
+            directory = self.opts.artifacts / self.job.label
+            directory.mkdir(parents=True, exist_ok=True)
+            write_atomically(directory / "console.log", report.console.encode("utf-8", "replace"))
+
+    def _remove(self, report: ImageReport, keep: bool) -> None:
         with contextlib.suppress(QinstError), Host(self.settings.connect) as host:
             try:
                 _, inst = instances.get_instance(host, report.instance)
@@ -378,10 +395,6 @@ class _Runner:
                     instances.remove(host, report.instance, force=True)
                 else:
                     report.kept = True
-        if self.opts.artifacts is not None:
-            directory = self.opts.artifacts / self.job.label
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "console.log").write_text(report.console, errors="replace")
 
 
 def jobs(images: Sequence[str], firmwares: Sequence[Firmware]) -> list[Job]:
@@ -453,12 +466,6 @@ def _executor(workers: int) -> Iterator[concurrent.futures.ThreadPoolExecutor]:
 # ---- the files a run writes ------------------------------------------------------------------------------------------
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_reports(
     reports: Sequence[ImageReport],
     *,
@@ -469,8 +476,8 @@ def write_reports(
 ) -> None:
     """The JUnit report, the Markdown summary and results.json, for whatever finished."""
     if junit is not None:
-        _write(junit, junit_xml(reports))
+        write_atomically(junit, junit_xml(reports))
     if summary is not None:
-        _write(summary, summary_markdown(reports, baseline).encode("utf-8", "replace"))
+        write_atomically(summary, summary_markdown(reports, baseline).encode("utf-8", "replace"))
     if artifacts is not None:
-        _write(artifacts / "results.json", (json.dumps(results_json(reports), indent=2) + "\n").encode())
+        write_atomically(artifacts / "results.json", (json.dumps(results_json(reports), indent=2) + "\n").encode())

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -151,12 +150,9 @@ class Baseline:
 
 def load_baseline(path: Path) -> Baseline:
     """A previous run's JSON (--json or results.json); UsageError (exit 2) if it is not one."""
-    try:
-        data = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise UsageError(f"cannot read --baseline {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise UsageError(f"--baseline {path}: not JSON: {exc}") from exc
+    from qemu_instances.files import MAX_BASELINE, parse_json, read_option_file
+
+    data = parse_json(read_option_file(path, "--baseline", MAX_BASELINE) or b"", f"--baseline {path}")
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("results"), list):
         raise UsageError(f"--baseline {path}: not qinst smoke results (expected schema {SCHEMA!r})")
     timings: dict[str, dict[str, float]] = {}
@@ -165,16 +161,20 @@ def load_baseline(path: Path) -> Baseline:
         raw = result.get("timings") if isinstance(result, dict) else None
         if not isinstance(suite, str) or not isinstance(raw, dict):
             raise UsageError(f"--baseline {path}: results[{i}] has no suite name or timings")
-        timings[suite] = {
-            k: float(v)
-            for k, v in raw.items()
-            if isinstance(k, str)
-            and isinstance(v, int | float)
-            and not isinstance(v, bool)
-            and math.isfinite(v)
-            and v >= 0
-        }
+        timings[suite] = {k: s for k, v in raw.items() if isinstance(k, str) and (s := _seconds(v)) is not None}
     return Baseline(path, timings)
+
+
+def _seconds(value: object) -> float | None:
+    """A duration read back from a results file (untrusted): a finite number >= 0, else None. A 400-digit integer
+    is not a float (OverflowError), and neither is a bool."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def regressions(report: ImageReport, baseline: Baseline, threshold: float) -> list[str] | None:

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from qemu_instances.errors import QinstError
 from qemu_instances.files import write_atomically
-from qemu_instances.proc import try_run
+from qemu_instances.proc import spawn, try_run
 
 KEY_LINE = re.compile(r"((?:ssh|ecdsa|sk)-[\w@.-]+) ([A-Za-z0-9+/=]{32,})")
 HostKey = tuple[str, str]  # (type, base64 body)
@@ -129,21 +130,40 @@ def require_ssh() -> None:
         raise QinstError("ssh not found", hint="install openssh-client")
 
 
-def ssh_options(target: SshTarget, *, batch: bool = False) -> list[str]:
-    """The options every ssh (and scp, and ssh -L) to the guest takes: strict host keys, its port, key and hop."""
+def ssh_options(target: SshTarget, *, batch: bool = False, forwards: bool = False) -> list[str]:
+    """The options every ssh (and scp, and ssh -L) to the guest takes: strict host keys, its port, key and hop.
+
+    No configuration file is read (`-F /dev/null`): nothing in ~/.ssh/config or /etc/ssh/ssh_config (`Host *` with
+    StrictHostKeyChecking no, UserKnownHostsFile /dev/null, KnownHostsCommand, HostKeyAlias, ProxyCommand,
+    LocalCommand) applies to a connection to a guest. The user's agent is never forwarded to a guest, nor X11, and
+    no port is forwarded unless `forwards` (qinst forward's own -L). ssh still uses the user's agent and default
+    keys to log in; the jump through a remote libvirt host (ProxyCommand) is a separate ssh that reads the user's
+    configuration for that host.
+    """
     opts = [
+        "-F", "/dev/null",
         "-o", f"UserKnownHostsFile={escape_percent(str(target.known_hosts))}",
         "-o", "StrictHostKeyChecking=yes",
         "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "UpdateHostKeys=no",
+        "-o", "CheckHostIP=no",
+        "-o", "ForwardAgent=no",
+        "-o", "ForwardX11=no",
+        "-o", "PermitLocalCommand=no",
         "-o", "LogLevel=ERROR",
         "-o", f"Port={target.port}",
     ]  # fmt: skip
+    if not forwards:
+        opts += ["-o", "ClearAllForwardings=yes"]
     if batch:
         opts += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
     if target.hop is not None:
         # The guest's address (a forward on the host's loopback, or a NAT address) is reached through the host.
         opts += target.hop.ssh_options()
     if target.key_file and Path(target.key_file).exists():
+        from qemu_instances.sshkeys import check_private_key  # a key ssh would ignore is said, not left to fail
+
+        check_private_key(Path(target.key_file))
         opts += ["-o", f"IdentityFile={escape_percent(target.key_file)}", "-o", "IdentitiesOnly=yes"]
     return opts
 
@@ -152,9 +172,14 @@ def destination(target: SshTarget) -> str:
     return f"{target.user}@{target.host}"
 
 
-def ssh_argv(target: SshTarget, command: Sequence[str] = (), *, batch: bool = False) -> list[str]:
-    """The system ssh's argv: nothing after `--` is read as an option, neither the destination nor the command."""
-    return ["ssh", *ssh_options(target, batch=batch), "--", destination(target), *command]
+def ssh_argv(
+    target: SshTarget, command: Sequence[str] = (), *, batch: bool = False, forwards: Sequence[str] = ()
+) -> list[str]:
+    """The system ssh's argv: nothing after `--` is read as an option, neither the destination nor the command.
+    `forwards` are -L specifications (qinst forward)."""
+    options = ssh_options(target, batch=batch, forwards=bool(forwards))
+    local = [arg for spec in forwards for arg in ("-L", spec)]
+    return ["ssh", *options, *local, "--", destination(target), *command]
 
 
 def _timed(argv: list[str], timeout: float) -> SshResult:
@@ -181,7 +206,7 @@ class Connection:
     target: SshTarget
     timeout: float = 30.0  # seconds the master may take to log in
     _dir: Path | None = field(default=None, init=False)
-    _master: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _stack: ExitStack = field(default_factory=ExitStack, init=False)
 
     @property
     def control_path(self) -> Path:
@@ -196,15 +221,13 @@ class Connection:
         import tempfile  # here: `ls` imports this module for its key checks
 
         self._dir = Path(tempfile.mkdtemp(prefix="qinst-ssh-"))  # mode 0700: only we reach the socket
+        self._stack.callback(shutil.rmtree, self._dir, ignore_errors=True)
         argv = ["ssh", *ssh_options(self.target, batch=True), *self._control_options("yes"), "-N", "--"]
-        self._master = subprocess.Popen(
-            [*argv, destination(self.target)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        master = self._stack.enter_context(
+            spawn([*argv, destination(self.target)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         )
         deadline = time.monotonic() + self.timeout
-        while not self.control_path.exists() and self._master.poll() is None and time.monotonic() < deadline:
+        while not self.control_path.exists() and master.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         return self
 
@@ -213,15 +236,7 @@ class Connection:
         return _timed([*argv, destination(self.target), *command], timeout)
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        if self._master is not None:
-            self._master.terminate()
-            try:
-                self._master.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._master.kill()
-                self._master.wait()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        self._stack.close()  # the master is stopped (proc.spawn), then its folder removed
 
 
 SCAN_TIMEOUT = 30.0  # seconds for ssh-keyscan in all: its -T restarts with every byte read (a trickling server)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
 import os
 import re
 import struct
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_instances.errors import QinstError, UsageError
+from qemu_instances.files import locked, read_bounded
 from qemu_instances.proc import run
 
 KEY_TYPES = frozenset(
@@ -109,28 +109,40 @@ def _blob_fields(blob: bytes) -> list[bytes] | None:
 
 
 def load_key_file(path: Path) -> SshKey:
-    """Load a public key from `path`; given a private key path whose `.pub` exists, use that `.pub`."""
+    """Load a public key from `path`; given a private key path whose `.pub` exists, use that `.pub`. A private key
+    that ssh would refuse to use (readable by others) is refused here, with the fix."""
+    path = path.expanduser().absolute()  # recorded in the instance's metadata: an absolute path, whatever the cwd
     if path.suffix == ".pub":
         private = path.with_suffix("")
-        return SshKey(_read_public(path), private if private.is_file() else None)
+        return SshKey(_read_public(path), check_private_key(private) if private.is_file() else None)
     sibling = path.with_name(path.name + ".pub")
     if sibling.is_file():
         # Never open the private key itself: its .pub says everything the seed needs.
-        return SshKey(_read_public(sibling), path)
+        return SshKey(_read_public(sibling), check_private_key(path))
     return SshKey(_read_public(path), None)
+
+
+def check_private_key(path: Path) -> Path:
+    """`path` if ssh would use it as an identity: a file its owner alone may read. ssh ignores a private key that
+    others can read ("UNPROTECTED PRIVATE KEY FILE"), and the login then fails with only "Permission denied"."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError as exc:
+        raise UsageError(f"cannot read the private key {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise UsageError(
+            f"the private key {path} is readable by others (mode {mode:04o}): ssh refuses to use such a key",
+            hint=f"chmod 600 {path}",
+        )
+    return path
 
 
 def _read_public(path: Path) -> str:
     source = os.fspath(path)
     try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_KEY_FILE + 1)
+        data = read_bounded(path, "SSH key file", _MAX_KEY_FILE)
     except FileNotFoundError as exc:
         raise UsageError(f"SSH key file {source} does not exist") from exc
-    except OSError as exc:
-        raise UsageError(f"cannot read SSH key file {source}: {exc.strerror}") from exc
-    if len(data) > _MAX_KEY_FILE:
-        raise UsageError(f"{source} is too large to be an SSH public key")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -173,8 +185,7 @@ def own_keypair(config_dir: Path) -> SshKey:
     _make_private_dir(config_dir)
     path = config_dir / OWN_KEY_NAME
     # Two launches at once must not both create the pair: the second waits and reuses the first's.
-    with (config_dir / f"{OWN_KEY_NAME}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(config_dir / f"{OWN_KEY_NAME}.lock", error=UsageError):
         if path.is_file() and path.with_name(path.name + ".pub").is_file():
             return load_key_file(path)
         return generate_keypair(path)

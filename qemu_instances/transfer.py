@@ -88,7 +88,10 @@ def scp_argv(inst: Instance, settings: Settings, copy: CopyPlan, *, recursive: b
         argv.append("-r")
 
     def operand(o: Operand) -> str:
-        return f"{destination}:{o.path}" if o.instance is not None else o.path
+        if o.instance is not None:
+            return f"{destination}:{o.path}"
+        # A local path is never read by scp as HOST:PATH (`Backup:copy.txt`) or as an option (`-oX`).
+        return o.path if o.path.startswith("/") else f"./{o.path}"
 
     return [*argv, "--", *(operand(s) for s in copy.sources), operand(copy.dest)]
 

@@ -6,11 +6,9 @@ Each returns the value it checked or raises UsageError (exit 2) naming the optio
 from __future__ import annotations
 
 import math
-import os
-import stat
 from pathlib import Path
 
-from qemu_instances.errors import QinstError, UsageError
+from qemu_instances.errors import UsageError
 
 
 def seconds(value: float, option: str) -> float:
@@ -52,22 +50,3 @@ def _check_writable(folder: Path, option: str) -> None:
             pass
     except OSError as exc:
         raise UsageError(f"{option}: cannot write in {folder}: {exc.strerror}") from None
-
-
-def read_regular_file(path: Path, what: str, limit: int, error: type[QinstError] = UsageError) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes; `error` otherwise, without reading a FIFO or device
-    (a FIFO would block, /dev/zero never ends). FileNotFoundError passes through."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise error(f"{what}: cannot read {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise error(f"{what}: {path} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise error(f"{what}: {path} is larger than {limit} bytes")
-    return data

@@ -31,9 +31,11 @@ class SigningKey:
         )
         return proc.stdout
 
-    def sign(self, data: bytes) -> bytes:
-        """An ASCII-armored detached signature over data (like Ubuntu's SHA256SUMS.gpg)."""
-        return self._gpg("--armor", "--detach-sign", "--output", "-", data=data)
+    def sign(self, data: bytes, at: int | None = None) -> bytes:
+        """An ASCII-armored detached signature over data (like Ubuntu's SHA256SUMS.gpg); `at`: its creation time
+        (seconds since the epoch; gpg's clock is faked for it)."""
+        when = ["--faked-system-time", f"{at}!"] if at is not None else []
+        return self._gpg(*when, "--armor", "--detach-sign", "--output", "-", data=data)
 
     def stop(self) -> None:
         subprocess.run(["gpgconf", "--kill", "all"], env={**os.environ, "GNUPGHOME": str(self.home)}, check=False)

@@ -366,6 +366,10 @@ def test_the_key_is_passed_only_when_it_exists(tmp_path: Path) -> None:
     assert not any(a.startswith("IdentityFile=") for a in ssh_argv(_inst(private_key=str(tmp_path / "gone")), settings))
     key = tmp_path / "id"
     key.write_text("")
+    key.chmod(0o644)
+    with pytest.raises(UsageError, match=r"readable by others \(mode 0644\)"):  # ssh would ignore it: said at once
+        ssh_argv(_inst(private_key=str(key)), settings)
+    key.chmod(0o600)
     argv = ssh_argv(_inst(private_key=str(key)), settings)
     i = argv.index(f"IdentityFile={key}")
     assert argv[i - 1 : i + 3] == ["-o", f"IdentityFile={key}", "-o", "IdentitiesOnly=yes"]

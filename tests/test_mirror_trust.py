@@ -62,32 +62,46 @@ def hide_pin_and_substitute(mirror: Mirror) -> bytes:
 def test_mirror_hiding_the_pin_cannot_choose_the_bytes(
     qinst: RunQinst, mirror: Mirror, origin: HTTPServer, tmp_path: Path
 ) -> None:
-    hide_pin_and_substitute(mirror)  # and the upstream host has no checksum file to give
+    """The pin wins: the mirror's 404 sends qinst upstream for the same pin (gone there too here), and no checksum
+    file is read at all: exit 3, nothing cached."""
+    hide_pin_and_substitute(mirror)
     cache = tmp_path / "cache"
     proc = pull(qinst, mirror, catalog_on(mirror, origin, tmp_path), cache, "debian-12")
     assert proc.returncode == 3, proc.stderr
-    error, hint = proc.stderr.splitlines()[:2]
-    assert error.startswith("qinst: error: the pinned build of debian-12 is gone on the mirror")
-    assert "HTTP 404" in error and "latest build cannot be verified" in error
-    assert "never through a mirror" in error and f"{origin.url}{DEBIAN_SUMS}" in error
-    assert hint.startswith("hint: ")
+    error, hint = proc.stderr.splitlines()[-2:]  # after the line saying the mirror's 404 sends qinst upstream
+    assert error.startswith("qinst: error: the pinned build of debian-12 is gone: ")
+    assert f"{mirror.url}{DEBIAN_PINNED}: HTTP 404" in error and f"then cannot download {origin.url}" in error
+    assert hint.startswith("hint: 'qinst pull --latest debian-12'")
     assert not mirror.server.hits(DEBIAN_SUMS)  # the mirror's checksum file is never read...
     assert not mirror.server.hits(DEBIAN_LATEST)  # ...nor its substitute image requested
-    assert origin.hits(DEBIAN_SUMS)
+    assert not origin.hits(DEBIAN_SUMS)  # nor upstream's: a pinned pull reads no checksum file
+    assert [h.target for h in origin.hits()] == [DEBIAN_PINNED]  # only the pin, upstream
     assert cached(cache) == []
 
 
-def test_mirror_substitute_is_checked_against_the_upstream_checksum_file(
+def test_a_pin_missing_on_the_mirror_comes_from_upstream_verified(
+    qinst: RunQinst, mirror: Mirror, origin: HTTPServer, tmp_path: Path
+) -> None:
+    pinned = mirror.images.pinned
+    hide_pin_and_substitute(mirror)
+    origin.add(DEBIAN_PINNED, pinned.data)
+    cache = tmp_path / "cache"
+    proc = pull(qinst, mirror, catalog_on(mirror, origin, tmp_path), cache, "debian-12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["digest"] == pinned.sha512
+    assert cached(cache) == sorted([f"sha512-{pinned.sha512_hex}", f"sha512-{pinned.sha512_hex}.json"])
+    assert not mirror.server.hits(DEBIAN_SUMS) and not origin.hits(DEBIAN_SUMS)
+
+
+def test_upstream_bytes_that_are_not_the_pin_are_refused(
     qinst: RunQinst, mirror: Mirror, origin: HTTPServer, tmp_path: Path
 ) -> None:
     hide_pin_and_substitute(mirror)
-    genuine = mirror.images.latest
-    origin.add(DEBIAN_SUMS, f"{genuine.sha512_hex}  debian-12-genericcloud-amd64.qcow2\n".encode())
+    origin.add(DEBIAN_PINNED, mirror.images.latest.data)  # another build under the pinned name
     cache = tmp_path / "cache"
     proc = pull(qinst, mirror, catalog_on(mirror, origin, tmp_path), cache, "debian-12")
     assert proc.returncode == 3, proc.stderr
-    assert f"expected {genuine.sha512}" in proc.stderr
-    assert not mirror.server.hits(DEBIAN_SUMS)
+    assert f"expected {mirror.images.pinned.sha512}" in proc.stderr
     assert cached(cache) == []
 
 

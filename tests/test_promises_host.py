@@ -35,6 +35,7 @@ from qemu_instances import host as host_module
 from qemu_instances.digests import Algorithm, Digest, hash_file
 from qemu_instances.errors import HypervisorError
 from qemu_instances.host import UPLOAD_CHUNK, UPLOADING, VERIFIED, Host, _hard_link, _send
+from qemu_instances.seals import Seal, SealStore
 
 pytestmark = pytest.mark.libvirt
 LOCAL = "qemu:///system"
@@ -628,3 +629,106 @@ def test_a_failed_upload_whose_volume_another_client_deleted_raises_its_own_erro
         host.upload_volume(pool, "taken.raw", _DeletedThenFails(data), len(data))
     assert "taken.raw" not in host.volume_names(pool)
     assert not (directory / "taken.raw").exists()
+
+
+# -- a base volume is the verified bytes or nothing (issue 21) ---------------------------------------------------------
+
+
+def _same_size_other_bytes(path: Path, size: int) -> None:
+    path.write_bytes(bytes(size))  # zeros: the right size, other bytes
+
+
+def test_a_planted_local_file_of_the_right_size_is_replaced_by_the_cached_file(
+    local: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    """The attack: a file named like the pin, of the right size, planted in the pool before any launch. On a local
+    daemon a volume is used only when it is the cached, verified file itself (same inode)."""
+    host, pool, directory = local
+    source, digest = image
+    planted = directory / digest.filename
+    _same_size_other_bytes(planted, source.stat().st_size)
+    pool.refresh(0)
+    vol = host.base_volume(pool, digest.filename, source, digest)
+    assert (directory / digest.filename).stat().st_ino == source.stat().st_ino
+    assert _sha512(Path(vol.path())) == digest.hex
+
+
+def test_a_local_link_replaced_by_other_bytes_is_replaced_again(
+    local: tuple[Host, Any, Path], image: tuple[Path, Digest]
+) -> None:
+    host, pool, directory = local
+    source, digest = image
+    host.base_volume(pool, digest.filename, source, digest)
+    (directory / digest.filename).unlink()
+    _same_size_other_bytes(directory / digest.filename, source.stat().st_size)
+    host.base_volume(pool, digest.filename, source, digest)
+    assert (directory / digest.filename).stat().st_ino == source.stat().st_ino
+
+
+def test_a_forged_marker_beside_other_bytes_is_not_trusted(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest], tmp_path: Path
+) -> None:
+    """On a remote daemon anyone with pool access can create `<pin>.verified`: the volume is hashed anyway."""
+    host, pool, directory = remote
+    source, digest = image
+    _same_size_other_bytes(directory / digest.filename, source.stat().st_size)
+    (directory / (digest.filename + VERIFIED)).write_text(str(digest))
+    pool.refresh(0)
+    seals = SealStore(tmp_path / "cache", host.uri)
+    host.base_volume(pool, digest.filename, source, digest, seals=seals)
+    assert _sha512(directory / digest.filename) == digest.hex
+
+
+def test_a_sealed_volume_is_used_without_reading_it_again(
+    remote: tuple[Host, Any, Path], image: tuple[Path, Digest], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, pool, _ = remote
+    source, digest = image
+    seals = SealStore(tmp_path / "cache", host.uri)
+    host.base_volume(pool, digest.filename, source, digest, seals=seals)
+
+    def no_reading(*_: object) -> Digest:
+        raise AssertionError("a sealed, unchanged volume was read back")
+
+    monkeypatch.setattr(Host, "volume_digest", no_reading)
+    host.base_volume(pool, digest.filename, source, digest, seals=seals)
+
+
+@pytest.mark.parametrize("change", ["same-bytes-rewritten", "other-bytes"])
+def test_a_sealed_volume_changed_afterwards_is_hashed_again(
+    change: str,
+    remote: tuple[Host, Any, Path],
+    image: tuple[Path, Digest],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any write changes the volume's ctime, which nobody can set back: the seal no longer matches, the bytes are
+    hashed again, and kept only when they are still the image's."""
+    host, pool, directory = remote
+    source, digest = image
+    seals = SealStore(tmp_path / "cache", host.uri)
+    host.base_volume(pool, digest.filename, source, digest, seals=seals)
+    volume = directory / digest.filename
+    time.sleep(0.01)
+    if change == "other-bytes":
+        _same_size_other_bytes(volume, source.stat().st_size)
+    else:
+        volume.write_bytes(source.read_bytes())
+    hashed: list[str] = []
+    real = Host.volume_digest
+    monkeypatch.setattr(
+        Host, "volume_digest", lambda self, vol, like: hashed.append(vol.name()) or real(self, vol, like)
+    )
+    host.base_volume(pool, digest.filename, source, digest, seals=seals)
+    assert _sha512(volume) == digest.hex
+    assert hashed == [digest.filename]  # read back once: kept when the same bytes, replaced otherwise
+    host.base_volume(pool, digest.filename, source, digest, seals=seals)
+    assert hashed == [digest.filename]  # sealed again: not read a second time
+
+
+def test_a_seal_of_another_host_or_volume_is_not_taken(tmp_path: Path) -> None:
+    seal = Seal("sha512:" + "0" * 128, "/pool/vol", 10, "1.5", "1.5")
+    SealStore(tmp_path, "qemu+ssh://a/system").put(seal)
+    assert SealStore(tmp_path, "qemu+ssh://a/system").get("/pool/vol") == seal
+    assert SealStore(tmp_path, "qemu+ssh://b/system").get("/pool/vol") is None
+    assert SealStore(tmp_path, "qemu+ssh://a/system").get("/pool/other") is None

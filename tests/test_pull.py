@@ -382,28 +382,30 @@ def test_latest_checksum_mismatch(qinst: RunQinst, mirror: Mirror, upstream: Pat
 
 
 @http
-def test_pinned_build_gone_falls_back_to_latest(
+def test_pinned_build_gone_is_an_error_never_a_fallback(
     qinst: RunQinst, mirror: Mirror, upstream: Path, tmp_path: Path
 ) -> None:
+    """The pin wins: a pinned build that is gone is exit 3 with the way out (--latest), never whatever build the
+    latest channel's checksum file names."""
     mirror.server.remove(DEBIAN_PINNED)
     proc = qinst(*upstream_args(upstream, tmp_path / "cache"), "pull", "debian-12", "--json")
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
-    assert data["source"] == "upstream-latest"
-    assert_cached(data, mirror.images.latest, mirror.images.latest.sha512)
-    warning = proc.stderr.strip()
-    assert warning.startswith("qinst: warning: the pinned build of debian-12 is gone upstream")
-    assert "404" in warning
-    assert f"{mirror.url}{DEBIAN_SUMS}" in warning
+    stderr = assert_clean_error(proc, 3)
+    assert "the pinned build of debian-12 is gone" in stderr
+    assert "HTTP 404" in stderr
+    assert "hint: 'qinst pull --latest debian-12' takes the newest build" in stderr
+    assert mirror.server.hits(DEBIAN_SUMS) == [], "the checksum file was read"
+    assert cache_files(tmp_path / "cache") == []
 
 
 @http
 def test_pinned_build_gone_without_latest_channel(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
+    """Gone on the mirror: the same pin is tried upstream (unreachable here); both answers are said."""
     catalog = tmp_path / "gone.toml"
     catalog.write_text(f'[images.gone]\nurl = "{DEBIAN_HOST}/images/gone.qcow2"\ndigest = "{"sha256:" + "0" * 64}"\n')
     proc = qinst(*mirror.args(tmp_path / "cache"), "--catalog", str(catalog), "pull", "gone")
     stderr = assert_clean_error(proc, 3)
     assert f"{mirror.url}/images/gone.qcow2: HTTP 404" in stderr
+    assert f"then cannot download {DEBIAN_HOST}/images/gone.qcow2: cannot resolve cloud.debian.org" in stderr
     assert "warning" not in stderr
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def test_fingerprints_agree_with_gpg(test_key: SigningKey) -> None:
 @pytest.mark.parametrize("name", PAIRS)
 def test_real_signed_pairs_verify(name: str) -> None:
     sums, sig = pair(name)
-    assert verify_detached(sums, sig, keyring_path("ubuntu-cloud-images"), what=name) == UEC_KEY
+    assert verify_detached(sums, sig, keyring_path("ubuntu-cloud-images"), what=name).fingerprint == UEC_KEY
 
 
 @pytest.mark.parametrize("name", PAIRS)
@@ -74,7 +75,7 @@ def test_a_signature_by_another_key_is_refused(other_key: SigningKey) -> None:
 
 def test_own_key_good_and_bad(test_key: SigningKey, other_key: SigningKey) -> None:
     data = b"0" * 64 + b" *image.img\n"
-    assert verify_detached(data, test_key.sign(data), test_key.keyring, what="x") == test_key.fingerprint
+    assert verify_detached(data, test_key.sign(data), test_key.keyring, what="x").fingerprint == test_key.fingerprint
     with pytest.raises(ImageError, match=r"signature"):
         verify_detached(data, test_key.sign(data), other_key.keyring, what="x")
     with pytest.raises(ImageError, match=r"signature"):
@@ -184,14 +185,88 @@ def test_signed_checksum_file_may_come_through_a_mirror(
     catalog = tmp_path / "signed-upstream.toml"
     catalog.write_text(text)
     cache = tmp_path / "cache"
-    proc = qinst("--mirror", mirror.url, "--catalog", str(catalog), "--cache-dir", str(cache), "pull", "jammy")
-    # The pinned build (sha256:333...) is not on the mirror: the fallback is the signed latest channel.
+    args = ("--mirror", mirror.url, "--catalog", str(catalog), "--cache-dir", str(cache))
+    proc = qinst(*args, "pull", "jammy", "--latest", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert "the pinned build of ubuntu-22.04 is gone on the mirror" in proc.stderr
+    assert json.loads(proc.stdout)["digest"] == mirror.images.ubuntu.sha256
     assert [h.target for h in mirror.server.hits() if "SHA256SUMS" in h.target] == [UBUNTU_SUMS, UBUNTU_SUMS + ".gpg"]
     proc = qinst("--catalog", str(catalog), "--cache-dir", str(cache), "images", "--json")
     row = next(r for r in json.loads(proc.stdout) if r["name"] == "ubuntu-22.04")
     assert row["latest_trust"] == "signed"
+
+
+# Rollback: a signature proves who signed, not that the file is current.
+
+
+@pytest.mark.http
+def test_a_pinned_pull_never_takes_a_mirrors_signed_checksum_file(
+    qinst: RunQinst, http_server: HTTPServer, tmp_path: Path
+) -> None:
+    """The attack, with Canonical's genuine old signed SHA256SUMS: a mirror that answers 404 for the built-in
+    ubuntu-22.04 pin and serves a validly signed checksum file and the build it names. A plain pull (no --latest)
+    reads no checksum file: the pin or nothing (upstream is unreachable here)."""
+    sums, sig = pair("jammy-22.04-release-20260722")
+    http_server.add("/releases/jammy/release/SHA256SUMS", sums, "text/plain")
+    http_server.add("/releases/jammy/release/SHA256SUMS.gpg", sig, "text/plain")
+    http_server.add("/releases/jammy/release/ubuntu-22.04-server-cloudimg-amd64.img", b"an older build")
+    cache = tmp_path / "c"
+    proc = qinst("--mirror", http_server.url, "--cache-dir", str(cache), "pull", "ubuntu-22.04")
+    assert proc.returncode == 3, proc.stderr
+    error, hint = proc.stderr.splitlines()[-2:]
+    assert error.startswith("qinst: error: ") and "Traceback" not in proc.stderr
+    assert "HTTP 404" in error and "; then cannot download https://cloud-images.ubuntu.com/" in error  # upstream
+    assert hint.startswith("hint: the mirror does not hold the pinned file")
+    assert [h.target for h in http_server.hits()] == [
+        "/releases/jammy/release-20260722/ubuntu-22.04-server-cloudimg-amd64.img"
+    ]
+    assert cached(cache) == []
+
+
+@pytest.mark.http
+def test_latest_refuses_a_genuine_signed_file_older_than_one_accepted(
+    qinst: RunQinst, http_server: HTTPServer, tmp_path: Path
+) -> None:
+    """Canonical's noble SHA256SUMS (signed 2026-09-26) is accepted; then the same URL serves Canonical's jammy
+    release-20260722 file (signed 2026-07-22, genuine too): refused as stale, before any image byte is asked for."""
+    catalog = real_noble_catalog(http_server, tmp_path, *pair("noble-current-20260926"))
+    cache = tmp_path / "c"
+    first = qinst("--catalog", str(catalog), "--cache-dir", str(cache), "pull", "noble-test", "--latest")
+    assert "digest mismatch" in first.stderr  # accepted (the image is a stand-in, so nothing is cached)
+    old_sums, old_sig = pair("jammy-22.04-release-20260722")
+    http_server.add("/noble/current/SHA256SUMS", old_sums, "text/plain")
+    http_server.add("/noble/current/SHA256SUMS.gpg", old_sig, "text/plain")
+    images_before = len(http_server.hits("/noble/current/noble-server-cloudimg-amd64.img"))
+    proc = qinst("--catalog", str(catalog), "--cache-dir", str(cache), "pull", "noble-test", "--latest")
+    assert proc.returncode == 3, proc.stderr
+    error = proc.stderr.splitlines()[0]
+    assert error.startswith("qinst: error: refusing a stale checksum file ")
+    assert (
+        "signed 2026-07-22 19:16:08 UTC, older than the one already accepted (signed 2026-09-26 18:23:12 UTC)" in error
+    )
+    assert len(http_server.hits("/noble/current/noble-server-cloudimg-amd64.img")) == images_before
+    assert cached(cache) == []
+
+
+@pytest.mark.http
+def test_latest_moves_forward_and_never_back(
+    qinst: RunQinst, mirror: Mirror, upstream: Path, test_key: SigningKey, tmp_path: Path
+) -> None:
+    """Signed at t1, then t2 > t1 (accepted: newer), then t1 again through the same URL (refused), then t2 again
+    (the same file: accepted)."""
+    sums = mirror.server._docs[UBUNTU_SUMS].body
+    cache = tmp_path / "cache"
+
+    def pull_signed_at(at: int) -> subprocess.CompletedProcess[str]:
+        mirror.server.add(UBUNTU_SUMS + ".gpg", test_key.sign(sums, at=at), "text/plain")
+        return qinst("--catalog", str(upstream), "--cache-dir", str(cache), "pull", "jammy", "--latest")
+
+    t1 = int(time.time()) + 60  # after the test key was made (gpg signs nothing older than its key)
+    t2 = t1 + 3600
+    assert pull_signed_at(t1).returncode == 0
+    assert pull_signed_at(t2).returncode == 0
+    stale = pull_signed_at(t1)
+    assert stale.returncode == 3 and "refusing a stale checksum file" in stale.stderr, stale.stderr
+    assert pull_signed_at(t2).returncode == 0
 
 
 def test_gpgv_is_what_checks(tmp_path: Path) -> None:

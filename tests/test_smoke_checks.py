@@ -168,7 +168,7 @@ def test_check_files_and_options_are_refused_with_the_file_and_key(tmp_path: Pat
         '[[check]]\nname = "a"\nrun = []\n': "check[0] (a).run",
         '[[check]]\nname = "a"\nrun = "x"\nexit = 300\n': "check[0] (a).exit",
         '[[check]]\nname = "a"\nrun = "x"\ntimeout = -1\n': "check[0] (a).timeout",
-        "[[check]\n": "not valid TOML",
+        "[[check]\n": "invalid TOML",
         "check = 3\n": "array of tables",
     }
     for text, expected in cases.items():

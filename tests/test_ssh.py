@@ -3,15 +3,20 @@ destination, and many commands over one connection."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
 from qemu_instances import ssh
+from qemu_instances.domain import METADATA_NS, Metadata
 from qemu_instances.ssh import SshHop, SshTarget, known_hosts_line
+from testsupport.qinst import qinst_argv, qinst_env
 from testsupport.sshd import Sshd, serving_sshd
 
 
@@ -145,3 +150,111 @@ def test_only_scripted_ssh_runs_in_batch_mode(tmp_path: Path) -> None:
     target = SshTarget("127.0.0.1", 2222, "debian", tmp_path / "known_hosts")
     assert "BatchMode=yes" not in ssh.ssh_argv(target, ["uptime"])
     assert "BatchMode=yes" in ssh.ssh_argv(target, ["uptime"], batch=True)
+
+
+# -- nothing from the user's ssh configuration reaches a guest connection (issue 21) -----------------------------------
+
+HOSTILE_CONFIG = """# written by qinst's tests (test_ssh.py): hands the agent and X11 to every host, no host-key checks
+Host *
+  ForwardAgent yes
+  ForwardX11 yes
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  GlobalKnownHostsFile /dev/null
+  LocalForward 127.0.0.1:1 127.0.0.1:22
+  PermitLocalCommand yes
+  LocalCommand touch {marker}
+"""
+
+
+@pytest.fixture
+def hostile_user_config(tmp_path: Path) -> Iterator[Path]:
+    """A hostile ~/.ssh/config for the user running the tests (ssh reads the passwd entry's home, not $HOME); the
+    user's own file, if any, is put back afterwards."""
+    import pwd
+
+    ssh_dir = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    config = ssh_dir / "config"
+    saved = config.read_bytes() if config.exists() else None
+    marker = tmp_path / "local-command-ran"
+    config.write_text(HOSTILE_CONFIG.format(marker=marker))
+    try:
+        yield marker
+    finally:
+        if saved is None:
+            config.unlink()
+        else:
+            config.write_bytes(saved)
+
+
+def _node_with_instance(tmp_path: Path, sshd: Sshd, host_key: tuple[str, str]) -> str:
+    """A libvirt test-driver host file holding one running qinst instance whose address is the sshd."""
+    meta = Metadata(
+        image="qinst-test", digest="sha512:" + "0" * 128, user="cloud", network="user", ssh_host="127.0.0.1",
+        ssh_port=sshd.port, created="2026-01-01T00:00:00+00:00", host_keys=f"{host_key[0]} {host_key[1]}",
+        private_key=str(sshd.client_key),
+    )  # fmt: skip
+    node = tmp_path / "node.xml"
+    node.write_text(
+        '<node><domain type="test"><name>web1</name><memory>65536</memory><os><type>hvm</type></os>'
+        f'<metadata><instance xmlns="{METADATA_NS}">'
+        + meta.to_xml().removeprefix("<instance>")
+        + "</metadata></domain></node>"
+    )
+    return f"test://{node}"
+
+
+def _qinst_ssh(uri: str, tmp_path: Path, *command: str, env: dict[str, str] | None = None) -> CompletedProcess[str]:
+    return subprocess.run(
+        [*qinst_argv(), "--connect", uri, "--cache-dir", str(tmp_path / "cache"), "ssh", "web1", "--", *command],
+        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
+        env=qinst_env(**(env or {})),
+    )  # fmt: skip
+
+
+def test_a_hostile_user_config_cannot_turn_host_key_checking_off(
+    sshd: Sshd, tmp_path: Path, hostile_user_config: Path
+) -> None:
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    wrong = tuple(other.with_suffix(".pub").read_text().split()[:2])
+    proc = _qinst_ssh(_node_with_instance(tmp_path, sshd, (wrong[0], wrong[1])), tmp_path, "true")
+    assert proc.returncode == 255, proc.stderr
+    assert "Host key verification failed" in proc.stderr
+    assert not hostile_user_config.exists(), "the user's LocalCommand ran"
+
+
+def test_the_users_agent_is_never_forwarded_to_a_guest(
+    sshd: Sshd, tmp_path: Path, hostile_user_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A logged-in session (the argv qinst ssh, cp and smoke share) sees no agent and no display, whatever the
+    user's configuration says."""
+    agent = subprocess.run(
+        ["ssh-agent", "-s", "-a", str(tmp_path / "agent")], capture_output=True, text=True, check=True
+    )
+    pid = next(
+        line.split("=", 1)[1].split(";")[0] for line in agent.stdout.split() if line.startswith("SSH_AGENT_PID=")
+    )
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(tmp_path / "agent"))
+    monkeypatch.setenv("DISPLAY", ":0")
+    try:
+        result = ssh.run(_target(sshd, tmp_path), ["echo", "agent=${SSH_AUTH_SOCK:-none}", "display=${DISPLAY:-none}"])
+    finally:
+        subprocess.run(["kill", pid], check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["agent=none", "display=none"]
+    assert not hostile_user_config.exists(), "the user's LocalCommand ran"
+
+
+def test_guest_connections_read_no_configuration_file_and_forward_nothing(tmp_path: Path) -> None:
+    argv = ssh.ssh_argv(SshTarget("127.0.0.1", 2222, "cloud", tmp_path / "k"), ["true"])
+    assert argv[1:3] == ["-F", "/dev/null"]
+    options = {argv[i + 1].split("=")[0]: argv[i + 1].split("=", 1)[1] for i, a in enumerate(argv) if a == "-o"}
+    assert options["ForwardAgent"] == "no" and options["ForwardX11"] == "no"
+    assert options["ClearAllForwardings"] == "yes" and options["PermitLocalCommand"] == "no"
+    assert options["StrictHostKeyChecking"] == "yes"
+    tunnel = ssh.ssh_argv(
+        SshTarget("127.0.0.1", 2222, "cloud", tmp_path / "k"), forwards=["127.0.0.1:8080:localhost:80"]
+    )
+    assert "ClearAllForwardings=yes" not in tunnel and tunnel[tunnel.index("-L") + 1] == "127.0.0.1:8080:localhost:80"

@@ -141,6 +141,7 @@ def test_malformed_keys_are_refused(text: str, message: str) -> None:
 def test_a_private_key_path_uses_its_pub_without_reading_the_private_key(tmp_path: Path) -> None:
     private = tmp_path / "id_work"
     private.write_text("not a key at all: reading it would fail validation")
+    private.chmod(0o600)  # ssh uses a private key only when its owner alone reads it
     (tmp_path / "id_work.pub").write_text(make_key() + "\n")
     assert sshkeys.load_key_file(private) == SshKey(make_key(), private)
 
@@ -149,6 +150,7 @@ def test_a_pub_path_remembers_its_private_key_when_present(tmp_path: Path) -> No
     (tmp_path / "k.pub").write_text(make_key())
     assert sshkeys.load_key_file(tmp_path / "k.pub") == SshKey(make_key(), None)
     (tmp_path / "k").write_text(PRIVATE_KEY)
+    (tmp_path / "k").chmod(0o600)  # ssh uses a private key only when its owner alone reads it
     assert sshkeys.load_key_file(tmp_path / "k.pub") == SshKey(make_key(), tmp_path / "k")
 
 
@@ -160,6 +162,7 @@ def test_a_public_key_without_pub_suffix_is_accepted(tmp_path: Path) -> None:
 def test_a_lone_private_key_is_refused_suggesting_the_pub(tmp_path: Path) -> None:
     path = tmp_path / "id_ed25519"
     path.write_text(PRIVATE_KEY)
+    path.chmod(0o600)  # ssh uses a private key only when its owner alone reads it
     with pytest.raises(UsageError) as caught:
         sshkeys.load_key_file(path)
     assert str(path) in str(caught.value)
@@ -168,7 +171,7 @@ def test_a_lone_private_key_is_refused_suggesting_the_pub(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "does not exist"), (b"\xff\xfe\x00binary", "not a text file"), (b"x" * 70_000, "too large")],
+    [(None, "does not exist"), (b"\xff\xfe\x00binary", "not a text file"), (b"x" * 70_000, "larger than")],
 )
 def test_unusable_key_files_are_refused(tmp_path: Path, content: bytes | None, message: str) -> None:
     path = tmp_path / "key.pub"
@@ -188,6 +191,7 @@ def test_default_keys_are_the_users_own_in_openssh_order(home: Path, tmp_path: P
     (ssh / "id_rsa.pub").write_text(rsa)
     (ssh / "id_ed25519.pub").write_text(ed25519)
     (ssh / "id_ed25519").write_text(PRIVATE_KEY)
+    (ssh / "id_ed25519").chmod(0o600)  # ssh uses a private key only when its owner alone reads it
     config_dir = tmp_path / "config"
     keys = sshkeys.default_keys(config_dir)
     assert keys == [SshKey(ed25519, ssh / "id_ed25519"), SshKey(rsa, None)]
@@ -269,6 +273,7 @@ def test_an_unreachable_agent_falls_back_to_qinsts_own_pair(
 
 def test_resolve_keys_uses_the_given_files_and_drops_duplicates(home: Path, tmp_path: Path) -> None:
     (tmp_path / "a").write_text(PRIVATE_KEY)
+    (tmp_path / "a").chmod(0o600)  # ssh uses a private key only when its owner alone reads it
     (tmp_path / "a.pub").write_text(make_key(comment="a"))
     (tmp_path / "b.pub").write_text(make_key("ssh-rsa", "b"))
     keys = sshkeys.resolve_keys([tmp_path / "a", tmp_path / "a.pub", tmp_path / "b.pub"], tmp_path / "config")
@@ -298,6 +303,7 @@ def test_generate_keypair_makes_a_fresh_ed25519_pair(tmp_path: Path) -> None:
 def test_generate_keypair_refuses_to_overwrite(tmp_path: Path) -> None:
     path = tmp_path / "key"
     path.write_text(PRIVATE_KEY)
+    path.chmod(0o600)  # ssh uses a private key only when its owner alone reads it
     with pytest.raises(QinstError, match=f"{path} already exists; refusing to overwrite a key"):
         sshkeys.generate_keypair(path)
     assert path.read_text() == PRIVATE_KEY
