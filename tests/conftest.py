@@ -52,6 +52,22 @@ def http_server() -> Iterator[HTTPServer]:
 
 
 @pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A self-signed certificate (and its key, one PEM file) for 127.0.0.1: a client trusts it only when told to
+    (REQUESTS_CA_BUNDLE)."""
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    pem = d / "server.pem"
+    pem.write_bytes((d / "cert.pem").read_bytes() + (d / "key.pem").read_bytes())
+    return pem
+
+
+@pytest.fixture(scope="session")
 def test_images(tmp_path_factory: pytest.TempPathFactory) -> Images:
     """Small real qcow2 images, made once per session."""
     return make_images(tmp_path_factory.mktemp("images"))

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
@@ -54,12 +55,14 @@ class Hit:
 class _Doc:
     body: bytes
     headers: dict[str, str]
+    status: int = 200
 
 
 class HTTPServer:
     """Serve registered documents; start() binds an ephemeral port on 127.0.0.1."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Path | None = None) -> None:
+        self.tls = tls  # a PEM file with a certificate and its key: serve https
         self._docs: dict[str, _Doc] = {}
         self._faults: dict[str, Fault] = {}
         self._hits: list[Hit] = []
@@ -71,13 +74,21 @@ class HTTPServer:
     def url(self) -> str:
         assert self._server is not None, "server not started"
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host!s}:{port}"
 
     def add(self, target: str, body: bytes, content_type: str = "application/octet-stream", **headers: str) -> str:
         """Serve body at target (with extra headers: Content_Encoding="gzip"); returns its full URL."""
         extra = {key.replace("_", "-"): value for key, value in headers.items()}
         self._docs[target] = _Doc(body, {"Content-Type": content_type, **extra})
         return self.url + target
+
+    def endless(self, target: str) -> None:
+        """Answer target with a chunked body (no Content-Length) that never ends."""
+        self._docs[target] = _Doc(b"", {"Transfer-Encoding": "chunked"}, -1)
+
+    def redirect(self, target: str, location: str, status: int = 302) -> None:
+        """Answer target with a redirect to location."""
+        self._docs[target] = _Doc(b"", {"Location": location}, status)
 
     def add_json(self, target: str, data: Any) -> str:
         return self.add(target, json.dumps(data).encode(), "application/json")
@@ -105,6 +116,12 @@ class HTTPServer:
             server_state = outer
 
         self._server = _Server(("127.0.0.1", 0), Handler)
+        if self.tls is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="test-http", daemon=True
@@ -154,6 +171,18 @@ class _Handler(BaseHTTPRequestHandler):
         if send_body:
             self.wfile.write(body)
 
+    def _endless(self, body: bool) -> None:
+        self._log(200, 0)
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b"%x\r\n%s\r\n" % (_BLOCK, b"\0" * _BLOCK)
+        try:
+            while body:
+                self.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
     def _serve(self, *, body: bool) -> None:
         state = self.server_state
         doc = state._docs.get(self.path)
@@ -164,6 +193,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if doc is None:
             self._reply(404, b"not found\n", {"Content-Type": "text/plain"}, send_body=body)
+            return
+        if doc.status == -1:
+            self._endless(body)
+            return
+        if doc.status != 200:
+            self._reply(doc.status, doc.body, doc.headers, send_body=body)
             return
 
         data, status = doc.body, 200
@@ -205,8 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serving() -> Iterator[HTTPServer]:
-    server = HTTPServer()
+def serving(tls: Path | None = None) -> Iterator[HTTPServer]:
+    server = HTTPServer(tls)
     server.start()
     try:
         yield server

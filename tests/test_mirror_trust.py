@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import urllib3
 from conftest import RunQinst
 from httpserver import HTTPServer, serving
 from mirror import DEBIAN_HOST, DEBIAN_LATEST, DEBIAN_PINNED, DEBIAN_SUMS, Mirror
+from signing import SigningKey
 
 from qemu_instances.download import RetryPolicy, _network_error, fetch_bytes, new_session
 from qemu_instances.errors import DigestMismatch, DownloadError
@@ -175,3 +177,139 @@ def test_name_resolution_failure_is_one_line() -> None:
     url = "https://cloud.debian.org/images/cloud/bookworm/latest/SHA512SUMS"
     assert _network_error(url, exc) == "cannot resolve cloud.debian.org (no network or DNS?)"
     assert "HTTPSConnectionPool" in str(exc)  # what the user used to see
+
+
+# -- redirects: a checksum file never leaves HTTPS, an unsigned one never leaves its host (issue 21) -------------------
+
+
+@pytest.fixture
+def tls_origin(tls_cert: Path) -> Iterator[HTTPServer]:
+    """The entry's upstream host over HTTPS (a certificate the client trusts through REQUESTS_CA_BUNDLE)."""
+    with serving(tls_cert) as server:
+        yield server
+
+
+def _latest_catalog(tmp_path: Path, origin: HTTPServer, *, signed: SigningKey | None = None) -> Path:
+    extra = ""
+    if signed is not None:
+        extra = f'checksums_signature_url = "{origin.url}/latest/SHA256SUMS.gpg"\nsigning_keys = "{signed.keyring}"\n'
+    name = "SHA256SUMS" if signed else "SHA512SUMS"
+    path = tmp_path / "tls.toml"
+    path.write_text(
+        f'[images.tls]\nurl = "{origin.url}/pinned.qcow2"\ndigest = "sha256:{"0" * 64}"\n'
+        f'latest_url = "{origin.url}/latest/disk.qcow2"\nchecksums_url = "{origin.url}/latest/{name}"\n{extra}'
+    )
+    return path
+
+
+def _pull_latest(qinst: RunQinst, catalog: Path, cache: Path, tls_cert: Path) -> subprocess.CompletedProcess[str]:
+    return qinst(
+        "--catalog", str(catalog), "--cache-dir", str(cache), "pull", "tls", "--latest",
+        env={"REQUESTS_CA_BUNDLE": str(tls_cert)},
+    )  # fmt: skip
+
+
+def test_an_unsigned_checksum_file_redirected_to_http_is_refused(
+    qinst: RunQinst, tls_origin: HTTPServer, http_server: HTTPServer, tls_cert: Path, mirror: Mirror, tmp_path: Path
+) -> None:
+    """The attack: the upstream host's HTTPS answer redirects the unsigned SHA512SUMS to plain http elsewhere."""
+    image = mirror.images.latest
+    http_server.add("/SHA512SUMS", f"{image.sha512_hex}  disk.qcow2\n".encode())
+    tls_origin.redirect("/latest/SHA512SUMS", f"{http_server.url}/SHA512SUMS")
+    tls_origin.add("/latest/disk.qcow2", image.data)
+    proc = _pull_latest(qinst, _latest_catalog(tmp_path, tls_origin), tmp_path / "cache", tls_cert)
+    assert proc.returncode == 3, proc.stderr
+    assert "refusing a redirect of " in proc.stderr and "it leaves HTTPS" in proc.stderr
+    assert not http_server.hits() and not tls_origin.hits("/latest/disk.qcow2")
+    assert cached(tmp_path / "cache") == []
+
+
+def test_an_unsigned_checksum_file_redirected_to_another_https_host_is_refused(
+    qinst: RunQinst, tls_origin: HTTPServer, tls_cert: Path, mirror: Mirror, tmp_path: Path
+) -> None:
+    image = mirror.images.latest
+    with serving(tls_cert) as elsewhere:
+        elsewhere.add("/SHA512SUMS", f"{image.sha512_hex}  disk.qcow2\n".encode())
+        tls_origin.redirect("/latest/SHA512SUMS", f"{elsewhere.url}/SHA512SUMS")
+        proc = _pull_latest(qinst, _latest_catalog(tmp_path, tls_origin), tmp_path / "cache", tls_cert)
+        assert proc.returncode == 3, proc.stderr
+        assert "an unsigned checksum file is read from 127.0.0.1 only" in proc.stderr
+        assert not elsewhere.hits()
+
+
+def test_an_unsigned_checksum_file_moved_on_its_own_host_is_followed(
+    qinst: RunQinst, tls_origin: HTTPServer, tls_cert: Path, mirror: Mirror, tmp_path: Path
+) -> None:
+    image = mirror.images.latest
+    tls_origin.add("/20261203/SHA512SUMS", f"{image.sha512_hex}  disk.qcow2\n".encode())
+    tls_origin.redirect("/latest/SHA512SUMS", "/20261203/SHA512SUMS", 301)
+    tls_origin.add("/latest/disk.qcow2", image.data)
+    proc = _pull_latest(qinst, _latest_catalog(tmp_path, tls_origin), tmp_path / "cache", tls_cert)
+    assert proc.returncode == 0, proc.stderr
+    assert cached(tmp_path / "cache") == sorted([f"sha512-{image.sha512_hex}", f"sha512-{image.sha512_hex}.json"])
+
+
+def test_a_signed_checksum_file_or_its_signature_redirected_to_http_is_refused(
+    qinst: RunQinst,
+    tls_origin: HTTPServer,
+    http_server: HTTPServer,
+    tls_cert: Path,
+    mirror: Mirror,
+    test_key: SigningKey,
+    tmp_path: Path,
+) -> None:
+    image = mirror.images.ubuntu
+    sums = f"{image.sha256_hex} *disk.qcow2\n".encode()
+    catalog = _latest_catalog(tmp_path, tls_origin, signed=test_key)
+    tls_origin.add("/latest/disk.qcow2", image.data)
+    http_server.add("/SHA256SUMS.gpg", test_key.sign(sums))
+    tls_origin.add("/latest/SHA256SUMS", sums)
+    tls_origin.redirect("/latest/SHA256SUMS.gpg", f"{http_server.url}/SHA256SUMS.gpg")
+    proc = _pull_latest(qinst, catalog, tmp_path / "cache", tls_cert)
+    assert proc.returncode == 3, proc.stderr
+    assert "it leaves HTTPS" in proc.stderr and not http_server.hits()
+    with serving(tls_cert) as elsewhere:  # to another https host: a signed file is checked by its signature
+        elsewhere.add("/SHA256SUMS.gpg", test_key.sign(sums))
+        tls_origin.redirect("/latest/SHA256SUMS.gpg", f"{elsewhere.url}/SHA256SUMS.gpg")
+        proc = _pull_latest(qinst, catalog, tmp_path / "cache", tls_cert)
+        assert proc.returncode == 0, proc.stderr
+
+
+# -- sizes: a download stops at the pinned size, or at qinst's cap (issue 21) ------------------------------------------
+
+
+def test_an_endless_chunked_body_stops_at_the_pinned_size_and_leaves_nothing(
+    qinst: RunQinst, mirror: Mirror, tmp_path: Path
+) -> None:
+    """A mirror answering the pin with an endless chunked body (no Content-Length): stopped one chunk past the
+    catalog's size, exit 3, no .part file, nothing cached."""
+    pinned = mirror.images.pinned
+    catalog = tmp_path / "sized.toml"
+    catalog.write_text(mirror.catalog.read_text().replace(
+        f'digest = "{pinned.sha512}"', f'digest = "{pinned.sha512}"\nsize = {len(pinned.data)}', 1
+    ))  # fmt: skip
+    mirror.server.endless(DEBIAN_PINNED)
+    cache = tmp_path / "cache"
+    started = time.monotonic()
+    proc = qinst("--mirror", mirror.url, "--catalog", str(catalog), "--cache-dir", str(cache), "pull", "debian-12")
+    assert proc.returncode == 3, proc.stderr
+    assert f"sent more than the expected {len(pinned.data)} bytes; stopped" in proc.stderr
+    assert time.monotonic() - started < 30
+    assert sorted(p.name for p in (cache / "images").iterdir() if not p.name.endswith(".lock")) == []
+
+
+def test_an_endless_body_of_an_image_without_a_size_stops_at_the_cap(mirror: Mirror, tmp_path: Path) -> None:
+    from qemu_instances.digests import Digest
+    from qemu_instances.download import download_verified
+
+    mirror.server.endless("/endless.img")
+    (tmp_path / "dl").mkdir()
+    dest = tmp_path / "dl" / "sha256-x"
+    with pytest.raises(
+        DownloadError, match=r"sent more than 8 MiB, qinst's limit for an image whose size is not known"
+    ):
+        download_verified(
+            f"{mirror.url}/endless.img", dest, Digest.parse("sha256:" + "1" * 64),
+            session=new_session(), policy=FAST, limit=8 << 20,
+        )  # fmt: skip
+    assert list((tmp_path / "dl").iterdir()) == []

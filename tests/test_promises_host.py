@@ -732,3 +732,33 @@ def test_a_seal_of_another_host_or_volume_is_not_taken(tmp_path: Path) -> None:
     assert SealStore(tmp_path, "qemu+ssh://a/system").get("/pool/vol") == seal
     assert SealStore(tmp_path, "qemu+ssh://b/system").get("/pool/vol") is None
     assert SealStore(tmp_path, "qemu+ssh://a/system").get("/pool/other") is None
+
+
+def test_up_never_boots_a_planted_base_volume(tmp_path: Path) -> None:
+    """The attack through the real entry point: a file named sha256-<digest of the image> of the right size, other
+    bytes, planted in the `qinst` pool before `qinst up`: the domain's backing file is the verified image."""
+    from testsupport.qinst import qinst_argv, qinst_env
+
+    image = make_qcow2(tmp_path / "tiny.qcow2", 1, seed=int.from_bytes(os.urandom(4), "big")).file
+    digest = hash_file(image, Algorithm.SHA256)
+    with Host(LOCAL) as host:
+        pool = host.pool()
+        planted = host.pool_path(pool) / digest.filename
+        planted.write_bytes(bytes(image.stat().st_size))
+        pool.refresh(0)
+    name = f"planted-{secrets.token_hex(3)}"
+    env = qinst_env(QINST_CONNECT=LOCAL, QINST_CACHE_DIR=str(tmp_path / "cache"), HOME=str(tmp_path))
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True)
+    up = [*qinst_argv(), "up", str(image), "--name", name, "--no-wait", "--accel", "tcg", "--network", "user:restrict",
+          "--ssh-key", str(tmp_path / "id.pub"), "--memory", "128"]  # fmt: skip
+    try:
+        proc = subprocess.run(up, capture_output=True, text=True, env=env, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        cached = tmp_path / "cache" / "images" / digest.filename
+        assert planted.stat().st_ino == cached.stat().st_ino  # replaced by the cached, verified file itself
+        assert _sha512(planted) == hashlib.sha512(image.read_bytes()).hexdigest()
+    finally:
+        subprocess.run([*qinst_argv(), "rm", "--force", name], env=env, capture_output=True, check=False)
+        planted.unlink(missing_ok=True)
+        with Host(LOCAL) as host:
+            host.pool().refresh(0)
