@@ -5,20 +5,16 @@ The SSH command lines themselves are built in ssh.py; this module only turns an 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from qemu_instances import ssh
-from qemu_instances.errors import QinstError, UsageError
-from qemu_instances.host import Host
-from qemu_instances.instances import Instance, console_log_path
+from qemu_instances.errors import UsageError
+from qemu_instances.instances import Instance
 from qemu_instances.settings import Settings
 from qemu_instances.ssh import KEY_LINE, SshResult
 
-LOG_LIMIT = 64 << 20  # bytes of a recorded console that `logs` and smoke read: its end
-
-__all__ = ["SshResult", "console_text", "known_hosts_file", "ssh_argv", "ssh_run", "ssh_target"]
+__all__ = ["SshResult", "known_hosts_file", "ssh_argv", "ssh_run", "ssh_target"]
 
 
 def known_hosts_file(inst: Instance, settings: Settings) -> Path:
@@ -63,23 +59,3 @@ def ssh_argv(
 def ssh_run(inst: Instance, settings: Settings, command: Sequence[str], timeout: float = 60.0) -> SshResult:
     """Run a command in the instance over SSH (batch mode, host key checked); never raises for its exit status."""
     return ssh.run(ssh_target(inst, settings), command, timeout)
-
-
-def console_text(host: Host, inst: Instance) -> str:
-    """The serial console as recorded by virtlogd: a local file, or a volume of the pool on a remote host.
-
-    Its place derives from the instance's name and the host, never from the (untrusted) metadata.
-    """
-    if not host.is_local:
-        pool = host.pool(create=False)
-        name = console_log_path(host, pool, inst.name).name
-        return host.download_volume(pool, name, limit=LOG_LIMIT).decode("utf-8", "replace")
-    path = console_log_path(host, None, inst.name)
-    try:
-        with path.open("rb") as f:  # virtlogd's file: its last LOG_LIMIT bytes (virtlogd rotates it at 2 MiB)
-            f.seek(max(0, os.fstat(f.fileno()).st_size - LOG_LIMIT))
-            return f.read(LOG_LIMIT).decode("utf-8", "replace")
-    except FileNotFoundError:
-        return ""
-    except OSError as exc:
-        raise QinstError(f"cannot read {path}: {exc.strerror}") from exc

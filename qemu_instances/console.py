@@ -1,11 +1,26 @@
-"""The guest's serial console as text: the protocol the readiness wait reads, and its file-backed form."""
+"""The guest's serial console, in one place: where it is recorded (virtlogd's file on a local daemon, a pool volume
+on a remote one), reading it while a guest boots (readiness), and reading what was recorded (`logs`, smoke).
+
+Readiness reads at most CONSOLE_LIMIT bytes of a boot: a normal boot prints a few hundred KiB, and a guest that
+floods its console before it is ready times out instead of filling memory.
+"""
 
 from __future__ import annotations
 
-import codecs
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from qemu_instances.errors import QinstError
+from qemu_instances.host import Domain, Host
+from qemu_instances.text import tail_lines, utf8_decoder
+
+if TYPE_CHECKING:
+    import codecs
+
+CONSOLE_LIMIT = 8 << 20  # bytes of a boot's console that readiness reads (README, "Reliability: limits")
+LOG_LIMIT = 64 << 20  # bytes of a recorded console that `logs` and smoke read: its end
 
 
 class Console(Protocol):
@@ -20,19 +35,18 @@ class Console(Protocol):
     def close(self) -> None: ...
 
 
-CONSOLE_LIMIT = 8 << 20  # bytes of a boot's console that readiness reads (README, "Reliability: limits"); a
-# normal boot prints a few hundred KiB: a guest that floods its console before it is ready times out
+def console_log_name(name: str) -> str:
+    return f"{name}-console.log"
 
 
-def utf8_decoder() -> codecs.IncrementalDecoder:
-    """A decoder for a console's byte stream: never fails, and keeps a character split between two reads whole."""
-    return codecs.getincrementaldecoder("utf-8")("replace")
-
-
-def tail_lines(text: str, n: int = 20) -> str:
-    """The last n non-blank lines of console text, without carriage returns."""
-    lines = [line.rstrip("\r") for line in text.splitlines() if line.strip()]
-    return "\n".join(lines[-n:])
+def console_log_path(host: Host, pool: Any, name: str) -> Path:
+    """Where virtlogd records the serial console: libvirt's log directory on a local daemon; on a remote one,
+    the pool's directory (`pool` is needed only there), so that `qinst logs` can download it as a volume."""
+    if not host.is_local:
+        return host.pool_path(pool) / console_log_name(name)
+    if host.is_system:
+        return Path("/var/log/libvirt/qemu") / console_log_name(name)
+    return Path.home() / ".cache/libvirt/qemu/log" / console_log_name(name)
 
 
 @dataclass
@@ -64,3 +78,27 @@ class ConsoleLog:
 
     def close(self) -> None:
         pass
+
+
+def open_console(host: Host, dom: Domain, path: Path) -> Console:
+    """The console of a booting guest: its file (local daemons) or a libvirt console stream (remote ones)."""
+    return ConsoleLog(path) if host.is_local else dom.open_console(CONSOLE_LIMIT)
+
+
+def recorded(host: Host, name: str) -> str:
+    """The console of instance `name` as recorded by virtlogd (its last LOG_LIMIT bytes): a local file, or a volume
+    of the pool on a remote host. Its place derives from the name and the host, never from the (untrusted)
+    metadata."""
+    if not host.is_local:
+        pool = host.pool(create=False)
+        volume = console_log_path(host, pool, name).name
+        return host.download_volume(pool, volume, limit=LOG_LIMIT).decode("utf-8", "replace")
+    path = console_log_path(host, None, name)
+    try:
+        with path.open("rb") as f:  # virtlogd rotates it at 2 MiB
+            f.seek(max(0, os.fstat(f.fileno()).st_size - LOG_LIMIT))
+            return f.read(LOG_LIMIT).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        raise QinstError(f"cannot read {path}: {exc.strerror}") from exc

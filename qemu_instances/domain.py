@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any
 
 from qemu_instances.errors import UsageError
-from qemu_instances.forwarding import Forward, recorded_forwards
-from qemu_instances.mounts import Driver, Mount, readonly_helper, recorded_mounts, tag
+from qemu_instances.forwarding import Forward
+from qemu_instances.mounts import Driver, Mount, readonly_helper, tag
 
 METADATA_NS = "http://qinst.invalid/xmlns/instance/1"
 METADATA_KEY = "qinst"
@@ -81,12 +81,17 @@ def validate_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Metadata:
-    """What qinst records on a domain it created: libvirt is the only store of instance state."""
+    """What qinst records on a domain it created: libvirt is the only store of instance state.
+
+    The record is typed here, once: a value given as text (read back from libvirt, or written by a test) is parsed
+    and validated by the same parser `up` used, and anything that does not parse raises ValueError (or UsageError):
+    a record read back is untrusted input (instances.record_of turns any failure into an `invalid` instance).
+    """
 
     image: str
     digest: str
     user: str
-    network: str
+    network: Network
     ssh_host: str = ""
     ssh_port: int = 22
     created: str = ""
@@ -94,15 +99,39 @@ class Metadata:
     private_key: str = ""  # path of the private key matching the injected public key, when known
     host_keys: str = ""  # the guest's host keys as printed on its console (public keys)
     console_log: str = ""
-    accel: str = ""
+    accel: Accel | None = None  # the accelerator it was started with (kvm or tcg)
     volumes: tuple[str, ...] = ()  # volume names in the pool that belong to this instance
-    forwards: tuple[str, ...] = ()  # `up --forward` rules, ADDR:HOSTPORT:GUESTPORT
-    mounts: tuple[str, ...] = ()  # `up --mount` folders, as mounts.Mount.record() writes them
+    forwards: tuple[Forward, ...] = ()  # `up --forward` rules
+    mounts: tuple[Mount, ...] = ()  # `up --mount` folders
+
+    def __post_init__(self) -> None:
+        def typed(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        if isinstance(self.network, str):
+            typed("network", Network.parse(self.network))
+        if isinstance(self.accel, str):
+            if self.accel not in ("", "kvm", "tcg"):
+                raise UsageError(f"invalid accel {self.accel[:20]!r}")
+            typed("accel", Accel(self.accel) if self.accel else None)
+        typed("forwards", tuple(_recorded_forward(f) if isinstance(f, str) else f for f in self.forwards))
+        typed("mounts", tuple(Mount.from_record(m) if isinstance(m, str) else m for m in self.mounts))
+        typed("volumes", tuple(self.volumes))
+
+    def _text(self, name: str) -> str | tuple[str, ...]:
+        value = getattr(self, name)
+        if name == "forwards":
+            return tuple(str(f) for f in value)
+        if name == "mounts":
+            return tuple(m.record() for m in value)
+        if name == "volumes":
+            return tuple(value)
+        return "" if value is None else str(value)
 
     def to_xml(self) -> str:
         root = ET.Element("instance")
         for f in fields(self):
-            value = getattr(self, f.name)
+            value = self._text(f.name)
             if f.name in _LISTS:
                 vols = ET.SubElement(root, f.name)
                 for v in value:
@@ -113,6 +142,7 @@ class Metadata:
 
     @classmethod
     def from_xml(cls, text: str) -> Metadata:
+        """The record in `text` (qinst's <instance> element), typed and validated field by field."""
         root = ET.fromstring(text)
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -121,13 +151,37 @@ class Metadata:
                 continue
             node = root.find(f.name.replace("_", "-"))
             if node is not None:
-                values[f.name] = int(node.text or 0) if f.name == "ssh_port" else (node.text or "")
-        values["forwards"] = recorded_forwards(values["forwards"])
-        values["mounts"] = recorded_mounts(values["mounts"])
+                values[f.name] = _port(node.text or "") if f.name == "ssh_port" else (node.text or "")
+        values.setdefault("network", "")
         return cls(**values)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_json(self) -> dict[str, Any]:
+        """The record as `ls --json` and the API show it: text, numbers and the forwards' and mounts' own JSON."""
+        data: dict[str, Any] = {f.name: self._text(f.name) for f in fields(self)}
+        data["ssh_port"] = self.ssh_port
+        data["forwards"] = [f.to_json() for f in self.forwards]
+        data["mounts"] = [m.to_json() for m in self.mounts]
+        data["volumes"] = list(self.volumes)
+        return data
+
+
+def _port(text: str) -> int:
+    if not text:
+        return 0  # an empty element: no port, refused by validate_metadata like any other 0
+    if not text.isdigit() or len(text) > 5:
+        raise UsageError(f"invalid ssh-port {text[:20]!r}")
+    return int(text)
+
+
+def _recorded_forward(text: str) -> Forward:
+    """A forward read back: it must parse, and be written exactly as qinst writes it."""
+    try:
+        forward = Forward.parse(text)
+    except UsageError:
+        forward = None
+    if forward is None or str(forward) != text:
+        raise UsageError(f"the instance's metadata records an invalid forward {text[:80]!r}")
+    return forward
 
 
 @dataclass(frozen=True)
@@ -184,16 +238,15 @@ def _interface(devices: ET.Element, network: Network) -> None:
     _sub(iface, "model", type="virtio")
 
 
-def _extra_hostfwds(forwards: tuple[str, ...]) -> str:
+def _extra_hostfwds(forwards: tuple[Forward, ...]) -> str:
     """`up --forward` rules, beside the SSH one."""
-    return "".join(f",{Forward.parse(f).hostfwd}" for f in forwards)
+    return "".join(f",{f.hostfwd}" for f in forwards)
 
 
-def _filesystems(devices: ET.Element, mounts: tuple[str, ...]) -> None:
+def _filesystems(devices: ET.Element, mounts: tuple[Mount, ...]) -> None:
     """`up --mount` folders: virtiofs (passthrough is the only mode virtiofsd has) or 9p (mapped); a read-only one
     is read-only on the host, whatever the guest remounts."""
-    for index, record in enumerate(mounts):
-        mount = Mount.from_record(record)
+    for index, mount in enumerate(mounts):
         virtiofs = mount.driver is Driver.VIRTIOFS
         fs = _sub(devices, "filesystem", type="mount", accessmode="passthrough" if virtiofs else "mapped")
         if virtiofs:
@@ -206,15 +259,15 @@ def _filesystems(devices: ET.Element, mounts: tuple[str, ...]) -> None:
             _sub(fs, "readonly")
 
 
-def _shared_memory(root: ET.Element, mounts: tuple[str, ...]) -> None:
+def _shared_memory(root: ET.Element, mounts: tuple[Mount, ...]) -> None:
     """virtiofs needs the guest's memory shared with virtiofsd."""
-    if any(Mount.from_record(m).driver is Driver.VIRTIOFS for m in mounts):
+    if any(m.driver is Driver.VIRTIOFS for m in mounts):
         backing = _sub(root, "memoryBacking")
         _sub(backing, "source", type="memfd")
         _sub(backing, "access", mode="shared")
 
 
-def _user_network(root: ET.Element, network: Network, ssh_port: int, forwards: tuple[str, ...] = ()) -> None:
+def _user_network(root: ET.Element, network: Network, ssh_port: int, forwards: tuple[Forward, ...] = ()) -> None:
     # Debian 12's libvirt has passt disabled, so <portForward> is refused: user-mode networking (SLIRP) with a
     # hostfwd bound to 127.0.0.1 goes on QEMU's command line, with its NIC on a fixed slot of q35's root bus.
     netdev = f"user,id={USER_NETDEV},hostfwd=tcp:127.0.0.1:{ssh_port}-:22" + _extra_hostfwds(forwards)
@@ -308,5 +361,7 @@ def metadata_from_domain_xml(xml: str) -> Metadata | None:
         for el in node.iter():
             el.tag = el.tag.split("}", 1)[-1]
         return Metadata.from_xml(ET.tostring(node, encoding="unicode"))
+    except UsageError as exc:
+        raise UsageError(f"unreadable qinst metadata: {exc.message[:200]}") from exc
     except (ET.ParseError, ValueError, TypeError) as exc:
         raise UsageError(f"unreadable qinst metadata: {str(exc)[:100]!r}") from exc

@@ -1,4 +1,4 @@
-"""Port forwards: `up --forward` as QEMU hostfwd rules (user-mode networks), `qinst forward` as an SSH tunnel.
+"""Port forwards: `up --forward` as QEMU hostfwd rules (user-mode networks); `qinst forward`'s SSH tunnel is tunnel.py.
 
 A forward is `[ADDR:]HOSTPORT:GUESTPORT` over TCP; ADDR is an IPv4 address and defaults to 127.0.0.1, so a port
 is reachable from other machines only when the user names another address explicitly.
@@ -9,18 +9,10 @@ from __future__ import annotations
 import errno
 import ipaddress
 import re
-import subprocess
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from qemu_instances.errors import QinstError, UsageError
-from qemu_instances.proc import spawn
-
-if TYPE_CHECKING:
-    from qemu_instances.instances import Instance
-    from qemu_instances.settings import Settings
+from qemu_instances.errors import UsageError
 
 DEFAULT_ADDR = "127.0.0.1"
 _FORWARD_RE = re.compile(r"(?:(?P<addr>[0-9.]+):)?(?P<host>[0-9]{1,5}):(?P<guest>[0-9]{1,5})")
@@ -79,18 +71,6 @@ def parse_forwards(texts: Iterable[str], *, taken: Iterable[int] = ()) -> tuple[
     return forwards
 
 
-def recorded_forwards(values: Sequence[str]) -> tuple[str, ...]:
-    """Validate the forwards read back from an instance's metadata (untrusted): each must parse as given."""
-    for value in values:
-        try:
-            ok = str(Forward.parse(value)) == value
-        except UsageError:
-            ok = False
-        if not ok:
-            raise UsageError(f"the instance's metadata records an invalid forward {value[:80]!r}")
-    return tuple(values)
-
-
 def port_in_use(fwd: Forward) -> bool:
     """Is fwd's host address and port taken on this machine right now (a bind test)?"""
     import socket  # here: `ls` reads forwards, never binds
@@ -112,37 +92,3 @@ def check_free(forwards: Iterable[Forward]) -> None:
             raise UsageError(
                 f"port {fwd.addr}:{fwd.host_port} is already in use", hint="choose another host port for the forward"
             )
-
-
-def tunnel_argv(inst: Instance, settings: Settings, forwards: Sequence[Forward]) -> list[str]:
-    """ssh -N -L ... to the instance, with the same checked connection (and jump) as `qinst ssh`."""
-    from qemu_instances.access import ssh_argv
-
-    argv = ssh_argv(inst, settings, forwards=[fwd.ssh_local for fwd in forwards])
-    options = [
-        "-N",
-        "-o", "ExitOnForwardFailure=yes",
-        "-o", "BatchMode=yes",
-        "-o", "ConnectTimeout=20",
-        "-o", "ServerAliveInterval=15",
-    ]  # fmt: skip
-    return [argv[0], *options, *argv[1:]]
-
-
-def run_tunnel(argv: Sequence[str], forwards: Sequence[Forward], on_ready: Callable[[], None]) -> None:
-    """Run the tunnel until it is interrupted (Ctrl-C, SIGTERM, SIGHUP: KeyboardInterrupt through the CLI's one
-    signal path), then stop ssh cleanly (proc.spawn does).
-
-    on_ready is called once every forwarded port listens; QinstError if ssh ends by itself.
-    """
-    # Its own session: the terminal's Ctrl-C reaches only qinst, which then ends ssh itself.
-    with spawn(argv, stdout=subprocess.DEVNULL, new_session=True, hint="install openssh-client") as proc:
-        ready = False
-        while proc.poll() is None:
-            if not ready and all(port_in_use(f) for f in forwards):
-                ready = True
-                on_ready()
-            time.sleep(0.1 if not ready else 0.5)
-        stderr = proc.stderr.read(64 << 10).decode(errors="replace").strip() if proc.stderr else ""
-        why = stderr.splitlines()[-1] if stderr else f"ssh exited with status {proc.returncode}"
-        raise QinstError(f"the tunnel ended: {why}", hint="is the instance still running? see 'qinst ls'")

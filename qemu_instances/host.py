@@ -22,12 +22,12 @@ from urllib.parse import urlsplit
 
 import libvirt
 
-from qemu_instances.console import CONSOLE_LIMIT, tail_lines, utf8_decoder
 from qemu_instances.digests import Digest
 from qemu_instances.errors import HypervisorError
 from qemu_instances.faults import _test_pause
 from qemu_instances.logs import log
 from qemu_instances.seals import Seal
+from qemu_instances.text import tail_lines, utf8_decoder
 
 if TYPE_CHECKING:
     from qemu_instances.download import Progress
@@ -728,16 +728,18 @@ class Domain:
                     return str(addr["addr"])
         return None
 
-    def open_console(self) -> ConsoleStream:
-        return ConsoleStream(self.host.conn, self._dom)
+    def open_console(self, limit: int) -> ConsoleStream:
+        """The serial console as a stream (at most `limit` bytes are read from it)."""
+        return ConsoleStream(self.host.conn, self._dom, limit)
 
 
 class ConsoleStream:
     """The serial console read through libvirt (remote daemons): a non-blocking console stream."""
 
-    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, limit: int) -> None:
         self.text = ""
-        self._received = 0  # bytes; reading stops at CONSOLE_LIMIT
+        self._limit = limit
+        self._received = 0  # bytes; reading stops at the limit
         self._decoder = utf8_decoder()  # not UTF-8 becomes U+FFFD; a character split between reads stays whole
         with libvirt_errors("cannot open the serial console"):
             self._stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
@@ -745,7 +747,7 @@ class ConsoleStream:
         self._open = True
 
     def read(self) -> str:
-        while self._open and self._received < CONSOLE_LIMIT:
+        while self._open and self._received < self._limit:
             try:
                 data = self._stream.recv(65536)
             except libvirt.libvirtError:

@@ -16,13 +16,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qemu_instances.console import console_log_name, console_log_path
 from qemu_instances.digests import Digest
-from qemu_instances.domain import METADATA_NS, Metadata, Network, validate_name
+from qemu_instances.domain import METADATA_NS, Metadata, Network, NetworkKind, validate_name
 from qemu_instances.errors import HypervisorError, UsageError
-from qemu_instances.forwarding import Forward
 from qemu_instances.host import POOL_NAME, UPLOADING, VERIFIED, Domain, Host, forget_snapshots, snapshot_count
 from qemu_instances.logs import log
-from qemu_instances.mounts import Mount
 from qemu_instances.seed import validate_hostname, validate_instance_id, validate_user
 from qemu_instances.settings import Settings
 from qemu_instances.ssh import KEY_LINE, SshHop, key_checker
@@ -31,7 +30,7 @@ if TYPE_CHECKING:  # `ls` imports neither the image store (requests, the catalog
     from qemu_instances.images import ImageStore
 
 INVALID = "invalid"  # the state `ls` shows for a record that does not validate
-_UNKNOWN = Metadata(image="-", digest="", user="", network="")
+_UNKNOWN = Metadata(image="-", digest="", user="", network=Network(NetworkKind.NONE))
 
 
 @dataclass
@@ -63,12 +62,12 @@ class Instance:
             "state": INVALID if self.invalid else self.state,
             "image": m.image,
             "digest": m.digest,
-            "network": m.network,
+            "network": str(m.network),
             "ssh": {"host": m.ssh_host or None, "port": m.ssh_port, "user": m.user},
             "created": m.created,
-            "accel": m.accel,
-            "forwards": [Forward.parse(f).to_json() for f in m.forwards],
-            "mounts": [Mount.from_record(r).to_json() for r in m.mounts],
+            "accel": str(m.accel or ""),
+            "forwards": [f.to_json() for f in m.forwards],
+            "mounts": [mount.to_json() for mount in m.mounts],
             "snapshots": self.snapshots,
         }
         if self.invalid:
@@ -84,20 +83,6 @@ def seed_volume(name: str) -> str:
     return f"{name}-seed.iso"
 
 
-def console_log_name(name: str) -> str:
-    return f"{name}-console.log"
-
-
-def console_log_path(host: Host, pool: Any, name: str) -> Path:
-    """Where virtlogd records the serial console: libvirt's log directory on a local daemon; on a remote one,
-    the pool's directory (`pool` is needed only there), so that `qinst logs` can download it as a volume."""
-    if not host.is_local:
-        return host.pool_path(pool) / console_log_name(name)
-    if host.is_system:
-        return Path("/var/log/libvirt/qemu") / console_log_name(name)
-    return Path.home() / ".cache/libvirt/qemu/log" / console_log_name(name)
-
-
 def owned_volumes(host: Host, name: str) -> tuple[str, ...]:
     """The pool volumes an instance named `name` owns (the console log is one on a remote host)."""
     local = (disk_volume(name), seed_volume(name))
@@ -108,7 +93,6 @@ def validate_metadata(name: str, meta: Metadata) -> Metadata:
     """Check every field read back from libvirt as it was checked when written; UsageError names the first bad one."""
     validate_name(name)
     validate_user(meta.user)
-    Network.parse(meta.network)
     if meta.digest:  # a record without one pins no image (prune keeps nothing for it)
         Digest.parse(meta.digest, error=UsageError)
     if meta.instance_id:
@@ -127,14 +111,8 @@ def validate_metadata(name: str, meta: Metadata) -> Metadata:
         raise UsageError("invalid private-key path")
     if meta.created and not valid_timestamp(meta.created):
         raise UsageError(f"invalid created time {meta.created[:40]!r} (an ISO 8601 time with its zone)")
-    if meta.accel not in ("", "kvm", "tcg"):
-        raise UsageError(f"invalid accel {meta.accel[:20]!r}")
     if meta.console_log and Path(meta.console_log).name != console_log_name(name):
         raise UsageError("console-log is not this instance's console log")
-    for forward in meta.forwards:
-        Forward.parse(forward)
-    for mount in meta.mounts:
-        Mount.from_record(mount)
     strangers = set(meta.volumes) - {disk_volume(name), seed_volume(name), console_log_name(name)}
     if strangers:
         raise UsageError(f"volumes names another instance's volume {sorted(strangers)[0][:80]!r}")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from qemu_instances import kvmverdict
 from qemu_instances import seed as seeds
-from qemu_instances.console import Console, ConsoleLog
+from qemu_instances.console import console_log_path, open_console
 from qemu_instances.domain import (
     METADATA_KEY,
     METADATA_NS,
@@ -40,7 +40,6 @@ from qemu_instances.host import POOL_NAME, Domain, Host
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source
 from qemu_instances.instances import (
     Instance,
-    console_log_path,
     disk_volume,
     owned_volumes,
     record_of,
@@ -157,11 +156,6 @@ def default_name(image: str) -> str:
     return f"{base[:58] or 'vm'}-{suffix}"
 
 
-def open_console(host: Host, dom: Domain, path: Path) -> Console:
-    """The console as recorded in its file (local daemons) or as a libvirt console stream (remote ones)."""
-    return ConsoleLog(path) if host.is_local else dom.open_console()
-
-
 def _choose_network(host: Host, text: str | None) -> Network:
     if text:
         network = Network.parse(text)
@@ -210,7 +204,7 @@ def _paused_kvm_instance(host: Host) -> str | None:
         except HypervisorError:
             continue  # gone meanwhile
         # Another domain's record that does not validate says nothing about KVM (and never fails this launch).
-        if inst is not None and not inst.invalid and inst.metadata.accel == "kvm":
+        if inst is not None and not inst.invalid and inst.metadata.accel is Accel.KVM:
             return printable_name(inst.name)
     return None
 
@@ -538,17 +532,17 @@ def plan_launch(host: Host, inputs: _Inputs, image: CachedImage, cache_dir: Path
         image=inputs.ref.name,
         digest=str(image.digest),
         user=inputs.user,
-        network=str(network),
+        network=network,
         ssh_host="127.0.0.1" if network.kind is NetworkKind.USER else "",
         ssh_port=ssh_port,
         created=_created_at(),
         instance_id=inputs.seed.instance_id,
         private_key=_private_key(inputs.keys),
         console_log=str(console),
-        accel=str(accels[0]),
+        accel=accels[0],
         volumes=owned_volumes(host, name),
-        forwards=tuple(str(f) for f in forwards),
-        mounts=tuple(m.record() for m in mounts),
+        forwards=forwards,
+        mounts=mounts,
     )
     spec = InstanceSpec(
         name=name,
@@ -567,4 +561,4 @@ def plan_launch(host: Host, inputs: _Inputs, image: CachedImage, cache_dir: Path
 
 
 def _with_accel(spec: InstanceSpec, accel: Accel) -> InstanceSpec:
-    return replace(spec, accel=accel, metadata=replace(spec.metadata, accel=str(accel)))
+    return replace(spec, accel=accel, metadata=replace(spec.metadata, accel=accel))

@@ -182,12 +182,6 @@ def readonly_helper(path: Path | None = None) -> str:
     return str(real)
 
 
-def recorded_mounts(values: Sequence[str]) -> tuple[str, ...]:
-    for value in values:
-        Mount.from_record(value)
-    return tuple(values)
-
-
 def tag(index: int) -> str:
     """The device's mount tag in the guest (virtiofs and 9p tags are short names)."""
     return f"qinst{index}"

@@ -12,6 +12,7 @@ import os
 import selectors
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -210,3 +211,11 @@ def try_run(
     if out.timed_out or out.overflow:
         return None
     return _decoded(args, out)
+
+
+def replace_process(argv: Sequence[Arg]) -> None:
+    """Become argv (exec): `qinst ssh` and `qinst console` hand the terminal to ssh or virsh."""
+    args = resolve(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(args[0], args)

@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -318,6 +318,33 @@ def render_network_config(spec: SeedSpec) -> bytes | None:
     if not isinstance(inner, Mapping) or inner.get("version") not in (1, 2):
         raise UsageError(f"{source}: a network-config needs 'version: 1' or 'version: 2'")
     return spec.network_config
+
+
+def spec_from_files(
+    *,
+    hostname: str,
+    instance_id: str | None,
+    ssh_keys: Sequence[Path],
+    user: str,
+    user_data: Path | None,
+    network_config: Path | None,
+    config_dir: Path,
+) -> SeedSpec:
+    """`qinst seed`'s inputs, read and checked: the keys (or the defaults), user-data and network-config files."""
+    from qemu_instances.files import read_option_file
+    from qemu_instances.sshkeys import resolve_keys
+
+    keys = resolve_keys(list(ssh_keys), config_dir)
+    return SeedSpec(
+        hostname=validate_hostname(hostname),
+        instance_id=validate_instance_id(instance_id) if instance_id else new_instance_id(),
+        user=validate_user(user),
+        ssh_keys=tuple(k.public for k in keys),
+        user_data=read_option_file(user_data, "--user-data"),
+        user_data_source=str(user_data) if user_data else None,
+        network_config=read_option_file(network_config, "--network-config"),
+        network_config_source=str(network_config) if network_config else None,
+    )
 
 
 def seed_files(spec: SeedSpec) -> dict[str, bytes]:

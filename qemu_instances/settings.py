@@ -55,3 +55,37 @@ class Settings:
     ipfs_gateway: str = DEFAULT_IPFS_GATEWAY
     hosts: dict[str, str] = field(default_factory=dict)  # [hosts.NAME] uri = ... from the config file
     host: str | None = None  # the host name --host chose ("auto": placement by `up`)
+
+
+def resolve(
+    *,
+    connect: str | None = None,
+    cache_dir: Path | None = None,
+    catalogs: tuple[Path, ...] | list[Path] = (),
+    mirror: str | None = None,
+    aleph_api: str = DEFAULT_ALEPH_API,
+    ipfs_gateway: str = DEFAULT_IPFS_GATEWAY,
+    host: str | None = None,
+) -> Settings:
+    """The settings as `qinst` resolves its global options (each also read from its QINST_* variable by the CLI):
+    --host NAME (a [hosts] entry of the config file) wins over --connect; "auto" is placement, for `up` only."""
+    from qemu_instances.config import host_uri, load_hosts
+    from qemu_instances.errors import UsageError
+
+    if mirror and not mirror.startswith(("http://", "https://")):
+        raise UsageError(f"--mirror {mirror!r}: expected an http(s) URL")
+    config_dir = default_config_dir()
+    hosts = load_hosts(config_dir)
+    if host and host != "auto":
+        connect = host_uri(hosts, host, config_dir)
+    return Settings(
+        connect=connect or default_connect_uri(),
+        cache_dir=(cache_dir or default_cache_dir()).expanduser().absolute(),
+        config_dir=config_dir,
+        catalogs=tuple(catalogs),
+        mirror=mirror,
+        aleph_api=aleph_api,
+        ipfs_gateway=ipfs_gateway,
+        hosts=hosts,
+        host=host,
+    )

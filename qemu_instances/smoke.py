@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qemu_instances import instances, ssh
-from qemu_instances.access import console_text, ssh_target
+from qemu_instances.access import ssh_target
 from qemu_instances.checks import (
     ARTIFACTS,
     PROPERTIES,
@@ -35,8 +35,9 @@ from qemu_instances.checks import (
     describe,
     plan,
 )
+from qemu_instances.console import recorded as recorded_console
 from qemu_instances.domain import Accel, Firmware
-from qemu_instances.errors import GuestFailed, GuestTimeout, Interrupted, QinstError
+from qemu_instances.errors import GuestFailed, GuestTimeout, Interrupted, QinstError, UsageError
 from qemu_instances.files import write_atomically
 from qemu_instances.fleet import for_host
 from qemu_instances.host import Host
@@ -90,6 +91,79 @@ class SmokeOptions:
     retries: int = 0
     baseline: Baseline | None = None
     regression_threshold: float = 1.25
+
+
+def build_options(
+    *,
+    timeout: float = 600.0,
+    parallel: int | None = None,
+    artifacts: Path | None = None,
+    keep_failed: bool = False,
+    accel: Accel = Accel.AUTO,
+    network: str = "user",
+    hosts: str | None = None,
+    checks_file: Path | None = None,
+    check: Sequence[str] = (),
+    skip: Sequence[str] = (),
+    allow_warning: Sequence[str] = (),
+    allow_failed_unit: Sequence[str] = (),
+    firmwares: Sequence[Firmware] = (Firmware.BIOS,),
+    user_data: Path | None = None,
+    cpus: int | None = None,
+    memory: int = SMOKE_MEMORY_MIB,
+    latest: bool = False,
+    retries: int = 0,
+    baseline: Path | None = None,
+    regression_threshold: float = 1.25,
+) -> SmokeOptions:
+    """`qinst smoke`'s options, every one checked before anything boots (UsageError, exit 2, naming the option):
+    check files, regexes, the baseline, the user-data; the --artifacts folder is made last, so that a refused
+    option leaves no empty folder behind."""
+    import math
+
+    from qemu_instances import checks as check_files
+    from qemu_instances.domain import Network
+    from qemu_instances.files import read_option_file
+    from qemu_instances.smokereport import load_baseline
+    from qemu_instances.validate import output_dir, seconds
+
+    if retries < 0 or (cpus is not None and cpus < 1) or memory < 256:
+        raise UsageError("--retries must be >= 0, --cpus >= 1 and --memory >= 256 (MiB)")
+    if parallel is not None and parallel < 1:
+        raise UsageError("--parallel must be >= 1")
+    if not math.isfinite(regression_threshold) or regression_threshold < 1.0:
+        raise UsageError("--regression-threshold must be a number >= 1")
+    seconds(timeout, "--timeout")
+    Network.parse(network)
+    read_option_file(user_data, "--user-data")  # as up checks it, once rather than at each image's launch
+    user_checks = check_files.load_checks(checks_file) if checks_file else []
+    user_checks += [check_files.parse_check_option(c) for c in check]
+    planned = tuple(check_files.plan(user_checks, skip))
+    allow_warnings = tuple(check_files.compile_regex(r, "--allow-warning") for r in allow_warning)
+    last_night = load_baseline(baseline) if baseline else None
+    if artifacts is not None:
+        output_dir(artifacts, "--artifacts")
+    return SmokeOptions(
+        timeout=timeout,
+        parallel=parallel,
+        artifacts=artifacts,
+        keep_failed=keep_failed,
+        accel=accel,
+        network=network,
+        hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else (),
+        cpus=cpus,
+        memory_mib=memory,
+        firmwares=tuple(dict.fromkeys(firmwares)),
+        user_data=user_data,
+        latest=latest,
+        checks=planned,
+        skipped=tuple(dict.fromkeys(skip)),
+        allow_warnings=allow_warnings,
+        allow_failed_units=tuple(allow_failed_unit),
+        retries=retries,
+        baseline=last_night,
+        regression_threshold=regression_threshold,
+    )
 
 
 @dataclass(frozen=True)
@@ -241,7 +315,7 @@ class _Runner:
             report.timings.update(readiness.durations())
         report.add("launch", True, report.timings.get("define", 0.0))
         self._boot_checks(report, readiness, "")
-        report.properties["accel"] = result.instance.metadata.accel
+        report.properties["accel"] = str(result.instance.metadata.accel or "")
         report.properties["instance-id"] = result.instance.metadata.instance_id
         return result.instance
 
@@ -388,7 +462,7 @@ class _Runner:
             except QinstError:
                 inst = None
             if inst is not None:
-                report.console = console_text(host, inst)
+                report.console = recorded_console(host, inst.name)
                 if version := cloud_init_version(report.console):
                     report.properties["cloud-init-version"] = version
                 if report.passed or not keep:

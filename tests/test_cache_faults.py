@@ -63,17 +63,18 @@ def test_local_images_reaching_outside_are_refused(qinst: RunQinst, tmp_path: Pa
         qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(image))
         needle = f"backing file ({base})"
     else:
-        qemu_img(
-            "create",
-            "--object",
-            "secret,id=sec0,data=passphrase",
-            "-f",
-            "qcow2",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0",
-            str(image),
-            "1M",
-        )
+        # LUKS times its key derivation with the thread's CPU clock, which a loaded host can fail to advance
+        # ("Unable to get accurate CPU usage"): a few tries.
+        for attempt in range(5):
+            try:
+                qemu_img(
+                    "create", "--object", "secret,id=sec0,data=passphrase", "-f", "qcow2",
+                    "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=50", str(image), "1M",
+                )  # fmt: skip
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 4:
+                    raise
         needle = "encrypted image"
     cache = tmp_path / "cache"
     proc = qinst("--cache-dir", str(cache), "pull", str(image))

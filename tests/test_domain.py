@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 
 import libvirt
 import pytest
@@ -164,7 +165,7 @@ def test_metadata_round_trip_through_libvirt_test_driver() -> None:
             assert back == _spec().metadata
             element = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
             assert "vm1-seed.iso" in element
-            changed = Metadata(**{**back.as_dict(), "host_keys": "ssh-ed25519 AAAA", "volumes": ()})  # type: ignore[union-attr]
+            changed = replace(back, host_keys="ssh-ed25519 AAAA", volumes=())  # type: ignore[type-var]
             dom.setMetadata(
                 libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                 changed.to_xml(),

@@ -13,9 +13,10 @@ from test_domain import _spec
 
 from qemu_instances.domain import QEMU_NS, Metadata, Network, domain_xml, metadata_from_domain_xml
 from qemu_instances.errors import QinstError, UsageError
-from qemu_instances.forwarding import Forward, check_free, parse_forwards, run_tunnel, tunnel_argv
+from qemu_instances.forwarding import Forward, check_free, parse_forwards
 from qemu_instances.instances import Instance
 from qemu_instances.settings import Settings
+from qemu_instances.tunnel import run_tunnel, tunnel_argv
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAuBUfUBCujFmHWWVVWaubWIPHRW795crgJj2nycx7Y0"
 
@@ -62,11 +63,15 @@ def test_hostfwd_rules_beside_the_ssh_one() -> None:
 
 
 def test_metadata_with_a_bad_forward_is_refused() -> None:
-    meta = Metadata("img", "sha512:00", "debian", "user", forwards=("127.0.0.1:80:80,hostfwd=tcp::1-:22",))
+    good = Metadata("img", "sha512:00", "debian", "user", forwards=("127.0.0.1:80:80",))
     # As if another program had written the record:
-    xml = domain_xml(replace(_spec(), metadata=meta, network=Network.parse("none")))
+    xml = domain_xml(replace(_spec(), metadata=good, network=Network.parse("none")))
+    forged = xml.replace("127.0.0.1:80:80<", "127.0.0.1:80:80,hostfwd=tcp::1-:22<")
+    assert forged != xml
     with pytest.raises(QinstError, match="invalid forward"):
-        metadata_from_domain_xml(xml)
+        metadata_from_domain_xml(forged)
+    with pytest.raises(QinstError, match="invalid forward"):  # the typed record cannot even be made with it
+        Metadata("img", "sha512:00", "debian", "user", forwards=("127.0.0.1:80:80,hostfwd=tcp::1-:22",))
 
 
 def test_a_port_in_use_is_an_error_before_anything_starts() -> None:

@@ -90,11 +90,11 @@ def test_up_auto_is_not_stopped_by_another_domains_invalid_record() -> None:
         dom = host.conn.defineXML(_domain_xml("stranger-rec", None))
         try:
             dom.create()
+            record = _meta(accel="kvm", forwards=("127.0.0.1:8080:80",)).to_xml()
+            record = record.replace("127.0.0.1:8080:80", "not:a:forward:at:all")  # as another program wrote it
             dom.setMetadata(
-                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                _meta(accel="kvm", forwards=("not:a:forward:at:all",)).to_xml(),
-                METADATA_KEY, METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE,
-            )  # fmt: skip
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT, record, METADATA_KEY, METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE
+            )
             dom.suspend()
             assert launch._paused_kvm_instance(host) is None
         finally:

@@ -133,7 +133,7 @@ def test_missing_fields_take_their_defaults_and_empty_ones_are_empty() -> None:
 def test_fields_outside_qinst_namespace_are_read_not_a_crash() -> None:
     xml = f'<instance xmlns="{METADATA_NS}"><image xmlns="">i</image><digest/><user>u</user>'
     meta = metadata_from_domain_xml(_domain_xml(xml + "<network>user</network></instance>"))
-    assert meta is not None and (meta.image, meta.user, meta.network) == ("i", "u", "user")
+    assert meta is not None and (meta.image, meta.user, str(meta.network)) == ("i", "u", "user")
 
 
 def test_a_record_with_a_non_numeric_port_is_refused() -> None:
@@ -148,7 +148,7 @@ def test_recorded_forwards_and_mounts_are_validated() -> None:
     good = replace(GOOD, forwards=("127.0.0.1:8080:80",), mounts=("virtiofs:ro:/srv/data:/mnt/data",))
     assert validate_metadata("vm1", good) is good
     for bad, message in [
-        ({"forwards": ("127.0.0.1:8080:99999",)}, "invalid port in forward"),
+        ({"forwards": ("127.0.0.1:8080:99999",)}, "invalid forward '127.0.0.1:8080:99999'"),
         ({"forwards": ("8080",)}, "invalid forward '8080'"),
         ({"mounts": ("virtiofs:ro:srv:/mnt",)}, "invalid mount 'virtiofs:ro:srv:/mnt'"),
         ({"mounts": ("virtiofs:rw:/srv/../etc:/mnt",)}, "invalid mount"),

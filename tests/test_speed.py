@@ -446,11 +446,11 @@ def test_a_real_kvm_failure_is_remembered_and_the_next_up_starts_under_tcg_at_on
 def test_the_global_options_that_take_a_value_are_the_ones_skipped_to_find_the_command() -> None:
     from typer.main import get_command
 
-    from qemu_instances import cli
+    from qemu_instances import cli, cli_app
 
     group = get_command(cli.app)
     taking_a_value = {o for p in group.params if not getattr(p, "is_flag", False) for o in p.opts if o.startswith("--")}
-    assert taking_a_value == cli.GLOBAL_VALUE_OPTIONS
+    assert taking_a_value == cli_app.GLOBAL_VALUE_OPTIONS
 
 
 @pytest.mark.parametrize(
@@ -471,9 +471,9 @@ def test_the_global_options_that_take_a_value_are_the_ones_skipped_to_find_the_c
 def test_only_the_command_run_is_built(args: list[str], name: str | None) -> None:
     from typer.main import get_command
 
-    from qemu_instances import cli
+    from qemu_instances import cli, cli_app
 
-    built = get_command(cli.app_for(args)).commands  # type: ignore[attr-defined]
+    built = get_command(cli_app.app_for(cli.app, cli._new_app, args)).commands  # type: ignore[attr-defined]
     every = get_command(cli.app).commands  # type: ignore[attr-defined]
     assert list(built) == ([name] if name else list(every))
 
@@ -482,21 +482,21 @@ def test_each_command_alone_has_the_same_help_and_options_as_in_the_whole_app() 
     from typer.main import get_command
     from typer.testing import CliRunner
 
-    from qemu_instances import cli
+    from qemu_instances import cli, cli_app
 
     every = get_command(cli.app).commands  # type: ignore[attr-defined]
     assert len(every) >= 16
     runner = CliRunner()
     for name in every:
-        alone = runner.invoke(cli.app_for([name]), [name, "--help"], prog_name="qinst")
+        alone = runner.invoke(cli_app.app_for(cli.app, cli._new_app, [name]), [name, "--help"], prog_name="qinst")
         whole = runner.invoke(cli.app, [name, "--help"], prog_name="qinst")
         assert alone.exit_code == whole.exit_code == 0, name
         assert alone.output == whole.output and f"Usage: qinst {name}" in alone.output
-        built = get_command(cli.app_for([name])).commands[name]  # type: ignore[attr-defined]
+        built = get_command(cli_app.app_for(cli.app, cli._new_app, [name])).commands[name]  # type: ignore[attr-defined]
         assert [(p.name, p.opts, p.required) for p in built.params] == [
             (p.name, p.opts, p.required) for p in every[name].params
         ]
-    bad = runner.invoke(cli.app_for(["ls"]), ["ls", "--no-such-option"], prog_name="qinst")
+    bad = runner.invoke(cli_app.app_for(cli.app, cli._new_app, ["ls"]), ["ls", "--no-such-option"], prog_name="qinst")
     assert bad.exit_code == 2 and "No such option: --no-such-option" in bad.output
 
 

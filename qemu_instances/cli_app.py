@@ -1,0 +1,46 @@
+"""Typer machinery of the command line: build only the command that runs (typer builds every command's options on
+each run, ~0.04 s: a third of `qinst ls`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import typer
+
+# The global options (_global's) that take a value: the word after one is not a command name.
+GLOBAL_VALUE_OPTIONS = frozenset(
+    {"--connect", "--cache-dir", "--catalog", "--mirror", "--aleph-api", "--ipfs-gateway", "--host"}
+)
+
+
+def _command_name(args: list[str]) -> str | None:
+    """The command `args` run, after the global options; None when they ask for help or name no command."""
+    words = iter(args)
+    for word in words:
+        if word in ("-h", "--help", "--"):
+            return None
+        if word in GLOBAL_VALUE_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def app_for(app: typer.Typer, new_app: Callable[[], typer.Typer], args: list[str]) -> typer.Typer:
+    """The app holding only the command `args` run: typer builds the options of every command it holds on each
+    run (~0.04 s, a third of `qinst ls`). Help, no command or an unknown one get the whole app: its listing, its
+    error."""
+    from typer.main import get_command_name
+
+    name = _command_name(args)
+    commands = [
+        c for c in app.registered_commands if (c.name or get_command_name(getattr(c.callback, "__name__", ""))) == name
+    ]
+    groups = [g for g in app.registered_groups if g.name == name]
+    if not commands and not groups:
+        return app
+    one = new_app()
+    one.registered_callback = app.registered_callback
+    one.registered_commands = commands
+    one.registered_groups = groups
+    return one
