@@ -26,6 +26,7 @@ from qemu_instances.settings import Settings
 from qemu_instances.settings import resolve as settings
 
 if TYPE_CHECKING:
+    from qemu_instances.arch import Arch
     from qemu_instances.doctor import Check as DoctorCheck
     from qemu_instances.download import Progress
     from qemu_instances.fleet import HostAnswer
@@ -125,16 +126,19 @@ def images(settings: Settings) -> list[ImageListing]:
 
     store = ImageStore(settings)
     found = []
-    for entry in store.catalog:
-        cached = store.cached(ImageRef(RefKind.CATALOG, entry.name, entry=entry))
-        if cached is None and entry.aleph_item_hash:
-            cached = store.cached_aleph(entry.aleph_item_hash)  # aleph's own build: another file, its own pin
-        listing = ImageListing(
-            entry.name, entry.aliases, entry.title, entry.os, entry.release, entry.arch,
-            str(entry.digest) if entry.digest else None, "pinned" if entry.digest else None,
-            entry.latest_trust, entry.aleph_item_hash, cached, entry.origin,
-        )  # fmt: skip
-        found.append(listing)
+    for each in store.catalog:
+        for arch in each.arches:
+            entry = each.for_arch(arch)
+            assert entry is not None
+            cached = store.cached(ImageRef(RefKind.CATALOG, entry.name, entry=entry))
+            if cached is None and entry.aleph_item_hash:
+                cached = store.cached_aleph(entry.aleph_item_hash)  # aleph's own build: another file, its own pin
+            listing = ImageListing(
+                entry.name, entry.aliases, entry.title, entry.os, entry.release, entry.arch,
+                str(entry.digest) if entry.digest else None, "pinned" if entry.digest else None,
+                entry.latest_trust, entry.aleph_item_hash, cached, entry.origin,
+            )  # fmt: skip
+            found.append(listing)
     return found
 
 
@@ -154,12 +158,14 @@ def pull(
     sha256: str | None = None,
     sha512: str | None = None,
     progress: Progress | None = None,
+    arch: Arch | None = None,
 ) -> CachedImage:
-    """Download IMAGE into the cache and verify it (nothing unverified is ever cached)."""
+    """Download IMAGE (its `arch` build, default the host's) into the cache and verify it (nothing unverified is
+    ever cached)."""
     from qemu_instances.images import ImageStore, Source
 
     store = ImageStore(settings)
-    ref = store.resolve(image, sha256=sha256, sha512=sha512)
+    ref = store.resolve(image, sha256=sha256, sha512=sha512, arch=arch)
     return store.pull(ref, source=Source(source), latest=latest, progress=progress)
 
 

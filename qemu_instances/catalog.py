@@ -6,14 +6,14 @@ import difflib
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from qemu_instances import cid as cids
 from qemu_instances.digests import Digest
-from qemu_instances.errors import CatalogError, ImageError
+from qemu_instances.errors import CatalogError, ImageError, QinstError
 from qemu_instances.files import MAX_CATALOG, decode_text, parse_toml, read_bounded
 from qemu_instances.text import printable
 
@@ -104,6 +104,17 @@ def _user(value: Any) -> str:
     return value
 
 
+def _arch(value: Any) -> str:
+    from qemu_instances.arch import Arch
+
+    if not isinstance(value, str):
+        raise ValueError("must be x86_64 (amd64) or aarch64 (arm64)")
+    try:
+        return str(Arch.parse(value))
+    except QinstError as exc:
+        raise ValueError("must be x86_64 (amd64) or aarch64 (arm64)") from exc
+
+
 def _size(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError("must be a positive number of bytes")
@@ -136,7 +147,7 @@ _FIELDS = {
         _Field("aliases", _aliases, "other names"),
         _Field("os", _display, "debian, ubuntu, ...: picks the default login user"),
         _Field("release", _display, "the release's version"),
-        _Field("arch", _display, "x86_64 (the default)"),
+        _Field("arch", _arch, "the architecture of the entry's own pin: x86_64 (the default) or aarch64"),
         _Field("format", _format, "qcow2 or raw"),
         _Field("url", _url, "the pinned build"),
         _Field("digest", _digest, "the pin: sha256:<hex> or sha512:<hex>"),
@@ -151,6 +162,16 @@ _FIELDS = {
 }
 # Keys that only make sense together.
 _PAIRS = (("latest_url", "checksums_url"), ("checksums_signature_url", "signing_keys"))
+# The keys of one architecture's pin: the entry's own (for `arch`), or a table [images.NAME.ARCH] for another.
+_PIN_KEYS = (
+    "format", "url", "digest", "size", "latest_url", "checksums_url", "checksums_signature_url", "signing_keys",
+    "aleph_item_hash",
+)  # fmt: skip
+# What an architecture's table takes from the entry when it does not say: the channel's files, usually one for all
+# architectures (Ubuntu's SHA256SUMS lists every architecture's images). Never a pin: url, digest, size, latest_url
+# and aleph_item_hash name one file.
+_SHARED = ("format", "checksums_url", "checksums_signature_url", "signing_keys")
+ARCHES = ("x86_64", "aarch64")
 
 
 @dataclass(frozen=True)
@@ -172,6 +193,27 @@ class CatalogEntry:
     size: int | None = None
     checksums_signature_url: str | None = None
     signing_keys: str | None = None
+    # The pins of the other architectures: (arch, ((key, value), ...)), from [images.NAME.ARCH] tables.
+    other_arches: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    @property
+    def arches(self) -> tuple[str, ...]:
+        """The architectures this entry has an image for (its own `arch` first, when it pins one)."""
+        own = (self.arch,) if self.url or self.aleph_item_hash else ()
+        return own + tuple(a for a, _ in self.other_arches if a != self.arch)
+
+    def for_arch(self, arch: str) -> CatalogEntry | None:
+        """This entry as pinned for `arch` (url, digest, latest channel of that architecture); None when it has no
+        image for it."""
+        if arch == self.arch:
+            return self if (self.url or self.aleph_item_hash) else None
+        table = dict(dict(self.other_arches).get(arch, ()))
+        if not table:
+            return None
+        pin: dict[str, Any] = {key: None for key in _PIN_KEYS}
+        pin |= {key: getattr(self, key) for key in _SHARED}
+        pin |= table
+        return replace(self, arch=arch, **pin)
 
     @property
     def signed(self) -> bool:
@@ -192,9 +234,51 @@ def _entry(name: str, raw: Any, origin: str) -> CatalogEntry:
         raise CatalogError(f"{where}: invalid image name (use lower-case letters, digits, '.', '_', '-')")
     if not isinstance(raw, dict):
         raise CatalogError(f"{where}: expected a table of keys")
-    unknown = sorted(set(raw) - set(_FIELDS))
+    tables = {key: value for key, value in raw.items() if key in ARCHES}
+    unknown = sorted(set(raw) - set(_FIELDS) - set(tables))
     if unknown:
-        raise CatalogError(f"{where}: unknown key {unknown[0]!r}", hint=f"known keys: {', '.join(_FIELDS)}")
+        known = ", ".join([*_FIELDS, *(f"[images.{name}.{a}]" for a in ARCHES)])
+        raise CatalogError(f"{where}: unknown key {unknown[0]!r}", hint=f"known keys: {known}")
+    values = _checked(where, {k: v for k, v in raw.items() if k not in tables}, origin)
+    own_pin = ("url" in values and "digest" in values) or "aleph_item_hash" in values
+    if not own_pin and (not tables or "url" in values or "digest" in values):
+        missing = "digest" if "url" in values else "url"
+        raise CatalogError(f"{where}: missing key {missing!r} (an entry needs url and digest, or aleph_item_hash)")
+    _check_pairs(where, values)
+    values.setdefault("default_user", _DEFAULT_USERS.get(values.get("os", ""), "cloud"))
+    arch = values.get("arch", "x86_64")
+    others = []
+    for other, table in tables.items():
+        there = f"{origin}: [images.{name}.{other}]"
+        if other == arch and own_pin:
+            raise CatalogError(f"{there}: the entry's own pin is already for {arch} (its key arch)")
+        if not isinstance(table, dict):
+            raise CatalogError(f"{there}: expected a table of keys")
+        bad = sorted(set(table) - set(_PIN_KEYS))
+        if bad:
+            raise CatalogError(
+                f"{there}: unknown key {bad[0]!r}", hint=f"an architecture's keys: {', '.join(_PIN_KEYS)}"
+            )
+        pin = _checked(there, table, origin)
+        if not (("url" in pin and "digest" in pin) or "aleph_item_hash" in pin):
+            missing = "digest" if "url" in pin else "url"
+            raise CatalogError(f"{there}: missing key {missing!r} (a pin needs url and digest, or aleph_item_hash)")
+        _check_pairs(there, {**{k: values[k] for k in _SHARED if k in values}, **pin})
+        others.append((other, tuple(sorted(pin.items()))))
+    if not own_pin and "arch" not in values:
+        values["arch"] = others[0][0]  # an entry pinned only in architecture tables: the first one is its own
+    return CatalogEntry(
+        name=name,
+        title=values.pop("title", name),
+        url=values.pop("url", None),
+        digest=values.pop("digest", None),
+        origin=origin,
+        other_arches=tuple(others),
+        **values,
+    )
+
+
+def _checked(where: str, raw: dict[str, Any], origin: str) -> dict[str, Any]:
     raw = dict(raw)
     keys = raw.get("signing_keys")
     if isinstance(keys, str) and "/" in keys and origin != BUILTIN:
@@ -206,23 +290,15 @@ def _entry(name: str, raw: Any, origin: str) -> CatalogEntry:
             values[key] = _FIELDS[key].check(value)
         except ValueError as exc:
             raise CatalogError(f"{where}: key {key!r}: {exc}") from exc
-    if not ("url" in values and "digest" in values) and "aleph_item_hash" not in values:
-        missing = "digest" if "url" in values else "url"
-        raise CatalogError(f"{where}: missing key {missing!r} (an entry needs url and digest, or aleph_item_hash)")
+    return values
+
+
+def _check_pairs(where: str, values: dict[str, Any]) -> None:
     for a, b in _PAIRS:
         if (a in values) != (b in values):
             raise CatalogError(f"{where}: {a!r} and {b!r} go together")
     if "checksums_signature_url" in values and "checksums_url" not in values:
         raise CatalogError(f"{where}: 'checksums_signature_url' signs 'checksums_url', which is missing")
-    values.setdefault("default_user", _DEFAULT_USERS.get(values.get("os", ""), "cloud"))
-    return CatalogEntry(
-        name=name,
-        title=values.pop("title", name),
-        url=values.pop("url", None),
-        digest=values.pop("digest", None),
-        origin=origin,
-        **values,
-    )
 
 
 def parse_catalog(text: str, origin: str) -> list[CatalogEntry]:

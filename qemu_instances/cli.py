@@ -14,6 +14,7 @@ import typer
 
 from qemu_instances import api
 from qemu_instances import cli_options as opt
+from qemu_instances.arch import Arch
 from qemu_instances.cli_app import app_for
 from qemu_instances.cli_output import ProgressBar, age, print_json, say, size, table
 from qemu_instances.domain import Accel, Firmware
@@ -117,15 +118,17 @@ def pull(
     image: opt.ImageArg,
     source: opt.SourceOpt = "upstream",
     latest: opt.LatestOpt = False,
-    sha256: Annotated[str | None, typer.Option("--sha256", help="Digest of a URL image.")] = None,
-    sha512: Annotated[str | None, typer.Option("--sha512", help="Digest of a URL image.")] = None,
+    sha256: opt.Sha256Opt = None,
+    sha512: opt.Sha512Opt = None,
+    arch: opt.ArchOpt = None,
     as_json: opt.JsonOpt = False,
 ) -> None:
     """Download an image into the cache and verify it."""
     with ProgressBar(f"pull {image}") as progress:
         pulled = api.pull(
-            _settings(ctx), image, source=source, latest=latest, sha256=sha256, sha512=sha512, progress=progress
-        )
+            _settings(ctx), image, source=source, latest=latest, sha256=sha256, sha512=sha512, progress=progress,
+            arch=Arch(arch) if arch else None,
+        )  # fmt: skip
     if as_json:
         data = pulled.to_json()
         print_json({k: data[k] for k in ("name", "digest", "path", "size", "source")})
@@ -162,13 +165,18 @@ def up(
     network: opt.NetworkOpt = None,
     ssh_port: opt.SshPortOpt = None,
     accel: opt.AccelOpt = Accel.AUTO,
-    firmware: opt.FirmwareOpt = Firmware.BIOS,
+    firmware: opt.FirmwareOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until cloud-init finished and SSH answers.")] = (
         True
     ),
-    timeout_: Annotated[float, opt.timeout("Seconds to wait for the guest.")] = 300.0,
+    timeout_: Annotated[
+        float | None, opt.timeout("Seconds to wait for the guest (default 300; 3x that for another arch's).")
+    ] = None,
     source: opt.SourceOpt = "upstream",
     latest: opt.LatestOpt = False,
+    arch: opt.ArchOpt = None,
+    sha256: opt.Sha256Opt = None,
+    sha512: opt.Sha512Opt = None,
     ignore_cloud_init_errors: Annotated[
         bool, typer.Option("--ignore-cloud-init-errors", help="Succeed (with a warning) when cloud-init had errors.")
     ] = False,
@@ -183,7 +191,8 @@ def up(
     request = UpRequest(
         image=image, name=name, cpus=cpus, memory_mib=memory, disk_gib=disk, ssh_keys=tuple(ssh_key or ()),
         user=user, user_data=user_data, network=network, ssh_port=ssh_port, accel=accel, firmware=firmware,
-        wait=wait, timeout=timeout_, source=Source(source), latest=latest,
+        wait=wait, timeout=timeout_, source=Source(source), latest=latest, arch=Arch(arch) if arch else None,
+        sha256=sha256, sha512=sha512, modules=as_json,
         ignore_cloud_init_errors=ignore_cloud_init_errors, forwards=tuple(forward or ()), mounts=tuple(mount or ()),
     )  # fmt: skip
     settings = _settings(ctx)
@@ -194,7 +203,10 @@ def up(
         result = api.up(settings, request, progress=progress)
     inst, meta = result.instance, result.instance.metadata
     if as_json:
-        print_json({"host": settings.host, **inst.to_json(), "ready": result.ready, "timings": result.timings})
+        print_json(
+            {"host": settings.host, **inst.to_json(), "ready": result.ready, "timings": result.timings,
+             "profile": result.profile, "slowest_modules": [{"module": m, "seconds": s} for m, s in result.modules]}
+        )  # fmt: skip
         return
     if result.ready:
         say(f"{inst.name} is ready ({', '.join(f'{k} {v}s' for k, v in result.timings.items())})")
@@ -419,7 +431,9 @@ def smoke(
     images: Annotated[list[str], typer.Argument(help="Images to boot-test.")],
     junit: opt.JunitOpt = None,
     parallel: opt.ParallelOpt = None,
-    timeout_: Annotated[float, opt.timeout("Seconds each image may take to become ready.")] = 600.0,
+    timeout_: Annotated[
+        float | None, opt.timeout("Seconds each image may take to become ready (default 600; 3x for another arch's).")
+    ] = None,
     artifacts: opt.ArtifactsOpt = None,
     keep_failed: opt.KeepFailedOpt = False,
     accel: opt.AccelOpt = Accel.AUTO,
@@ -430,7 +444,8 @@ def smoke(
     skip: opt.SkipOpt = None,
     allow_warning: opt.AllowWarningOpt = None,
     allow_failed_unit: opt.AllowFailedUnitOpt = None,
-    firmware: opt.FirmwaresOpt = "bios",
+    firmware: opt.FirmwaresOpt = None,
+    arch: opt.ArchesOpt = None,
     user_data: opt.SmokeUserDataOpt = None,
     cpus: opt.SmokeCpusOpt = None,
     memory: opt.SmokeMemoryOpt = 1024,
@@ -449,7 +464,8 @@ def smoke(
         timeout=timeout_, parallel=parallel, artifacts=artifacts, keep_failed=keep_failed, accel=accel,
         network=network, hosts=hosts, checks_file=checks_file, check=check or (), skip=skip or (),
         allow_warning=allow_warning or (), allow_failed_unit=allow_failed_unit or (),
-        firmwares=opt.enum_list(Firmware, firmware, "--firmware"), user_data=user_data, cpus=cpus, memory=memory,
+        firmwares=opt.enum_list(Firmware, firmware, "--firmware") if firmware else (None,),
+        arches=opt.arches(arch) if arch else (), user_data=user_data, cpus=cpus, memory=memory,
         latest=latest, retries=retries, baseline=baseline, regression_threshold=regression_threshold,
     )  # fmt: skip
     done: list[ImageReport] = []

@@ -12,15 +12,17 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from qemu_instances.arch import Arch
 from qemu_instances.domain import Accel, Firmware
+from qemu_instances.errors import QinstError
 
 E = TypeVar("E", bound=Enum)
 
 
-def _seconds(param: typer.CallbackParam, value: float) -> float:
+def _seconds(param: typer.CallbackParam, value: float | None) -> float | None:
     from qemu_instances.validate import seconds
 
-    return seconds(value, param.opts[0])
+    return None if value is None else seconds(value, param.opts[0])
 
 
 def _output_file(param: typer.CallbackParam, value: Path | None) -> Path | None:
@@ -51,8 +53,9 @@ def enum_list(enum: type[E], text: str, option: str) -> tuple[E, ...]:
     return tuple(dict.fromkeys(values))
 
 
-def _firmwares(param: typer.CallbackParam, value: str) -> str:
-    enum_list(Firmware, value, param.opts[0])  # checked here; the command reads the list again
+def _firmwares(param: typer.CallbackParam, value: str | None) -> str | None:
+    if value is not None:
+        enum_list(Firmware, value, param.opts[0])  # checked here; the command reads the list again
     return value
 
 
@@ -68,8 +71,37 @@ def output_file(name: str, help: str) -> Any:
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 AccelOpt = Annotated[Accel, typer.Option("--accel", help="auto | kvm | tcg.")]
-FirmwareOpt = Annotated[Firmware, typer.Option("--firmware", help="bios | uefi.")]
-FirmwaresOpt = Annotated[str, typer.Option("--firmware", callback=_firmwares, help="bios, uefi or both (bios,uefi).")]
+FirmwareOpt = Annotated[
+    Firmware | None, typer.Option("--firmware", help="bios | uefi (default: bios on x86_64, uefi on aarch64).")
+]
+FirmwaresOpt = Annotated[
+    str | None,
+    typer.Option("--firmware", callback=_firmwares, help="bios, uefi or both (bios,uefi); default: each arch's own."),
+]
+
+
+def _arches(param: typer.CallbackParam, value: str | None) -> str | None:
+    if value is not None:
+        arches(value, param.opts[0])
+    return value
+
+
+def arches(text: str, option: str = "--arch") -> tuple[Arch, ...]:
+    """A comma-separated list of architectures (x86_64, aarch64 or amd64, arm64), each once, in the order given."""
+    try:
+        return tuple(dict.fromkeys(Arch.parse(part, option) for part in text.split(",")))
+    except QinstError as exc:
+        raise typer.BadParameter(exc.message.split(": ", 1)[-1], param_hint=option) from None
+
+
+ArchOpt = Annotated[
+    str | None,
+    typer.Option("--arch", callback=_arches, help="x86_64 or aarch64 (amd64, arm64); default: this host's."),
+]
+ArchesOpt = Annotated[
+    str | None,
+    typer.Option("--arch", callback=_arches, help="x86_64, aarch64 or both (x86_64,aarch64); default: this host's."),
+]
 SourceOpt = Annotated[str, typer.Option("--source", callback=_source, help="upstream or aleph.")]
 LatestOpt = Annotated[bool, typer.Option("--latest", help="Take the newest build, checked against its SUMS file.")]
 CpusOpt = Annotated[int, typer.Option("--cpus", min=1, help="Virtual CPUs.")]
@@ -141,3 +173,5 @@ BaselineOpt = Annotated[
 ThresholdOpt = Annotated[
     float, typer.Option("--regression-threshold", help="Slower than X times the baseline (and 5 s) fails.")
 ]
+Sha256Opt = Annotated[str | None, typer.Option("--sha256", help="Digest of a URL image.")]
+Sha512Opt = Annotated[str | None, typer.Option("--sha512", help="Digest of a URL image.")]

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qemu_instances import kvmverdict
+from qemu_instances.arch import Arch
 from qemu_instances.errors import HypervisorError
 from qemu_instances.host import POOL_NAME, Host, domain_capabilities
 from qemu_instances.mounts import choose_driver
@@ -82,6 +83,45 @@ def _verdict_check(host: Host, cache_dir: Path) -> Check:
     )
 
 
+def _uefi_firmware(host: Host, arch: Arch) -> bool:
+    """Whether libvirt finds UEFI firmware for `arch` guests (its domain capabilities list a loader)."""
+    try:
+        caps = ET.fromstring(domain_capabilities(host, str(arch), arch.machine))
+    except (HypervisorError, ET.ParseError):
+        return False
+    return any((v.text or "").strip() for v in caps.iterfind("os/loader/value"))
+
+
+def arch_checks(host: Host, kvm_usable: bool) -> list[Check]:
+    """Which guest architectures this host runs, and how: KVM for its own (when it works), TCG for the others;
+    for a missing emulator or firmware, the Debian package to install."""
+    native = host.host_arch()
+    checks = []
+    for arch in Arch:
+        types = host.domain_types(str(arch))
+        name = f"arch-{arch}"
+        if "qemu" not in types and "kvm" not in types:
+            checks.append(
+                Check(name, False, f"no {arch} guests: QEMU has no {arch} emulator here",
+                      f"install {arch.emulator_package} (and {arch.firmware_package})", required=False)
+            )  # fmt: skip
+            continue
+        how = "KVM" if str(arch) == native and kvm_usable else "TCG (software emulation)"
+        if str(arch) != native:
+            how += f", another architecture than this {native} host's: several times slower"
+        firmware = _uefi_firmware(host, arch)
+        if not arch.bios and not firmware:
+            checks.append(
+                Check(name, False, f"{arch} guests need UEFI firmware, and libvirt finds none",
+                      f"install {arch.firmware_package}", required=False)
+            )  # fmt: skip
+            continue
+        boots = "BIOS and UEFI" if arch.bios and firmware else "BIOS (no UEFI firmware)" if arch.bios else "UEFI"
+        hint = "" if firmware else f"install {arch.firmware_package} for --firmware uefi"
+        checks.append(Check(name, True, f"{arch} guests under {how}; {boots}", hint, required=False))
+    return checks
+
+
 def run_checks(uri: str, cache_dir: Path | None = None) -> list[Check]:
     checks = []
     try:
@@ -116,6 +156,12 @@ def run_checks(uri: str, cache_dir: Path | None = None) -> list[Check]:
         )
         if cache_dir is not None:
             checks.append(_verdict_check(host, cache_dir))
+        try:
+            checks += arch_checks(host, usable)
+        except HypervisorError as exc:
+            checks.append(
+                Check("arch", False, f"cannot tell which architectures run here: {exc.message}", required=False)
+            )
         try:
             pool = host.pool(create=False)
             available = host.pool_free(pool)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any
 
+from qemu_instances.arch import Arch
 from qemu_instances.errors import UsageError
 from qemu_instances.forwarding import Forward
 from qemu_instances.mounts import Driver, Mount, readonly_helper, tag
@@ -100,6 +101,7 @@ class Metadata:
     host_keys: str = ""  # the guest's host keys as printed on its console (public keys)
     console_log: str = ""
     accel: Accel | None = None  # the accelerator it was started with (kvm or tcg)
+    arch: Arch = Arch.X86_64  # the guest's architecture (a record without one is an x86_64 guest's)
     volumes: tuple[str, ...] = ()  # volume names in the pool that belong to this instance
     forwards: tuple[Forward, ...] = ()  # `up --forward` rules
     mounts: tuple[Mount, ...] = ()  # `up --mount` folders
@@ -114,6 +116,8 @@ class Metadata:
             if self.accel not in ("", "kvm", "tcg"):
                 raise UsageError(f"invalid accel {self.accel[:20]!r}")
             typed("accel", Accel(self.accel) if self.accel else None)
+        if isinstance(self.arch, str):
+            typed("arch", Arch.parse(self.arch or "x86_64", "arch"))
         typed("forwards", tuple(_recorded_forward(f) if isinstance(f, str) else f for f in self.forwards))
         typed("mounts", tuple(Mount.from_record(m) if isinstance(m, str) else m for m in self.mounts))
         typed("volumes", tuple(self.volumes))
@@ -199,6 +203,7 @@ class InstanceSpec:
     firmware: Firmware
     ssh_port: int
     metadata: Metadata
+    arch: Arch = Arch.X86_64
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -279,7 +284,8 @@ def _user_network(root: ET.Element, network: Network, ssh_port: int, forwards: t
 
 
 def domain_xml(spec: InstanceSpec) -> str:
-    """The libvirt domain XML for spec (q35, virtio everywhere, serial console recorded to a file)."""
+    """The libvirt domain XML for spec (q35 for x86_64, virt for aarch64; virtio everywhere; the serial console
+    recorded to a file)."""
     ET.register_namespace("qemu", QEMU_NS)
     ET.register_namespace(METADATA_KEY, METADATA_NS)
     accel = Accel.TCG if spec.accel is Accel.AUTO else spec.accel
@@ -297,21 +303,23 @@ def domain_xml(spec: InstanceSpec) -> str:
         # Secure boot needs SMM, which TCG cannot provide here; cloud images boot without it.
         _sub(fw, "feature", enabled="no", name="secure-boot")
         _sub(fw, "feature", enabled="no", name="enrolled-keys")
-    _sub(os_el, "type", "hvm", arch="x86_64", machine="q35")
+    _sub(os_el, "type", "hvm", arch=str(spec.arch), machine=spec.arch.machine)
     _sub(os_el, "boot", dev="hd")
     features = _sub(root, "features")
     _sub(features, "acpi")
-    _sub(features, "apic")
+    if spec.arch is Arch.X86_64:
+        _sub(features, "apic")
     if accel is Accel.KVM:
         _sub(root, "cpu", mode="host-passthrough")
     else:
         _sub(root, "cpu", mode="maximum", check="none")
     clock = _sub(root, "clock", offset="utc")
-    # virt-install's timers for modern guests: no HPET (KVM guests use kvmclock; under TCG the guest falls back to
-    # acpi_pm), RTC ticks caught up, PIT ticks delayed rather than injected in a burst.
-    _sub(clock, "timer", name="rtc", tickpolicy="catchup")
-    _sub(clock, "timer", name="pit", tickpolicy="delay")
-    _sub(clock, "timer", name="hpet", present="no")
+    if spec.arch is Arch.X86_64:
+        # virt-install's timers for modern guests: no HPET (KVM guests use kvmclock; under TCG the guest falls back
+        # to acpi_pm), RTC ticks caught up, PIT ticks delayed rather than injected in a burst.
+        _sub(clock, "timer", name="rtc", tickpolicy="catchup")
+        _sub(clock, "timer", name="pit", tickpolicy="delay")
+        _sub(clock, "timer", name="hpet", present="no")
     _sub(root, "on_poweroff", "destroy")
     _sub(root, "on_reboot", "restart")
     _sub(root, "on_crash", "destroy")
@@ -324,6 +332,8 @@ def domain_xml(spec: InstanceSpec) -> str:
     _root_slot(_sub(devices, "controller", type="virtio-serial", index="0"), 0x04)
     _sub(devices, "controller", type="usb", model="none")
     _interface(devices, spec.network)
+    # The first serial port: an ISA UART (ttyS0) on x86_64, the virt machine's PL011 (ttyAMA0) on aarch64. The
+    # images' kernel command lines write to it: cloud-init's host keys and final line are read from its log.
     serial = _sub(devices, "serial", type="pty")
     _sub(serial, "log", file=spec.console_log, append="off")
     _sub(serial, "target", port="0")

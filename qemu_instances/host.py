@@ -193,6 +193,11 @@ class Host:
         return not urlsplit(self.uri).hostname
 
     @property
+    def is_test_driver(self) -> bool:
+        """libvirt's test driver (test:///...): it runs nothing, and its capabilities describe no real host."""
+        return urlsplit(self.uri).scheme == "test"
+
+    @property
     def is_system(self) -> bool:
         return urlsplit(self.uri).path.rstrip("/") == "/system"
 
@@ -279,20 +284,27 @@ class Host:
 
     # -- capabilities -------------------------------------------------------------------------------------------
 
-    def domain_types(self) -> set[str]:
-        """Domain types QEMU offers for x86_64 here ("qemu" for TCG, "kvm")."""
+    def _capabilities(self) -> ET.Element:
         with libvirt_errors("cannot read the host's capabilities"):
-            caps = ET.fromstring(self.conn.getCapabilities())
+            return ET.fromstring(self.conn.getCapabilities())
+
+    def host_arch(self) -> str:
+        """The host's CPU architecture as libvirt reports it (x86_64, aarch64...): a remote host's own."""
+        return self._capabilities().findtext("host/cpu/arch") or ""
+
+    def domain_types(self, arch: str = "x86_64") -> set[str]:
+        """Domain types QEMU offers for `arch` guests here ("qemu" for TCG, "kvm"); empty when its emulator is
+        missing."""
         types = set()
-        for guest in caps.iterfind("guest"):
-            arch = guest.find("arch")
-            if arch is not None and arch.get("name") == "x86_64":
-                types |= {d.get("type", "") for d in arch.iterfind("domain")}
+        for guest in self._capabilities().iterfind("guest"):
+            found = guest.find("arch")
+            if found is not None and found.get("name") == arch:
+                types |= {d.get("type", "") for d in found.iterfind("domain")}
         return types
 
-    def kvm_available(self) -> KvmStatus:
-        if "kvm" not in self.domain_types():
-            return KvmStatus(False, "libvirt offers no kvm domain type for x86_64")
+    def kvm_available(self, arch: str = "x86_64") -> KvmStatus:
+        if "kvm" not in self.domain_types(arch):
+            return KvmStatus(False, f"libvirt offers no kvm domain type for {arch}")
         return probe_kvm() if self.is_local else KvmStatus(True, "libvirt offers kvm")
 
     def network_names(self) -> list[str]:
@@ -785,10 +797,10 @@ class SnapshotInfo:
     description: str
 
 
-def domain_capabilities(host: Host) -> str:
-    """libvirt's domain capabilities XML for q35 x86_64 guests (what devices QEMU offers here)."""
-    with libvirt_errors("cannot read the host's domain capabilities"):
-        return str(host.conn.getDomainCapabilities(None, "x86_64", "q35", None, 0))
+def domain_capabilities(host: Host, arch: str = "x86_64", machine: str = "q35") -> str:
+    """libvirt's domain capabilities XML for `arch` guests on `machine` (what devices and firmware QEMU offers)."""
+    with libvirt_errors(f"cannot read the host's domain capabilities for {arch}"):
+        return str(host.conn.getDomainCapabilities(None, arch, machine, None, 0))
 
 
 def create_snapshot(dom: Domain, name: str, description: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from qemu_instances.arch import Arch
 from qemu_instances.catalog import Catalog, CatalogEntry, http_url
 from qemu_instances.digests import Algorithm, Digest, algorithm_for_checksums, parse_checksums
 from qemu_instances.errors import DigestMismatch, DownloadError, ImageError, QinstError, UsageError
@@ -53,7 +54,8 @@ class ImageRef:
 
     kind: RefKind
     text: str
-    entry: CatalogEntry | None = None
+    entry: CatalogEntry | None = None  # as pinned for `arch`
+    arch: Arch = Arch.X86_64  # the guest architecture asked for (a file or URL: taken on the user's word)
     url: str | None = None
     digest: Digest | None = None
     path: Path | None = None
@@ -95,8 +97,17 @@ class CachedImage:
         }
 
 
-def parse_image_ref(text: str, catalog: Catalog, *, sha256: str | None = None, sha512: str | None = None) -> ImageRef:
-    """Parse IMAGE: a catalog name or alias, aleph:<hash>, a local path, or an http(s) URL with a digest."""
+def parse_image_ref(
+    text: str,
+    catalog: Catalog,
+    *,
+    sha256: str | None = None,
+    sha512: str | None = None,
+    arch: Arch | None = None,
+) -> ImageRef:
+    """Parse IMAGE: a catalog name or alias (pinned for `arch`; default the host's, or the entry's own when it has
+    no build for the host's), aleph:<hash>, a local path, or an http(s) URL with a digest."""
+    asked, arch = arch, arch or Arch.host()
     if sha256 and sha512:
         raise UsageError("give --sha256 or --sha512, not both")
     digest = None
@@ -114,19 +125,30 @@ def parse_image_ref(text: str, catalog: Catalog, *, sha256: str | None = None, s
                 f"refusing to download {text} without a digest",
                 hint="pass --sha256 HEX or --sha512 HEX: qinst verifies every byte it downloads",
             )
-        return ImageRef(RefKind.URL, text, url=text, digest=digest)
+        return ImageRef(RefKind.URL, text, url=text, digest=digest, arch=arch)
     if digest is not None:
         raise UsageError("--sha256/--sha512 apply only to an http(s) URL")
     if text.startswith("aleph:"):
         from qemu_instances import aleph  # imported where used: `images` and a cached `up` need none of it
 
-        return ImageRef(RefKind.ALEPH, text, aleph_hash=aleph.validate_item_hash(text.removeprefix("aleph:")))
+        return ImageRef(
+            RefKind.ALEPH, text, aleph_hash=aleph.validate_item_hash(text.removeprefix("aleph:")), arch=arch
+        )
     if "/" in text or text.startswith(".") or text.endswith((".qcow2", ".img", ".raw")):
         path = Path(text).expanduser()
         if not path.is_file():
             raise ImageError(f"no such image file: {text}")
-        return ImageRef(RefKind.FILE, text, path=path.resolve())
-    return ImageRef(RefKind.CATALOG, text, entry=catalog.lookup(text))
+        return ImageRef(RefKind.FILE, text, path=path.resolve(), arch=arch)
+    entry = catalog.lookup(text)
+    if asked is None and str(arch) not in entry.arches and entry.arches:
+        arch = Arch(entry.arches[0])  # an entry of one other architecture: that is the image asked for
+    pinned = entry.for_arch(arch)
+    if pinned is None:
+        raise ImageError(
+            f"image {entry.name} has no {arch} build in the catalog (it has: {', '.join(entry.arches)})",
+            hint=f"use --arch {entry.arches[0]}, or add [images.{entry.name}.{arch}] to a catalog (--catalog)",
+        )
+    return ImageRef(RefKind.CATALOG, text, entry=pinned, arch=arch)
 
 
 def mirror_url(url: str, mirror: str | None) -> str:
@@ -355,8 +377,10 @@ class ImageStore:
             self._requests = new_session()
         return self._requests
 
-    def resolve(self, text: str, *, sha256: str | None = None, sha512: str | None = None) -> ImageRef:
-        return parse_image_ref(text, self.catalog, sha256=sha256, sha512=sha512)
+    def resolve(
+        self, text: str, *, sha256: str | None = None, sha512: str | None = None, arch: Arch | None = None
+    ) -> ImageRef:
+        return parse_image_ref(text, self.catalog, sha256=sha256, sha512=sha512, arch=arch)
 
     def cached(self, ref: ImageRef) -> CachedImage | None:
         """The cached file for ref's pinned digest, if any (no network)."""

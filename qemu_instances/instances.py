@@ -66,6 +66,7 @@ class Instance:
             "ssh": {"host": m.ssh_host or None, "port": m.ssh_port, "user": m.user},
             "created": m.created,
             "accel": str(m.accel or ""),
+            "arch": str(m.arch),
             "forwards": [f.to_json() for f in m.forwards],
             "mounts": [mount.to_json() for mount in m.mounts],
             "snapshots": self.snapshots,

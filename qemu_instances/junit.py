@@ -50,15 +50,18 @@ def junit_xml(reports: Sequence[ImageReport]) -> bytes:
             hostname=hostname,
         )
         props = _el(suite, "properties")
-        extra = {"instance": report.instance, "firmware": report.firmware}
+        extra = {"instance": report.instance, "firmware": report.firmware, "arch": report.arch}
         if report.attempts > 1:
             extra["attempts"] = str(report.attempts)
             if report.flaky:
                 extra["flaky"] = "true"
             extra["first-failure"] = report.first_failure
-        for name, value in {**extra, **report.properties}.items():
+        # The boot's phases (where the time went: firmware, kernel, systemd, each cloud-init stage), in seconds.
+        phases = {name: f"{value:.2f}" for name, value in report.timings.items() if name.startswith("boot-")}
+        for name, value in {**extra, **report.properties, **phases}.items():
             _el(props, "property", name=name, value=value)
-        classname = f"smoke.{_slug(report.image)}.{report.firmware}"
+        arch = "" if report.arch == "x86_64" else f"{report.arch}."
+        classname = f"smoke.{_slug(report.image)}.{arch}{report.firmware}"
         for check in report.checks:
             case = _el(suite, "testcase", classname=classname, name=check.name, time=_fmt(check.seconds))
             if check.status is Status.FAILED:

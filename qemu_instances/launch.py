@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from qemu_instances import kvmverdict
 from qemu_instances import seed as seeds
+from qemu_instances.arch import Arch
 from qemu_instances.console import console_log_path, open_console
 from qemu_instances.domain import (
     METADATA_KEY,
@@ -32,7 +33,7 @@ from qemu_instances.domain import (
     domain_xml,
     validate_name,
 )
-from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, UsageError
+from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, QinstError, UsageError
 from qemu_instances.faults import _test_pause
 from qemu_instances.files import read_option_file
 from qemu_instances.forwarding import Forward, check_free, parse_forwards
@@ -78,13 +79,17 @@ class UpRequest:
     network: str | None = None
     ssh_port: int | None = None
     accel: Accel = Accel.AUTO
-    firmware: Firmware = Firmware.BIOS
+    firmware: Firmware | None = None  # default: BIOS for x86_64, UEFI for aarch64 (its only firmware)
     wait: bool = True
-    timeout: float = 300.0
+    timeout: float | None = None  # seconds; default WAIT for a native guest, EMULATED x that for another arch's
+    arch: Arch | None = None  # default: the host's
+    sha256: str | None = None  # the digest of an http(s) URL image
+    sha512: str | None = None
     source: Source = Source.UPSTREAM
     latest: bool = False
     extra_config: dict[str, Any] | None = None  # more cloud-config (smoke checks)
     ignore_cloud_init_errors: bool = False  # a reachable guest whose cloud-init had errors is a success
+    modules: bool = False  # once ready, read cloud-init's slowest modules from its log (one more SSH command)
     forwards: tuple[str, ...] = ()  # --forward [ADDR:]HOSTPORT:GUESTPORT (user-mode networks)
     mounts: tuple[str, ...] = ()  # --mount HOSTDIR[:GUESTDIR][:rw]
 
@@ -94,6 +99,8 @@ class UpResult:
     instance: Instance
     timings: dict[str, float] = field(default_factory=dict)
     ready: bool = False
+    profile: dict[str, float] = field(default_factory=dict)  # the guest's boot phases (bootprofile.console_phases)
+    modules: list[tuple[str, float]] = field(default_factory=list)  # cloud-init's slowest modules, when asked for
 
 
 @dataclass(frozen=True)
@@ -168,9 +175,57 @@ def _choose_network(host: Host, text: str | None) -> Network:
     return network
 
 
-def _accelerators(host: Host, wanted: Accel, cache_dir: Path | None = None) -> tuple[Accel, ...]:
+WAIT = 300.0  # seconds `up` waits for a native guest by default
+EMULATED = 3.0  # an emulated guest (another architecture than the host's) gets this many times longer
+
+
+def wait_seconds(asked: float | None, *, native: bool, default: float = WAIT) -> float:
+    """How long to wait for a guest: what was asked, else `default` for a native guest and EMULATED times that for
+    one of another architecture (emulated instruction by instruction)."""
+    if asked is not None:
+        return asked
+    return default if native else default * EMULATED
+
+
+def firmware_for(arch: Arch, asked: Firmware | None) -> Firmware:
+    """The firmware a guest of `arch` boots with: the one asked for, else BIOS for x86_64 and UEFI for aarch64;
+    UsageError for one the architecture cannot use (aarch64 has no BIOS)."""
+    if asked is None:
+        return Firmware.BIOS if arch.bios else Firmware.UEFI
+    if asked is Firmware.BIOS and not arch.bios:
+        raise UsageError(
+            f"{arch} guests boot only under UEFI, not with --firmware bios",
+            hint="use --firmware uefi, or leave --firmware out",
+        )
+    return asked
+
+
+def _check_arch(host: Host, arch: Arch) -> None:
+    """Refuse, before anything is made, a guest architecture this host's QEMU cannot run (its emulator missing)."""
+    if not host.is_test_driver and not host.domain_types(str(arch)):
+        raise HypervisorError(
+            f"this host's libvirt offers no {arch} guests (no qemu-system-{arch} emulator)",
+            hint=f"install {arch.emulator_package} and {arch.firmware_package} on the libvirt host; 'qinst doctor' "
+            "lists the architectures it can run",
+        )
+
+
+def _accelerators(
+    host: Host, wanted: Accel, cache_dir: Path | None = None, arch: Arch = Arch.X86_64
+) -> tuple[Accel, ...]:
     """The accelerators to try, in order: --accel auto tries KVM when it looks usable and has not failed on this
-    host before (kvmverdict.py), then TCG."""
+    host before (kvmverdict.py), then TCG. A guest of another architecture than the host's runs under TCG at once
+    (KVM runs only guests of its own architecture): said once, never a failed KVM start first."""
+    native = host.is_test_driver or host.host_arch() in ("", str(arch))
+    if not native:
+        if wanted is Accel.KVM:
+            raise UsageError(
+                f"KVM cannot run an {arch} guest on this {host.host_arch()} host",
+                hint="use --accel auto or tcg (software emulation)",
+            )
+        log.info("an %s guest on this %s host runs under TCG (software emulation, several times slower)",
+                 arch, host.host_arch())  # fmt: skip
+        return (Accel.TCG,)
     if wanted is not Accel.AUTO:
         return (wanted,)
     if cache_dir is not None:
@@ -181,7 +236,7 @@ def _accelerators(host: Host, wanted: Accel, cache_dir: Path | None = None) -> t
                 failed.reason,
             )
             return (Accel.TCG,)
-    kvm = host.kvm_available()
+    kvm = host.kvm_available(str(arch))
     if not kvm.usable:
         log.info("KVM is not usable here (%s): using TCG software emulation, which is slower", kvm.reason)
         return (Accel.TCG,)
@@ -270,6 +325,7 @@ class _Run:
     cancel: threading.Event
     timeout: float
     timings: dict[str, float] = field(default_factory=dict)
+    profile: dict[str, float] = field(default_factory=dict)
     t_define: float = 0.0  # when planning began: "define" times plan, provision and define together
     ignore_cloud_init_errors: bool = False
 
@@ -314,7 +370,7 @@ class Launcher:
                 progress,
                 readiness or Readiness(),
                 cancel or threading.Event(),
-                req.timeout,
+                wait_seconds(req.timeout, native=host.is_test_driver or host.host_arch() in ("", str(inputs.ref.arch))),
                 timings if timings is not None else {},
                 ignore_cloud_init_errors=req.ignore_cloud_init_errors,
             )
@@ -352,7 +408,8 @@ class Launcher:
         parse_forwards(req.forwards, taken=[req.ssh_port] if req.ssh_port else [])
         for text in req.mounts:
             Mount.parse(text)
-        ref = self.store.resolve(req.image)
+        ref = self.store.resolve(req.image, sha256=req.sha256, sha512=req.sha512, arch=req.arch)
+        firmware_for(ref.arch, req.firmware)
         user = seeds.validate_user(req.user or (ref.entry.default_user if ref.entry else "cloud"))
         keys = tuple(resolve_keys(list(req.ssh_keys), self.settings.config_dir))
         name = name or default_name(ref.name)
@@ -438,7 +495,8 @@ class Launcher:
             run.timings.update(run.readiness.durations())
             run.lap("total", run.t0)
             meta = _record_reachable(dom, spec, keys)
-            return UpResult(Instance(spec.name, "running", meta), run.timings, ready=True)
+            modules = _slowest_modules(spec.name, meta, self.settings) if plan.req.modules else []
+            return UpResult(Instance(spec.name, "running", meta), run.timings, True, run.profile, modules)
         raise AssertionError("plan.accels is never empty")
 
     def _kvm_failed(self, run: _Run, accel: Accel, reason: str) -> None:
@@ -459,13 +517,37 @@ class Launcher:
         try:
             return wait_ready(probe, timeout=run.timeout, readiness=run.readiness)
         except CloudInitErrors as exc:
+            run.profile = _profile(probe.console.text, run.readiness)
             _record_reachable(dom, spec, exc.keys)  # the guest is reachable: `qinst ssh` works whatever happens next
             if not run.ignore_cloud_init_errors:
                 raise
             log.warning("%s (accepted: --ignore-cloud-init-errors)", exc.message.splitlines()[0].rstrip(":"))
             return exc.keys
         finally:
+            run.profile = run.profile or _profile(probe.console.text, run.readiness)
             probe.console.close()
+
+
+def _profile(console: str, readiness: Readiness) -> dict[str, float]:
+    """The guest's boot phases from its console; the firmware's time is the host's, from running to the kernel."""
+    from qemu_instances.bootprofile import console_phases
+
+    marks = readiness.phases
+    firmware = marks["kernel"] - marks["running"] if {"kernel", "running"} <= set(marks) else None
+    return console_phases(console, firmware)
+
+
+def _slowest_modules(name: str, meta: Metadata, settings: Settings) -> list[tuple[str, float]]:
+    """cloud-init's slowest modules, from its log, over the instance's checked SSH connection (empty if unreadable)."""
+    from qemu_instances.access import ssh_run
+    from qemu_instances.bootprofile import MODULE_LOG_COMMAND, module_times
+
+    try:
+        result = ssh_run(Instance(name, "running", meta), settings, [MODULE_LOG_COMMAND], 60)
+    except QinstError as exc:
+        log.debug("cannot read cloud-init's log: %s", exc.message)
+        return []
+    return module_times(result.stdout)
 
 
 def _record_reachable(dom: Domain, spec: InstanceSpec, keys: list[HostKey]) -> Metadata:
@@ -509,7 +591,8 @@ def _forwards_and_mounts(
         )
     if host.is_local:
         check_free(forwards)
-    mounts = resolve_mounts(host, req.mounts)
+    arch = inputs.ref.arch
+    mounts = resolve_mounts(host, req.mounts, str(arch), arch.machine)
     if not mounts:
         return forwards, mounts, inputs.iso
     extra = seeds.merge_cloud_config(inputs.seed.extra_config or {}, mounts_cloud_config(mounts))
@@ -518,7 +601,8 @@ def _forwards_and_mounts(
 
 def plan_launch(host: Host, inputs: _Inputs, image: CachedImage, cache_dir: Path | None = None) -> Plan:
     """Decide everything `up` will make: it reads the host (networks, KVM, pool path) but creates nothing."""
-    req, name = inputs.req, inputs.name
+    req, name, arch = inputs.req, inputs.name, inputs.ref.arch
+    _check_arch(host, arch)
     network = _choose_network(host, req.network)
     forwards, mounts, iso = _forwards_and_mounts(host, network, inputs)
     ssh_port = 22
@@ -527,7 +611,7 @@ def plan_launch(host: Host, inputs: _Inputs, image: CachedImage, cache_dir: Path
         while not req.ssh_port and ssh_port in {f.host_port for f in forwards}:
             ssh_port = _pick_port(host)
     console = console_log_path(host, None if host.is_local else host.pool(), name)
-    accels = _accelerators(host, req.accel, cache_dir)
+    accels = _accelerators(host, req.accel, cache_dir, arch)
     meta = Metadata(
         image=inputs.ref.name,
         digest=str(image.digest),
@@ -543,6 +627,7 @@ def plan_launch(host: Host, inputs: _Inputs, image: CachedImage, cache_dir: Path
         volumes=owned_volumes(host, name),
         forwards=forwards,
         mounts=mounts,
+        arch=arch,
     )
     spec = InstanceSpec(
         name=name,
@@ -553,9 +638,10 @@ def plan_launch(host: Host, inputs: _Inputs, image: CachedImage, cache_dir: Path
         console_log=str(console),
         network=network,
         accel=accels[0],
-        firmware=req.firmware,
+        firmware=firmware_for(arch, req.firmware),
         ssh_port=ssh_port,
         metadata=meta,
+        arch=arch,
     )
     return Plan(req, name, inputs.ref, image, inputs.seed, iso, network, ssh_port, accels, console, spec)
 

@@ -226,11 +226,12 @@ def cloud_config(mounts: Sequence[Mount]) -> dict[str, Any]:
     }
 
 
-def resolve(host: Host, texts: Sequence[str]) -> tuple[Mount, ...]:
-    """`up --mount` values for this host, with the driver it offers (nothing to ask when there are none)."""
+def resolve(host: Host, texts: Sequence[str], arch: str = "x86_64", machine: str = "q35") -> tuple[Mount, ...]:
+    """`up --mount` values for this host, with the driver it offers `arch` guests (nothing to ask when there are
+    none)."""
     if not texts:
         return ()
     from qemu_instances.host import domain_capabilities  # here: the domain XML imports this module, not libvirt
 
-    driver, _ = choose_driver(domain_capabilities(host), local=host.is_local)
+    driver, _ = choose_driver(domain_capabilities(host, arch, machine), local=host.is_local)
     return parse_mounts(texts, driver, local=host.is_local)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from qemu_instances import instances, ssh
 from qemu_instances.access import ssh_target
+from qemu_instances.arch import Arch
+from qemu_instances.bootprofile import MODULE_LOG_COMMAND, console_phases, module_times
 from qemu_instances.checks import (
     ARTIFACTS,
     PROPERTIES,
@@ -44,7 +46,7 @@ from qemu_instances.host import Host
 from qemu_instances.images import ImageStore
 from qemu_instances.instances import Instance
 from qemu_instances.junit import junit_xml
-from qemu_instances.launch import Launcher, UpRequest
+from qemu_instances.launch import Launcher, UpRequest, firmware_for, wait_seconds
 from qemu_instances.logs import log
 from qemu_instances.proc import collect, spawn
 from qemu_instances.seed import load_template
@@ -65,6 +67,7 @@ __all__ = ["CheckResult", "ImageReport", "SmokeOptions", "Status", "run_smoke", 
 
 SESSION_OUTPUT = 64 << 20  # bytes of stdout kept from a guest's check session (README, "Reliability: limits")
 SESSION_STDERR = 1 << 20
+SMOKE_WAIT = 600.0  # seconds a native guest may take to become ready (launch.EMULATED x that for an emulated one)
 SMOKE_DISK_GIB = 4
 SMOKE_MEMORY_MIB = 1024
 HOST_CHECKS = ("pull", "launch", "booted", "cloud-init", "ssh")
@@ -72,7 +75,7 @@ HOST_CHECKS = ("pull", "launch", "booted", "cloud-init", "ssh")
 
 @dataclass(frozen=True)
 class SmokeOptions:
-    timeout: float = 600.0
+    timeout: float | None = None  # seconds per image; default SMOKE_WAIT native, launch.EMULATED x that emulated
     parallel: int | None = None
     artifacts: Path | None = None
     keep_failed: bool = False
@@ -81,7 +84,8 @@ class SmokeOptions:
     hosts: tuple[str, ...] = ()  # spread the images over these configured hosts (round robin)
     cpus: int | None = None  # vCPUs per guest; default: the host's cores shared among the parallel boots
     memory_mib: int = SMOKE_MEMORY_MIB
-    firmwares: tuple[Firmware, ...] = (Firmware.BIOS,)
+    firmwares: tuple[Firmware | None, ...] = (None,)  # None: each architecture's own firmware
+    arches: tuple[Arch, ...] = ()  # default: the host's
     user_data: Path | None = None  # merged over smoke's own cloud-config
     latest: bool = False
     checks: tuple[Check, ...] = field(default_factory=lambda: tuple(plan([], [])))
@@ -95,7 +99,7 @@ class SmokeOptions:
 
 def build_options(
     *,
-    timeout: float = 600.0,
+    timeout: float | None = None,
     parallel: int | None = None,
     artifacts: Path | None = None,
     keep_failed: bool = False,
@@ -107,7 +111,8 @@ def build_options(
     skip: Sequence[str] = (),
     allow_warning: Sequence[str] = (),
     allow_failed_unit: Sequence[str] = (),
-    firmwares: Sequence[Firmware] = (Firmware.BIOS,),
+    firmwares: Sequence[Firmware | None] = (None,),
+    arches: Sequence[Arch] = (),
     user_data: Path | None = None,
     cpus: int | None = None,
     memory: int = SMOKE_MEMORY_MIB,
@@ -133,7 +138,11 @@ def build_options(
         raise UsageError("--parallel must be >= 1")
     if not math.isfinite(regression_threshold) or regression_threshold < 1.0:
         raise UsageError("--regression-threshold must be a number >= 1")
-    seconds(timeout, "--timeout")
+    if timeout is not None:
+        seconds(timeout, "--timeout")
+    for arch in arches or (Arch.host(),):  # a firmware an architecture cannot use: refused, never dropped
+        for firmware in firmwares:
+            firmware_for(arch, firmware)
     Network.parse(network)
     read_option_file(user_data, "--user-data")  # as up checks it, once rather than at each image's launch
     user_checks = check_files.load_checks(checks_file) if checks_file else []
@@ -154,6 +163,7 @@ def build_options(
         cpus=cpus,
         memory_mib=memory,
         firmwares=tuple(dict.fromkeys(firmwares)),
+        arches=tuple(dict.fromkeys(arches)) or (Arch.host(),),
         user_data=user_data,
         latest=latest,
         checks=planned,
@@ -171,6 +181,7 @@ class Job:
     image: str
     firmware: Firmware
     label: str  # its folder under --artifacts
+    arch: Arch = Arch.X86_64
 
 
 def default_parallel(count: int, memory_mib: int = SMOKE_MEMORY_MIB) -> int:
@@ -235,6 +246,7 @@ class _Runner:
         report = ImageReport(
             self.job.image,
             firmware=str(self.job.firmware),
+            arch=str(self.job.arch),
             instance=f"smoke-{_slug(self.job.image)}-{secrets.token_hex(4)}",
         )
         self.created = False  # whether this attempt made the instance: only then is it removed
@@ -265,7 +277,7 @@ class _Runner:
         names = list(dict.fromkeys([*HOST_CHECKS, *(c.name for c in self.checks)]))
         t = time.monotonic()
         try:
-            ref = self.store.resolve(report.image)
+            ref = self.store.resolve(report.image, arch=self.job.arch)
             image = self.store.pull(ref, latest=self.opts.latest)
         except QinstError as exc:
             report.add("pull", False, time.monotonic() - t, exc.message)
@@ -286,7 +298,8 @@ class _Runner:
             network=self.opts.network,
             accel=self.opts.accel,
             firmware=self.job.firmware,
-            timeout=self.opts.timeout,
+            arch=self.job.arch,
+            timeout=wait_seconds(self.opts.timeout, native=self.job.arch is Arch.host(), default=SMOKE_WAIT),
             latest=self.opts.latest,
             extra_config=load_template("smoke"),
         )
@@ -314,6 +327,7 @@ class _Runner:
                 report.timings["define"] = launch_timings["define"]
             report.timings.update(readiness.durations())
         report.add("launch", True, report.timings.get("define", 0.0))
+        report.timings.update({f"boot-{phase}": s for phase, s in result.profile.items() if phase != "guest-ready"})
         self._boot_checks(report, readiness, "")
         report.properties["accel"] = str(result.instance.metadata.accel or "")
         report.properties["instance-id"] = result.instance.metadata.instance_id
@@ -346,11 +360,13 @@ class _Runner:
         """Every check, the properties and the artifacts over one SSH session, then judge each answer."""
         commands: dict[str, tuple[str, float]] = {f"check:{c.name}": (c.command, c.timeout) for c in self.checks}
         commands |= {f"prop:{name}": (command, 30.0) for name, command in PROPERTIES.items()}
+        commands["modules"] = (MODULE_LOG_COMMAND, 30.0)  # cloud-init's module timings (its slowest are reported)
         if self.opts.artifacts is not None:
             commands |= {f"file:{name}": (command, 60.0) for name, command in ARTIFACTS.items()}
         # The built-in checks and the properties only read the guest: they run side by side (the guest has up to 2
         # vCPUs and each check mostly waits on a process start); user checks and artifacts then run in order.
         together = {f"check:{c.name}" for c in self.checks if not c.user} | {f"prop:{name}" for name in PROPERTIES}
+        together.add("modules")
         batch = Batch(commands, parallel=frozenset(together))
         t = time.monotonic()
         code, stdout, stderr = self._session(inst, batch)
@@ -376,6 +392,10 @@ class _Runner:
                 report.add(check.name, False, 0.0, missing)
                 continue
             verdict = check.evaluate(out, ctx)
+            if verdict.undetermined:
+                report.skip(check.name, verdict.message)
+                report.properties.update(verdict.properties)
+                continue
             seconds = out.seconds + (report.timings.get("cloud-init", 0.0) if check.name == "cloud-init" else 0.0)
             shown = describe(check, out) if check.user or not verdict.ok else ""
             report.add(check.name, verdict.ok, seconds, "" if verdict.ok else verdict.message, shown)
@@ -384,6 +404,8 @@ class _Runner:
             out = results.get(f"prop:{name}")
             if out is not None:
                 report.properties[name] = out.text
+        if (modules := results.get("modules")) is not None and (slowest := module_times(modules.stdout)):
+            report.properties["slowest-modules"] = ", ".join(f"{m} {s:.1f}s" for m, s in slowest)
         for part in ("kernel", "userspace", "total"):
             value = report.properties.get(f"boot-time-{part}")
             if value is not None:
@@ -426,10 +448,21 @@ class _Runner:
         )
         directory = self.opts.artifacts / self.job.label
         directory.mkdir(parents=True, exist_ok=True)
-        for name in ARTIFACTS:
+        for name, command in ARTIFACTS.items():
             out = results.get(f"file:{name}")
             if out is not None and out.exit == 0:
                 write_atomically(directory / name, out.stdout.encode("utf-8", "replace"))
+                continue
+            # Never lost without a word: what was collected is kept, and why the rest is missing is said (in the
+            # file, results.json and the summary).
+            if out is None:
+                why = "not collected: the SSH session ended before it"
+            else:
+                ran = "timed out" if out.exit in (124, 137) else f"exited {out.exit}"
+                why = f"`{command}` {ran} after {out.seconds:.1f} s: {_last_line(out.stderr) or 'no error output'}"
+            report.artifact_errors[name] = why
+            body = (out.stdout if out is not None else "") + f"\n[qinst: {why}]\n"
+            write_atomically(directory / name, body.encode("utf-8", "replace"))
 
     def _compare(self, report: ImageReport) -> None:
         baseline = self.opts.baseline
@@ -463,6 +496,9 @@ class _Runner:
                 inst = None
             if inst is not None:
                 report.console = recorded_console(host, inst.name)
+                if not any(k.startswith("boot-") for k in report.timings):  # a guest that never became ready
+                    phases = console_phases(report.console)
+                    report.timings.update({f"boot-{p}": s for p, s in phases.items() if p != "guest-ready"})
                 if version := cloud_init_version(report.console):
                     report.properties["cloud-init-version"] = version
                 if report.passed or not keep:
@@ -471,15 +507,19 @@ class _Runner:
                     report.kept = True
 
 
-def jobs(images: Sequence[str], firmwares: Sequence[Firmware]) -> list[Job]:
-    """Every image x firmware, each with a folder name (its slug and firmware; -2, -3... for repeats)."""
+def jobs(
+    images: Sequence[str], firmwares: Sequence[Firmware | None], arches: Sequence[Arch] = (Arch.X86_64,)
+) -> list[Job]:
+    """Every image x arch x firmware, each with a folder name (its slug, arch when not x86_64, and firmware; -2,
+    -3... for repeats). A firmware None is each architecture's own (BIOS for x86_64, UEFI for aarch64)."""
     seen: dict[str, int] = {}
     out = []
     for image in images:
-        for firmware in firmwares:
-            label = f"{_slug(image)}-{firmware}"
-            seen[label] = seen.get(label, 0) + 1
-            out.append(Job(image, firmware, label if seen[label] == 1 else f"{label}-{seen[label]}"))
+        for arch in arches:
+            for firmware in dict.fromkeys(firmware_for(arch, f) for f in firmwares):
+                label = f"{_slug(image)}-{'' if arch is Arch.X86_64 else f'{arch}-'}{firmware}"
+                seen[label] = seen.get(label, 0) + 1
+                out.append(Job(image, firmware, label if seen[label] == 1 else f"{label}-{seen[label]}", arch))
     return out
 
 
@@ -491,7 +531,7 @@ def run_smoke(
 ) -> list[ImageReport]:
     """Smoke-test every image x firmware (opts.parallel at once). An interruption stops every boot, removes the
     instances, reports what finished through on_done, and is raised again."""
-    todo = jobs(images, opts.firmwares)
+    todo = jobs(images, opts.firmwares, opts.arches)
     placed = [for_host(settings, opts.hosts[i % len(opts.hosts)]) for i in range(len(todo))] if opts.hosts else []
     for target in {s.connect for s in placed} or {settings.connect}:
         with Host(target):

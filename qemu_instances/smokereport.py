@@ -19,7 +19,12 @@ CONSOLE_LINES = 50
 REGRESSION_MIN_SECONDS = 5.0
 # Phases compared with the baseline: the host-side ones a slower image or guest makes slower (not the download,
 # which depends on the cache and the network), and systemd's own figures from inside the guest.
-COMPARED = ("define", "boot", "cloud-init", "ssh", "checks", "guest-kernel", "guest-userspace", "guest-total")
+COMPARED = (
+    "define", "boot", "cloud-init", "ssh", "checks", "guest-kernel", "guest-userspace", "guest-total",
+    # the guest's phases read from its console (bootprofile.py): a regression names the phase that got slower
+    "boot-firmware", "boot-kernel", "boot-systemd", "boot-cloud-init-local", "boot-cloud-init-network",
+    "boot-cloud-init-config", "boot-cloud-init-final",
+)  # fmt: skip
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
@@ -51,6 +56,7 @@ class CheckResult:
 class ImageReport:
     image: str
     firmware: str = "bios"
+    arch: str = "x86_64"
     instance: str = ""
     checks: list[CheckResult] = field(default_factory=list)
     properties: dict[str, str] = field(default_factory=dict)
@@ -60,10 +66,15 @@ class ImageReport:
     kept: bool = False
     attempts: int = 1
     first_failure: str = ""  # with --retries: the first failed attempt's message
+    artifact_errors: dict[str, str] = field(default_factory=dict)  # --artifacts files not (fully) collected: why
 
     @property
     def suite(self) -> str:
-        return f"{self.image}[{self.firmware}]"
+        """IMAGE[firmware] for an x86_64 guest (the names nightly baselines have always used), IMAGE[arch,firmware]
+        for another architecture's."""
+        if self.arch == "x86_64":
+            return f"{self.image}[{self.firmware}]"
+        return f"{self.image}[{self.arch},{self.firmware}]"
 
     @property
     def passed(self) -> bool:
@@ -105,6 +116,7 @@ class ImageReport:
         return {
             "image": self.image,
             "firmware": self.firmware,
+            "arch": self.arch,
             "suite": self.suite,
             "instance": self.instance,
             "passed": self.passed,
@@ -120,6 +132,7 @@ class ImageReport:
             "timings": self.timings,
             "ready_seconds": self.ready_seconds,
             "kept": self.kept,
+            "artifact_errors": self.artifact_errors,
         }
 
 
@@ -221,4 +234,8 @@ def summary_markdown(reports: Sequence[ImageReport], baseline: Baseline | None =
             boot += f" (baseline {before:.1f} s, {change:+.0f}%)"
         failed = "; ".join(f"{c.name}: {(c.message.strip().splitlines() or [''])[0]}" for c in r.failed)
         lines.append(f"| {_cell(r.suite)} | {result} | {boot} | {_cell(failed) or '-'} |")
+    missing = [(r.suite, name, why) for r in reports for name, why in r.artifact_errors.items()]
+    if missing:
+        lines += ["", "Artifacts not fully collected:", ""]
+        lines += [f"- {_cell(suite)}: {_cell(name)}: {_cell(why)}" for suite, name, why in missing]
     return "\n".join(lines) + "\n"
