@@ -45,36 +45,16 @@ def _new_app() -> typer.Typer:
 app = _new_app()
 
 
-def _env_option(name: str, env: str, metavar: str, help: str, **kw: Any) -> Any:
-    return typer.Option(name, envvar=env, metavar=metavar, help=help, **kw)
-
-
 @app.callback()
 def _global(
     ctx: typer.Context,
-    connect: Annotated[
-        str | None, _env_option("--connect", "QINST_CONNECT", "URI", "libvirt URI.", show_default=False)
-    ] = None,
-    cache_dir: Annotated[
-        Path | None, _env_option("--cache-dir", "QINST_CACHE_DIR", "DIR", "Download cache.", show_default=False)
-    ] = None,
-    catalog: Annotated[
-        list[Path] | None,
-        _env_option("--catalog", "QINST_CATALOG", "FILE", "Extra catalog file (repeatable).", show_default=False),
-    ] = None,
-    mirror: Annotated[
-        str | None, _env_option("--mirror", "QINST_MIRROR", "URL", "Replace scheme://host of upstream URLs.")
-    ] = None,
-    aleph_api: Annotated[str, _env_option("--aleph-api", "QINST_ALEPH_API", "URL", "aleph.im API base.")] = (
-        DEFAULT_ALEPH_API
-    ),
-    ipfs_gateway: Annotated[
-        str, _env_option("--ipfs-gateway", "QINST_IPFS_GATEWAY", "URL", "IPFS gateway for aleph ipfs items.")
-    ] = DEFAULT_IPFS_GATEWAY,
-    host: Annotated[
-        str | None,
-        _env_option("--host", "QINST_HOST", "NAME", "A host of the config file's [hosts] table (up: or auto)."),
-    ] = None,
+    connect: opt.ConnectOpt = None,
+    cache_dir: opt.CacheDirOpt = None,
+    catalog: opt.CatalogOpt = None,
+    mirror: opt.MirrorOpt = None,
+    aleph_api: opt.AlephApiOpt = DEFAULT_ALEPH_API,
+    ipfs_gateway: opt.IpfsGatewayOpt = DEFAULT_IPFS_GATEWAY,
+    host: opt.HostOpt = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show debug logs and tracebacks.")] = False,
 ) -> None:
     configure_logging(debug)
@@ -177,6 +157,7 @@ def up(
     arch: opt.ArchOpt = None,
     sha256: opt.Sha256Opt = None,
     sha512: opt.Sha512Opt = None,
+    host_key_types: opt.HostKeyTypesOpt = "ed25519,ecdsa",
     ignore_cloud_init_errors: Annotated[
         bool, typer.Option("--ignore-cloud-init-errors", help="Succeed (with a warning) when cloud-init had errors.")
     ] = False,
@@ -185,6 +166,7 @@ def up(
     as_json: opt.JsonOpt = False,
 ) -> None:
     """Launch an instance and wait until it is ready."""
+    from qemu_instances import seed as seeds
     from qemu_instances.images import Source
     from qemu_instances.launch import UpRequest
 
@@ -192,7 +174,7 @@ def up(
         image=image, name=name, cpus=cpus, memory_mib=memory, disk_gib=disk, ssh_keys=tuple(ssh_key or ()),
         user=user, user_data=user_data, network=network, ssh_port=ssh_port, accel=accel, firmware=firmware,
         wait=wait, timeout=timeout_, source=Source(source), latest=latest, arch=Arch(arch) if arch else None,
-        sha256=sha256, sha512=sha512, modules=as_json,
+        sha256=sha256, sha512=sha512, modules=as_json, host_key_types=seeds.host_key_types(host_key_types),
         ignore_cloud_init_errors=ignore_cloud_init_errors, forwards=tuple(forward or ()), mounts=tuple(mount or ()),
     )  # fmt: skip
     settings = _settings(ctx)
@@ -446,6 +428,7 @@ def smoke(
     allow_failed_unit: opt.AllowFailedUnitOpt = None,
     firmware: opt.FirmwaresOpt = None,
     arch: opt.ArchesOpt = None,
+    host_key_types: opt.HostKeyTypesOpt = "ed25519,ecdsa",
     user_data: opt.SmokeUserDataOpt = None,
     cpus: opt.SmokeCpusOpt = None,
     memory: opt.SmokeMemoryOpt = 1024,
@@ -457,6 +440,7 @@ def smoke(
     as_json: opt.JsonOpt = False,
 ) -> None:
     """Boot each image, run the checks in it, and report (exit 6 if any failed)."""
+    from qemu_instances import seed as seeds
     from qemu_instances.smoke import build_options, write_reports
     from qemu_instances.smokereport import results_json
 
@@ -466,6 +450,7 @@ def smoke(
         allow_warning=allow_warning or (), allow_failed_unit=allow_failed_unit or (),
         firmwares=opt.enum_list(Firmware, firmware, "--firmware") if firmware else (None,),
         arches=opt.arches(arch) if arch else (), user_data=user_data, cpus=cpus, memory=memory,
+        host_key_types=seeds.host_key_types(host_key_types),
         latest=latest, retries=retries, baseline=baseline, regression_threshold=regression_threshold,
     )  # fmt: skip
     done: list[ImageReport] = []

@@ -175,3 +175,45 @@ ThresholdOpt = Annotated[
 ]
 Sha256Opt = Annotated[str | None, typer.Option("--sha256", help="Digest of a URL image.")]
 Sha512Opt = Annotated[str | None, typer.Option("--sha512", help="Digest of a URL image.")]
+
+
+def _host_key_types(param: typer.CallbackParam, value: str) -> str:
+    from qemu_instances.seed import host_key_types
+
+    host_key_types(value)  # checked here; the command reads the list again
+    return value
+
+
+HostKeyTypesOpt = Annotated[
+    str,
+    typer.Option(
+        "--host-key-types",
+        callback=_host_key_types,
+        help="SSH host keys the guest makes at first boot: ed25519,ecdsa,rsa or image (its own choice).",
+    ),
+]
+
+
+# The global options, each also read from its QINST_* environment variable.
+def _env_option(name: str, env: str, metavar: str, help: str, **kw: Any) -> Any:
+    return typer.Option(name, envvar=env, metavar=metavar, help=help, **kw)
+
+
+ConnectOpt = Annotated[str | None, _env_option("--connect", "QINST_CONNECT", "URI", "libvirt URI.", show_default=False)]
+CacheDirOpt = Annotated[
+    Path | None, _env_option("--cache-dir", "QINST_CACHE_DIR", "DIR", "Download cache.", show_default=False)
+]
+CatalogOpt = Annotated[
+    list[Path] | None,
+    _env_option("--catalog", "QINST_CATALOG", "FILE", "Extra catalog file (repeatable).", show_default=False),
+]
+MirrorOpt = Annotated[
+    str | None, _env_option("--mirror", "QINST_MIRROR", "URL", "Replace scheme://host of upstream URLs.")
+]
+AlephApiOpt = Annotated[str, _env_option("--aleph-api", "QINST_ALEPH_API", "URL", "aleph.im API base.")]
+IpfsGatewayOpt = Annotated[
+    str, _env_option("--ipfs-gateway", "QINST_IPFS_GATEWAY", "URL", "IPFS gateway for aleph ipfs items.")
+]
+HostOpt = Annotated[
+    str | None, _env_option("--host", "QINST_HOST", "NAME", "A host of the config file's [hosts] table (up: or auto).")
+]

@@ -204,6 +204,7 @@ class InstanceSpec:
     ssh_port: int
     metadata: Metadata
     arch: Arch = Arch.X86_64
+    disk_cache: str | None = None  # the overlay's cache mode (None: QEMU's default); "unsafe" only for throwaways
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -220,9 +221,20 @@ def _root_slot(device: ET.Element, slot: int) -> None:
     _sub(device, "address", type="pci", domain="0x0000", bus="0x00", slot=f"0x{slot:02x}", function="0x0")
 
 
-def _disk(devices: ET.Element, path: str, target: str, fmt: str, slot: int, *, readonly: bool = False) -> None:
+def _disk(
+    devices: ET.Element,
+    path: str,
+    target: str,
+    fmt: str,
+    slot: int,
+    *,
+    readonly: bool = False,
+    cache: str | None = None,
+) -> None:
     disk = _sub(devices, "disk", type="file", device="disk")
-    _sub(disk, "driver", name="qemu", type=fmt, discard="unmap" if not readonly else "ignore")
+    driver = _sub(disk, "driver", name="qemu", type=fmt, discard="unmap" if not readonly else "ignore")
+    if cache:
+        driver.set("cache", cache)
     _sub(disk, "source", file=path)
     # virtio: Debian's cloud kernel has no AHCI driver, so a SATA CD-ROM on q35 would be invisible to it.
     _sub(disk, "target", dev=target, bus="virtio")
@@ -327,7 +339,7 @@ def domain_xml(spec: InstanceSpec) -> str:
     # Guest hardware chosen by bench/hardware.py (README, "Guest hardware"): the disks, the virtio-serial
     # controller and the RNG on q35's root bus (slots 0x02-0x05; the user-mode NIC sits at 0x1e), no USB
     # controller (no tablet or keyboard is needed without graphics), no memory balloon.
-    _disk(devices, spec.disk_path, "vda", "qcow2", 0x02)
+    _disk(devices, spec.disk_path, "vda", "qcow2", 0x02, cache=spec.disk_cache)
     _disk(devices, spec.seed_path, "vdb", "raw", 0x03, readonly=True)
     _root_slot(_sub(devices, "controller", type="virtio-serial", index="0"), 0x04)
     _sub(devices, "controller", type="usb", model="none")

@@ -90,6 +90,8 @@ class UpRequest:
     extra_config: dict[str, Any] | None = None  # more cloud-config (smoke checks)
     ignore_cloud_init_errors: bool = False  # a reachable guest whose cloud-init had errors is a success
     modules: bool = False  # once ready, read cloud-init's slowest modules from its log (one more SSH command)
+    host_key_types: tuple[str, ...] = seeds.DEFAULT_HOST_KEY_TYPES  # empty: the image's own choice
+    disk_cache: str | None = None  # the overlay's cache mode: "unsafe" for smoke's throwaway guests, never `up`'s
     forwards: tuple[str, ...] = ()  # --forward [ADDR:]HOSTPORT:GUESTPORT (user-mode networks)
     mounts: tuple[str, ...] = ()  # --mount HOSTDIR[:GUESTDIR][:rw]
 
@@ -421,6 +423,7 @@ class Launcher:
             user_data=read_option_file(req.user_data, "--user-data"),
             user_data_source=str(req.user_data) if req.user_data else None,
             extra_config=req.extra_config,
+            host_key_types=req.host_key_types,
         )
         files = seeds.seed_files(seed)  # also checks the user-data
         return _Inputs(req, name, ref, user, keys, seed, _in_background(lambda: seeds.iso_from_files(files)))
@@ -642,6 +645,7 @@ def plan_launch(host: Host, inputs: _Inputs, image: CachedImage, cache_dir: Path
         ssh_port=ssh_port,
         metadata=meta,
         arch=arch,
+        disk_cache=req.disk_cache,
     )
     return Plan(req, name, inputs.ref, image, inputs.seed, iso, network, ssh_port, accels, console, spec)
 

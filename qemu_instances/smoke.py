@@ -49,7 +49,7 @@ from qemu_instances.junit import junit_xml
 from qemu_instances.launch import Launcher, UpRequest, firmware_for, wait_seconds
 from qemu_instances.logs import log
 from qemu_instances.proc import collect, spawn
-from qemu_instances.seed import load_template
+from qemu_instances.seed import DEFAULT_HOST_KEY_TYPES, load_template
 from qemu_instances.settings import Settings
 from qemu_instances.smokereport import (
     Baseline,
@@ -86,6 +86,7 @@ class SmokeOptions:
     memory_mib: int = SMOKE_MEMORY_MIB
     firmwares: tuple[Firmware | None, ...] = (None,)  # None: each architecture's own firmware
     arches: tuple[Arch, ...] = ()  # default: the host's
+    host_key_types: tuple[str, ...] = DEFAULT_HOST_KEY_TYPES
     user_data: Path | None = None  # merged over smoke's own cloud-config
     latest: bool = False
     checks: tuple[Check, ...] = field(default_factory=lambda: tuple(plan([], [])))
@@ -113,6 +114,7 @@ def build_options(
     allow_failed_unit: Sequence[str] = (),
     firmwares: Sequence[Firmware | None] = (None,),
     arches: Sequence[Arch] = (),
+    host_key_types: Sequence[str] = DEFAULT_HOST_KEY_TYPES,
     user_data: Path | None = None,
     cpus: int | None = None,
     memory: int = SMOKE_MEMORY_MIB,
@@ -164,6 +166,7 @@ def build_options(
         memory_mib=memory,
         firmwares=tuple(dict.fromkeys(firmwares)),
         arches=tuple(dict.fromkeys(arches)) or (Arch.host(),),
+        host_key_types=tuple(host_key_types),
         user_data=user_data,
         latest=latest,
         checks=planned,
@@ -299,6 +302,10 @@ class _Runner:
             accel=self.opts.accel,
             firmware=self.job.firmware,
             arch=self.job.arch,
+            host_key_types=self.opts.host_key_types,
+            # Written to a throwaway overlay that is deleted after the run: flushes are not waited for (cache=unsafe
+            # loses data only on a host crash, when the run is lost anyway). Never for `up`.
+            disk_cache="unsafe",
             timeout=wait_seconds(self.opts.timeout, native=self.job.arch is Arch.host(), default=SMOKE_WAIT),
             latest=self.opts.latest,
             extra_config=load_template("smoke"),
