@@ -301,40 +301,97 @@ def _check_pairs(where: str, values: dict[str, Any]) -> None:
         raise CatalogError(f"{where}: 'checksums_signature_url' signs 'checksums_url', which is missing")
 
 
+@dataclass(frozen=True)
+class FirmwareEntry:
+    """A firmware file of the catalog's `firmware` section: today the confidential OVMF that AMD SEV guests boot
+    (aleph.im's, from the seed's runtimes page). Its digest is the validation hash: the sha256 of the file, which is
+    also the SEV launch digest of that firmware."""
+
+    name: str
+    title: str
+    digest: Digest  # sha256 of the file: checked after any download, and the expected SEV launch digest
+    aleph_item_hash: str | None = None
+    url: str | None = None
+    kind: str = "sev"
+    origin: str = BUILTIN
+
+
+_FIRMWARE_KEYS = ("title", "kind", "digest", "aleph_item_hash", "url")
+
+
+def _firmware(name: str, raw: Any, origin: str) -> FirmwareEntry:
+    where = f"{origin}: [firmware.{name}]"
+    if not _NAME.fullmatch(name) or not isinstance(raw, dict):
+        raise CatalogError(f"{where}: expected a table of keys under a firmware name (lower-case letters, digits)")
+    unknown = sorted(set(raw) - set(_FIRMWARE_KEYS))
+    if unknown:
+        raise CatalogError(f"{where}: unknown key {unknown[0]!r}", hint=f"known keys: {', '.join(_FIRMWARE_KEYS)}")
+    values = _checked(
+        where, {k: v for k, v in raw.items() if k in ("digest", "aleph_item_hash", "url", "title")}, origin
+    )
+    if raw.get("kind", "sev") != "sev":
+        raise CatalogError(f"{where}: key 'kind': must be 'sev' (the firmware of AMD SEV guests)")
+    digest = values.get("digest")
+    if digest is None or digest.algorithm != "sha256":
+        raise CatalogError(f"{where}: key 'digest' must be the file's sha256 (sha256:<hex>): the validation hash")
+    if "aleph_item_hash" not in values and "url" not in values:
+        raise CatalogError(f"{where}: missing key 'aleph_item_hash' or 'url' (where the firmware comes from)")
+    return FirmwareEntry(name, values.get("title", name), digest, values.get("aleph_item_hash"), values.get("url"),
+                         origin=origin)  # fmt: skip
+
+
 def parse_catalog(text: str, origin: str) -> list[CatalogEntry]:
     """Entries of one catalog file's text; errors name the file and the offending key."""
+    return parse_catalog_file(text, origin)[0]
+
+
+def parse_catalog_file(text: str, origin: str) -> tuple[list[CatalogEntry], list[FirmwareEntry]]:
+    """The [images.NAME] and [firmware.NAME] entries of one catalog file's text."""
     data = parse_toml(text, origin, CatalogError)
-    unknown = sorted(set(data) - {"images"})
+    unknown = sorted(set(data) - {"images", "firmware"})
     if unknown:
         raise CatalogError(f"{origin}: unknown top-level key {unknown[0]!r} (entries go under [images.NAME])")
     images = data.get("images", {})
     if not isinstance(images, dict):
         raise CatalogError(f"{origin}: 'images' must be a table of [images.NAME] entries")
-    return [_entry(name, raw, origin) for name, raw in images.items()]
+    firmware = data.get("firmware", {})
+    if not isinstance(firmware, dict):
+        raise CatalogError(f"{origin}: 'firmware' must be a table of [firmware.NAME] entries")
+    return (
+        [_entry(name, raw, origin) for name, raw in images.items()],
+        [_firmware(name, raw, origin) for name, raw in firmware.items()],
+    )
 
 
 class Catalog:
     """Entries by name, with aliases; later sources override earlier ones by name."""
 
-    def __init__(self, entries: Iterable[CatalogEntry] = ()) -> None:
+    def __init__(self, entries: Iterable[CatalogEntry] = (), firmware: Iterable[FirmwareEntry] = ()) -> None:
         self._entries: dict[str, CatalogEntry] = {}
         for entry in entries:
             self._entries[entry.name] = entry
+        self.firmware: dict[str, FirmwareEntry] = {f.name: f for f in firmware}
+
+    def firmware_for_aleph(self, item_hash: str) -> FirmwareEntry | None:
+        """The firmware entry pulled through aleph message item_hash, if the catalog has one."""
+        return next((f for f in self.firmware.values() if f.aleph_item_hash == item_hash), None)
 
     @classmethod
     def load(cls, extra: Iterable[Path] = ()) -> Catalog:
         """The built-in catalog, then each user catalog file in order."""
         # Next to this module in every installation (importlib.resources, for zipped ones, costs `up` ~0.003 s).
         builtin = Path(__file__).with_name("catalog.toml").read_text(encoding="utf-8")
-        entries = parse_catalog(builtin, BUILTIN)
+        entries, firmware = parse_catalog_file(builtin, BUILTIN)
         for path in extra:
             try:
                 data = read_bounded(Path(path), "catalog", MAX_CATALOG, error=CatalogError)
             except FileNotFoundError:
                 raise CatalogError(f"cannot read catalog {path}: no such file") from None
             # TOML is UTF-8 whatever the locale says.
-            entries += parse_catalog(decode_text(data, f"catalog {path}", CatalogError), str(path))
-        return cls(entries)
+            more, more_firmware = parse_catalog_file(decode_text(data, f"catalog {path}", CatalogError), str(path))
+            entries += more
+            firmware += more_firmware
+        return cls(entries, firmware)
 
     def __iter__(self) -> Iterator[CatalogEntry]:
         return iter(sorted(self._entries.values(), key=lambda e: e.name))

@@ -189,6 +189,18 @@ def _recorded_forward(text: str) -> Forward:
 
 
 @dataclass(frozen=True)
+class Confidential:
+    """An AMD SEV launch: the stateless firmware (a file on the libvirt host) and the guest owner's session."""
+
+    firmware: str  # the confidential OVMF (one stateless pflash file: it is what the SEV measurement covers)
+    cbitpos: int  # from the host's domain capabilities
+    reduced_phys_bits: int
+    policy: int
+    dh_cert: str  # base64: the owner's Diffie-Hellman certificate (sevctl's PREFIX_godh.b64)
+    session: str  # base64: the launch session (sevctl's PREFIX_session.b64)
+
+
+@dataclass(frozen=True)
 class InstanceSpec:
     """Everything the domain XML needs, resolved."""
 
@@ -205,6 +217,7 @@ class InstanceSpec:
     metadata: Metadata
     arch: Arch = Arch.X86_64
     disk_cache: str | None = None  # the overlay's cache mode (None: QEMU's default); "unsafe" only for throwaways
+    confidential: Confidential | None = None  # an AMD SEV guest (x86_64 under KVM only)
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -361,7 +374,52 @@ def domain_xml(spec: InstanceSpec) -> str:
     _shared_memory(root, spec.metadata.mounts)
     if spec.network.kind is NetworkKind.USER:
         _user_network(root, spec.network, spec.ssh_port, spec.metadata.forwards)
+    if spec.confidential is not None:
+        _confidential(root, spec.confidential)
     return ET.tostring(root, encoding="unicode")
+
+
+def _confidential(root: ET.Element, sev: Confidential) -> None:
+    """An AMD SEV guest (libvirt's launch_security_sev kbase): the firmware as one read-only, stateless pflash (no
+    NVRAM: the measurement covers exactly that file), memory locked (encrypted pages cannot be swapped), virtio
+    devices through the IOMMU (the guest's DMA goes through bounce buffers it shares on purpose), no option ROM on
+    the NIC (iPXE is not SEV-aware), no reboot (a rebooted guest would run unmeasured), and the launch security
+    parameters: the host's C-bit position and the owner's policy, certificate and session."""
+    os_el = root.find("os")
+    assert os_el is not None
+    os_el.attrib.pop("firmware", None)
+    for child in os_el.findall("firmware"):
+        os_el.remove(child)
+    loader = ET.Element("loader", readonly="yes", type="pflash", stateless="yes")
+    loader.text = sev.firmware
+    os_el.insert(1, loader)
+    backing = root.find("memoryBacking")
+    if backing is None:
+        backing = _sub(root, "memoryBacking")
+    _sub(backing, "locked")
+    on_reboot = root.find("on_reboot")
+    if on_reboot is not None:
+        on_reboot.text = "destroy"
+    devices = root.find("devices")
+    assert devices is not None
+    for disk in devices.iterfind("disk"):
+        driver = disk.find("driver")
+        if driver is not None:
+            driver.set("iommu", "on")
+    for device in (*devices.iterfind("controller[@type='virtio-serial']"), *devices.iterfind("rng"),
+                   *devices.iterfind("interface")):  # fmt: skip
+        _sub(device, "driver", iommu="on")
+    for iface in devices.iterfind("interface"):
+        _sub(iface, "rom", enabled="no")
+    for arg in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
+        if arg.get("value", "").startswith("virtio-net-pci,"):
+            arg.set("value", arg.get("value", "") + ",iommu_platform=on,romfile=")
+    security = _sub(root, "launchSecurity", type="sev")
+    _sub(security, "cbitpos", str(sev.cbitpos))
+    _sub(security, "reducedPhysBits", str(sev.reduced_phys_bits))
+    _sub(security, "policy", f"0x{sev.policy:04x}")
+    _sub(security, "dhCert", sev.dh_cert)
+    _sub(security, "session", sev.session)
 
 
 def _namespaced(element: ET.Element) -> ET.Element:

@@ -244,13 +244,14 @@ class Host:
             found.append((dom, STATES.get(state, "unknown"), meta))
         return found
 
-    def define_and_start(self, xml: str, name: str) -> Domain:
-        """Define the domain and start it; a domain that does not start is undefined again (and the error raised)."""
+    def define_and_start(self, xml: str, name: str, *, paused: bool = False) -> Domain:
+        """Define the domain and start it (with its vCPUs paused: a confidential guest waits for its owner's check);
+        a domain that does not start is undefined again (and the error raised)."""
         with libvirt_errors(f"libvirt refused the domain {name}"):
             dom = Domain(self, self.conn.defineXML(xml))
         _test_pause("define")
         try:
-            dom.start()
+            dom.start(paused=paused)
         except BaseException:
             dom.undefine()
             raise
@@ -679,9 +680,18 @@ class Domain:
         with libvirt_errors("cannot read the domain's state"):
             return bool(self._dom.isActive())
 
-    def start(self) -> None:
+    def start(self, *, paused: bool = False) -> None:
         with libvirt_errors(f"cannot start {self.name}"):
-            self._dom.create()
+            self._dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
+
+    def resume(self) -> None:
+        with libvirt_errors(f"cannot resume {self.name}"):
+            self._dom.resume()
+
+    def launch_security_info(self) -> dict[str, object]:
+        """What the host's secure processor reports of a confidential guest (SEV: its launch measurement)."""
+        with libvirt_errors(f"cannot read the launch measurement of {self.name}"):
+            return dict(self._dom.launchSecurityInfo(0))
 
     def shutdown(self) -> None:
         with libvirt_errors(f"cannot shut down {self.name}"):

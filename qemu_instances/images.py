@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from qemu_instances.arch import Arch
-from qemu_instances.catalog import Catalog, CatalogEntry, http_url
-from qemu_instances.digests import Algorithm, Digest, algorithm_for_checksums, parse_checksums
+from qemu_instances.catalog import Catalog, CatalogEntry, FirmwareEntry, http_url
+from qemu_instances.digests import Algorithm, Digest, algorithm_for_checksums, hash_file, parse_checksums
 from qemu_instances.errors import DigestMismatch, DownloadError, ImageError, QinstError, UsageError
 from qemu_instances.files import MAX_RECORD, locked, parse_json, read_bounded, replace_durably, write_atomically
 from qemu_instances.logs import log
@@ -419,6 +419,9 @@ class ImageStore:
         if latest and source is Source.UPSTREAM and ref.kind is RefKind.CATALOG:
             return self._fetch_latest(ref, progress)
         plan = self._plan(ref, source, latest)
+        firmware = self.catalog.firmware_for_aleph(plan.aleph_item_hash) if plan.aleph_item_hash else None
+        if firmware is not None:
+            return self._fetch_firmware(plan, firmware, progress)
         try:
             return self._fetch(plan, progress)
         except DownloadError as exc:
@@ -434,6 +437,27 @@ class ImageStore:
                 if entry.latest_url and entry.checksums_url
                 else "pin another build in a catalog (--catalog), or pull a local image file",
             ) from exc
+
+    def _fetch_firmware(self, plan: _Plan, firmware: FirmwareEntry, progress: Progress | None) -> CachedImage:
+        """A catalog firmware pulled through its aleph message: the message verified, the bytes verified against
+        it, and then against the published validation hash (the file's sha256), which must agree with both."""
+        where = f"firmware {firmware.name} (aleph message {plan.aleph_item_hash})"
+        if plan.digest.algorithm is Algorithm.SHA256 and plan.digest != firmware.digest:
+            raise ImageError(
+                f"{where} names the file sha256:{plan.digest.hex}, not the published validation hash {firmware.digest}",
+                hint="nothing was downloaded; the aleph message and the catalog disagree",
+            )
+        image = self._fetch(replace(plan, name=firmware.name), progress)
+        if plan.digest.algorithm is not Algorithm.SHA256:  # an IPFS item: its CID verified it, now its sha256
+            actual = hash_file(image.path, Algorithm.SHA256)
+            if actual != firmware.digest:
+                with self.cache.lock(image.digest):
+                    self.cache.remove(image.digest)
+                raise ImageError(
+                    f"{where}: the file's sha256 is {actual}, not the published validation hash {firmware.digest}",
+                    hint="nothing was kept in the cache",
+                )
+        return image
 
     def _fetch_latest(self, ref: ImageRef, progress: Progress | None) -> CachedImage:
         """The latest build. Its directory is a moving link upstream: when a new build lands during the download,

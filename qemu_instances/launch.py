@@ -25,6 +25,7 @@ from qemu_instances.domain import (
     METADATA_KEY,
     METADATA_NS,
     Accel,
+    Confidential,
     Firmware,
     InstanceSpec,
     Metadata,
@@ -54,6 +55,7 @@ from qemu_instances.mounts import resolve as resolve_mounts
 from qemu_instances.ports import HOSTFWD_TAKEN, start_with_port
 from qemu_instances.seals import SealStore
 from qemu_instances.settings import Settings
+from qemu_instances.sev import LaunchInfo, Session, SevSupport, check_measurement
 from qemu_instances.ssh import HostKey, SshHop, key_checker
 from qemu_instances.sshkeys import SshKey, resolve_keys
 from qemu_instances.wait import CloudInitErrors, GuestPaused, Probe, Readiness, wait_ready
@@ -91,6 +93,10 @@ class UpRequest:
     ignore_cloud_init_errors: bool = False  # a reachable guest whose cloud-init had errors is a success
     modules: bool = False  # once ready, read cloud-init's slowest modules from its log (one more SSH command)
     host_key_types: tuple[str, ...] = seeds.DEFAULT_HOST_KEY_TYPES  # empty: the image's own choice
+    confidential: str | None = None  # "sev": an AMD SEV guest, attested before it runs (sev.py)
+    sev_firmware: str | None = None  # the confidential OVMF: a catalog firmware name, aleph:<hash> or a file
+    sev_session: Path | None = None  # the guest owner's sevctl session files: PREFIX of PREFIX_tik.bin, ...
+    sev_policy: int = 0x1
     disk_cache: str | None = None  # the overlay's cache mode: "unsafe" for smoke's throwaway guests, never `up`'s
     forwards: tuple[str, ...] = ()  # --forward [ADDR:]HOSTPORT:GUESTPORT (user-mode networks)
     mounts: tuple[str, ...] = ()  # --mount HOSTDIR[:GUESTDIR][:rw]
@@ -313,6 +319,28 @@ class Plan:
     accels: tuple[Accel, ...]
     console_log: Path
     spec: InstanceSpec  # disk and seed paths are filled in by provision()
+    sev: SevInputs | None = None  # a confidential launch: what its attestation needs
+
+
+@dataclass(frozen=True)
+class SevInputs:
+    """A confidential launch's inputs, checked before anything is made: the host's SEV parameters, the owner's
+    session, the firmware (verified by hash in the cache) and its launch digest, the policy."""
+
+    support: SevSupport
+    session: Session
+    firmware: CachedImage
+    digest: bytes  # the firmware's SEV launch digest (GCTX.LD): the sha256 of the file
+    policy: int
+
+
+def attest(dom: Domain, sev: SevInputs) -> None:
+    """The paused confidential guest runs only when the host measured what its owner expects (sev.py): the launch
+    measurement is read through libvirt and checked; a mismatch is raised (the caller's undo destroys the guest)."""
+    info = LaunchInfo.from_params(dom.launch_security_info())
+    check_measurement(sev.session.tik, info, sev.digest, sev.policy)
+    log.info("SEV launch measurement verified (firmware sha256 %s, policy %#x): resuming", sev.digest.hex(), sev.policy)
+    dom.resume()
 
 
 @dataclass
@@ -355,6 +383,7 @@ class Launcher:
         when it fails), `cancel` stops it."""
         t0 = time.monotonic()
         inputs = self._inputs(req)
+        sev = self._sev_inputs(req, progress) if req.confidential else None
         image = self._pull(inputs.ref, req, progress)
         with Host(self.settings.connect) as host, contextlib.ExitStack() as undo:
             for _ in range(NAME_TRIES):
@@ -378,7 +407,7 @@ class Launcher:
             )
             run.lap("download", t0)
             run.t_define = time.monotonic()
-            plan = plan_launch(host, inputs, image, self.settings.cache_dir)
+            plan = replace(plan_launch(host, inputs, image, self.settings.cache_dir, sev), sev=sev)
             try:
                 result = self._boot(run, plan, self._provision(run, plan))
             except GuestPaused:
@@ -428,6 +457,48 @@ class Launcher:
         files = seeds.seed_files(seed)  # also checks the user-data
         return _Inputs(req, name, ref, user, keys, seed, _in_background(lambda: seeds.iso_from_files(files)))
 
+    def _sev_inputs(self, req: UpRequest, progress: Progress | None) -> SevInputs:
+        """A confidential launch's inputs; the host is asked first, so that a host without SEV is refused (exit 4)
+        before anything is downloaded or made."""
+        if req.confidential != "sev":
+            raise UsageError(f"--confidential {req.confidential!r}: only sev (AMD SEV) is supported")
+        if req.sev_session is None:
+            raise UsageError(
+                "--confidential sev needs --sev-session PREFIX (the guest owner's sevctl session files)",
+                hint="make them with: sevctl session --name PREFIX PDH_CERT_FILE POLICY (the PDH from the host)",
+            )
+        if req.accel is Accel.TCG or req.mounts:
+            raise UsageError("an SEV guest runs under KVM only, without shared folders (--accel tcg, --mount)")
+        with Host(self.settings.connect) as host:
+            from qemu_instances.host import domain_capabilities
+
+            support = SevSupport.from_domcaps(domain_capabilities(host, "x86_64", "q35"))
+        if not support.sev:
+            raise HypervisorError(
+                f"this host cannot run AMD SEV guests: {support.describe()}",
+                hint="'qinst doctor' says what this host can run; SEV needs an AMD EPYC host with SEV enabled",
+            )
+        session = Session.load(req.sev_session)
+        firmware = self._pull_firmware(req.sev_firmware, progress)
+        from qemu_instances.sev import launch_digest
+
+        return SevInputs(support, session, firmware, launch_digest(firmware.path), req.sev_policy)
+
+    def _pull_firmware(self, text: str | None, progress: Progress | None) -> CachedImage:
+        """The confidential firmware, verified by hash into the cache: a catalog firmware (by name), aleph:<hash>,
+        or a local file (its own sha256: the owner vouches for it)."""
+        if not text:
+            raise UsageError("--confidential sev needs --firmware NAME|aleph:<hash>|FILE (the confidential OVMF)")
+        entry = self.store.catalog.firmware.get(text)
+        if entry is not None:
+            if entry.aleph_item_hash:
+                text = f"aleph:{entry.aleph_item_hash}"
+            else:
+                assert entry.url
+                ref = self.store.resolve(entry.url, sha256=entry.digest.hex)
+                return self.store.pull(ref, progress=progress)
+        return self.store.pull(self.store.resolve(text), progress=progress)
+
     def _pull(self, ref: ImageRef, req: UpRequest, progress: Progress | None) -> CachedImage:
         if not req.latest and req.source is Source.UPSTREAM:
             cached = self.store.cached(ref)
@@ -451,11 +522,21 @@ class Launcher:
         seed_vol = host.upload_volume(pool, seed_volume(name), io.BytesIO(iso), len(iso))
         run.undo.callback(_quietly(f"volume {seed_volume(name)}", lambda: host.delete_volume(pool, seed_volume(name))))
         _test_pause("seed")
-        return replace(plan.spec, disk_path=host.volume_path(disk), seed_path=host.volume_path(seed_vol))
+        spec = replace(plan.spec, disk_path=host.volume_path(disk), seed_path=host.volume_path(seed_vol))
+        if plan.sev is not None:  # the firmware on the host as the verified bytes (a base volume, like an image)
+            fw = plan.sev.firmware
+            vol = host.base_volume(pool, fw.digest.filename, fw.path, fw.digest, run.progress, seals=seals)
+            sev, support = plan.sev, plan.sev.support
+            spec = replace(spec, confidential=Confidential(
+                host.volume_path(vol), support.cbitpos, support.reduced_phys_bits, sev.policy, sev.session.godh,
+                sev.session.session,
+            ))  # fmt: skip
+        return spec
 
     def _boot(self, run: _Run, plan: Plan, spec: InstanceSpec) -> UpResult:
         """Define, start and wait, trying each accelerator in turn: a KVM guest that does not start, or that
-        pauses at once (KVM present but broken), is started again under the next one."""
+        pauses at once (KVM present but broken), is started again under the next one. A confidential guest starts
+        paused and runs only once its launch measurement is the one expected (attest)."""
         host = run.host
         for n, accel in enumerate(plan.accels):
             spec = _with_accel(spec, accel)
@@ -465,7 +546,9 @@ class Launcher:
             try:
                 # undefines what does not start; a picked port taken before QEMU binds it is picked again (ports.py)
                 dom, spec = start_with_port(
-                    lambda s: (host.define_and_start(domain_xml(s), s.name), s), spec, _port_picker(host, plan)
+                    lambda s: (host.define_and_start(domain_xml(s), s.name, paused=s.confidential is not None), s),
+                    spec,
+                    _port_picker(host, plan),
                 )
             except HypervisorError as exc:
                 undo.close()
@@ -475,7 +558,9 @@ class Launcher:
                 self._kvm_failed(run, accel, exc.message)
                 continue
             undo.callback(_quietly(f"domain {spec.name}", dom.undefine))
-            if more and dom.state()[0] == "paused":  # KVM present but failing: the guest paused at once
+            if plan.sev is not None:
+                attest(dom, plan.sev)  # a mismatch is raised: the undo destroys the guest
+            elif more and dom.state()[0] == "paused":  # KVM present but failing: the guest paused at once
                 log.warning("the guest paused under %s at start: relaunching it under %s", accel, plan.accels[n + 1])
                 self._kvm_failed(run, accel, "a KVM guest pauses at once (emulation failure)")
                 undo.close()
@@ -602,7 +687,9 @@ def _forwards_and_mounts(
     return forwards, mounts, seeds.build_seed_iso(replace(inputs.seed, extra_config=extra))
 
 
-def plan_launch(host: Host, inputs: _Inputs, image: CachedImage, cache_dir: Path | None = None) -> Plan:
+def plan_launch(
+    host: Host, inputs: _Inputs, image: CachedImage, cache_dir: Path | None = None, sev: SevInputs | None = None
+) -> Plan:
     """Decide everything `up` will make: it reads the host (networks, KVM, pool path) but creates nothing."""
     req, name, arch = inputs.req, inputs.name, inputs.ref.arch
     _check_arch(host, arch)
@@ -614,7 +701,7 @@ def plan_launch(host: Host, inputs: _Inputs, image: CachedImage, cache_dir: Path
         while not req.ssh_port and ssh_port in {f.host_port for f in forwards}:
             ssh_port = _pick_port(host)
     console = console_log_path(host, None if host.is_local else host.pool(), name)
-    accels = _accelerators(host, req.accel, cache_dir, arch)
+    accels = (Accel.KVM,) if sev is not None else _accelerators(host, req.accel, cache_dir, arch)
     meta = Metadata(
         image=inputs.ref.name,
         digest=str(image.digest),
