@@ -9,6 +9,7 @@ Public API:
 - write_known_hosts(path, host, port, keys)   write it atomically
 - SshTarget(host, port, user, known_hosts, key_file, hop)   where and how to log in
 - ssh_options(target) -> list[str]      the `-o` options (built here only), for ssh, scp and ssh -L alike
+- config_lines(alias, target) -> list[str]   the same options as an ssh_config `Host` block (qinst ssh-config)
 - ssh_argv(target, command) -> list[str]   a full `ssh` command line, `--` before the destination
 - run(target, command, timeout) -> SshResult   one command, batch mode; never raises for its exit status
 - Connection(target)                    many commands over ONE connection (OpenSSH ControlMaster): .run(command)
@@ -29,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
 
-from qemu_instances.errors import QinstError
+from qemu_instances.errors import QinstError, UsageError
 from qemu_instances.files import write_atomically
 from qemu_instances.proc import spawn, try_run
 
@@ -42,6 +43,23 @@ KeyCheck = Callable[[str, int, list[HostKey]], bool | None]
 def escape_percent(value: str) -> str:
     """ssh expands %-tokens in paths and commands given as options: a literal % is written %%."""
     return value.replace("%", "%%")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PLAIN = re.compile(r"[A-Za-z0-9_.,:/@%+=-]+")
+
+
+def config_value(value: str, what: str) -> str:
+    """A value as ssh reads it in a config line or an `-o` option: double-quoted unless plain (ssh splits words at
+    spaces: a path with one would be two known_hosts files). Quotes, backslashes and control characters are refused
+    (ssh_config has no escape that every OpenSSH reads alike; a newline would start a line of its own), and so is
+    `${` (ssh would expand an environment variable there)."""
+    if _CONTROL.search(value) or any(c in value for c in "\"'\\") or "${" in value or not value:
+        raise UsageError(
+            f"{what} {value[:200]!r} cannot be written for ssh: no quotes, backslashes, control characters or ${{",
+            hint="choose a path without them (the cache dir: --cache-dir or QINST_CACHE_DIR)",
+        )
+    return value if _PLAIN.fullmatch(value) else f'"{value}"'
 
 
 @dataclass(frozen=True)
@@ -142,7 +160,7 @@ def ssh_options(target: SshTarget, *, batch: bool = False, forwards: bool = Fals
     """
     opts = [
         "-F", "/dev/null",
-        "-o", f"UserKnownHostsFile={escape_percent(str(target.known_hosts))}",
+        "-o", f"UserKnownHostsFile={config_value(escape_percent(str(target.known_hosts)), 'known_hosts path')}",
         "-o", "StrictHostKeyChecking=yes",
         "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "UpdateHostKeys=no",
@@ -164,8 +182,50 @@ def ssh_options(target: SshTarget, *, batch: bool = False, forwards: bool = Fals
         from qemu_instances.sshkeys import check_private_key  # a key ssh would ignore is said, not left to fail
 
         check_private_key(Path(target.key_file))
-        opts += ["-o", f"IdentityFile={escape_percent(target.key_file)}", "-o", "IdentitiesOnly=yes"]
+        key = config_value(escape_percent(target.key_file), "private key path")
+        opts += ["-o", f"IdentityFile={key}", "-o", "IdentitiesOnly=yes"]
     return opts
+
+
+def option_pairs(options: Sequence[str]) -> list[tuple[str, str]]:
+    """The (keyword, value) of each `-o Keyword=value` in an ssh option list, in order (-F and the like left out)."""
+    pairs = []
+    words = iter(options)
+    for flag in words:
+        if flag in ("-o", "-F", "-p", "-l", "-i", "-J"):  # the options ssh_options may give take a value
+            value = next(words, "")
+            if flag == "-o":
+                keyword, _, rest = value.partition("=")
+                pairs.append((keyword, rest))
+    return pairs
+
+
+def config_lines(alias: str, target: SshTarget) -> list[str]:
+    """The ssh_config `Host` block for a guest: ssh_options' own options (the one list), as config lines.
+
+    A config block cannot say `-F /dev/null`: options of the user's files that qinst's do not set still apply, so
+    the block also turns off what could take the connection elsewhere or accept other keys: a `Host *` ProxyJump
+    or ProxyCommand (for a local guest), a KnownHostsCommand. ssh keeps the first value it reads for each option:
+    the block must come before the user's `Host *` (docs/integrations.md: the Include line at the top). Port
+    forwards given on the user's own command line are kept (an editor's remote mode needs them).
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", alias):  # no pattern (*, ?, !, a list) and no %-token
+        raise UsageError(f"{alias[:80]!r} cannot be an ssh_config Host name")
+    pairs = [("HostName", target.host), ("User", target.user), *option_pairs(ssh_options(target, forwards=True))]
+    if target.hop is None:
+        pairs.append(("ProxyCommand", "none"))  # no ProxyJump/ProxyCommand of a `Host *` either
+    pairs.append(("KnownHostsCommand", "none"))
+    lines = [f"Host {alias}"]
+    for keyword, value in pairs:
+        if keyword == "ProxyCommand":  # the rest of the line is a shell command (SshHop quotes its words)
+            if _CONTROL.search(value):
+                raise UsageError(f"the ProxyCommand for {alias} has a control character")
+            lines.append(f"    {keyword} {value}")
+        elif keyword in ("HostName", "User"):
+            lines.append(f"    {keyword} {config_value(value, keyword)}")
+        else:
+            lines.append(f"    {keyword} {value}")  # written by ssh_options, already a config value
+    return lines
 
 
 def destination(target: SshTarget) -> str:
