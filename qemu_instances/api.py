@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from qemu_instances.host import SnapshotInfo
     from qemu_instances.images import CachedImage, ImageRef, Source
     from qemu_instances.instances import Instance, Orphan
+    from qemu_instances.inventory import Inventory
     from qemu_instances.launch import UpRequest, UpResult
+    from qemu_instances.shards import Merged
     from qemu_instances.smoke import ImageReport, SmokeOptions
     from qemu_instances.snapshots import Created
     from qemu_instances.ssh import SshResult
@@ -48,6 +50,7 @@ __all__ = [
     "get",
     "images",
     "instances",
+    "inventory",
     "logs",
     "prune",
     "pull",
@@ -55,11 +58,13 @@ __all__ = [
     "run",
     "settings",
     "smoke",
+    "smoke_merge",
     "snapshot_create",
     "snapshot_delete",
     "snapshot_list",
     "snapshot_restore",
     "ssh_argv",
+    "ssh_config",
     "start",
     "stop",
     "up",
@@ -239,6 +244,27 @@ def ssh_argv(settings: Settings, name: str, command: Sequence[str] = ()) -> list
     return argv(get(settings, name), settings, command)
 
 
+def ssh_config(settings: Settings, names: Sequence[str] = ()) -> str:
+    """OpenSSH `Host` blocks with `qinst ssh`'s checked options (qinst's known_hosts of the verified keys, strict
+    checking): for `names` (each must be running, with a verified key), else every running instance that has one."""
+    from qemu_instances.instances import get_instance, list_instances, open_host
+    from qemu_instances.sshconfig import render
+
+    with open_host(_connect(settings)) as host:
+        found = [get_instance(host, n)[1] for n in dict.fromkeys(names)] if names else list_instances(host)
+    return render(found, settings, named=bool(names))
+
+
+def inventory(settings: Settings) -> Inventory:
+    """Ansible's dynamic inventory of the host's instances: groups by image, host and state, and for each instance
+    the connection variables that keep host-key checking on with qinst's known_hosts."""
+    from qemu_instances.instances import list_instances, open_host
+    from qemu_instances.inventory import build
+
+    with open_host(_connect(settings)) as host:
+        return build(list_instances(host), settings)
+
+
 def run(settings: Settings, name: str, command: Sequence[str], *, timeout: float = 60.0) -> SshResult:
     """Run a command in the instance over its checked SSH connection; never raises for its exit status."""
     from qemu_instances.access import ssh_run
@@ -346,6 +372,16 @@ def smoke(
     from qemu_instances.smoke import SmokeOptions, run_smoke
 
     return run_smoke(_connect(settings), images, options or SmokeOptions(), on_done=on_done)
+
+
+def smoke_merge(files: Sequence[Path]) -> Merged:
+    """The results.json of several smoke runs (the shards of one matrix) as one run's results, in the matrix's order;
+    `.passed` is False when a result failed or a shard K/N is missing. Write the reports with `smoke.write_reports`."""
+    from qemu_instances.shards import merge
+
+    if not files:
+        raise UsageError("give the results.json files to merge")
+    return merge(files)
 
 
 def seed(

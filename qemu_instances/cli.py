@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from qemu_instances import api
+from qemu_instances import api, cli_tools
 from qemu_instances import cli_options as opt
 from qemu_instances.arch import Arch
-from qemu_instances.cli_app import app_for
+from qemu_instances.cli_app import app_for, joined_words
 from qemu_instances.cli_output import ProgressBar, age, print_json, say, size, table
 from qemu_instances.domain import Accel, Firmware
 from qemu_instances.errors import Interrupted, QinstError, SmokeFailed, as_error, handle_signals
@@ -437,9 +437,11 @@ def smoke(
     baseline: opt.BaselineOpt = None,
     regression_threshold: opt.ThresholdOpt = 1.25,
     summary: opt.SummaryOpt = None,
+    shard: opt.ShardOpt = None,
     as_json: opt.JsonOpt = False,
 ) -> None:
-    """Boot each image, run the checks in it, and report (exit 6 if any failed)."""
+    """Boot each image, run the checks in it, and report (exit 6 if any failed). `qinst smoke merge FILE...` joins
+    the results.json of --shard runs into one report."""
     from qemu_instances import seed as seeds
     from qemu_instances.smoke import build_options, write_reports
     from qemu_instances.smokereport import results_json
@@ -451,7 +453,7 @@ def smoke(
         firmwares=opt.enum_list(Firmware, firmware, "--firmware") if firmware else (None,),
         arches=opt.arches(arch) if arch else (), user_data=user_data, cpus=cpus, memory=memory,
         host_key_types=seeds.host_key_types(host_key_types),
-        latest=latest, retries=retries, baseline=baseline, regression_threshold=regression_threshold,
+        latest=latest, retries=retries, baseline=baseline, regression_threshold=regression_threshold, shard=shard,
     )  # fmt: skip
     done: list[ImageReport] = []
 
@@ -460,7 +462,9 @@ def smoke(
         say(_smoke_line(report))
 
     def write(reports: list[ImageReport]) -> None:
-        write_reports(reports, junit=junit, summary=summary, artifacts=artifacts, baseline=opts.baseline)
+        write_reports(
+            reports, junit=junit, summary=summary, artifacts=artifacts, baseline=opts.baseline, shard=opts.shard
+        )
 
     # Ctrl-C and SIGTERM stop every boot and remove every instance in run_smoke; the reports of what finished are
     # written here, and main() gives exit 130 / 143.
@@ -471,10 +475,15 @@ def smoke(
         raise
     write(reports)
     if as_json:
-        print_json(results_json(reports))
+        print_json(results_json(reports, (opts.shard.index, opts.shard.count) if opts.shard else None))
     failed = [r.suite for r in reports if not r.passed]
     if failed:
         raise SmokeFailed(f"{len(failed)} of {len(reports)} image(s) failed: {', '.join(failed)}")
+
+
+app.command("smoke merge")(cli_tools.smoke_merge)  # `smoke merge` is one command word (cli_app.joined_words)
+app.command("ssh-config")(cli_tools.ssh_config)
+app.command("inventory")(cli_tools.inventory)
 
 
 def _smoke_line(report: ImageReport) -> str:
@@ -567,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
     handle_signals()
     try:
         try:
-            args = list(sys.argv[1:] if argv is None else argv)
+            args = joined_words(list(sys.argv[1:] if argv is None else argv))
             app_for(app, _new_app, args)(args=args, prog_name="qinst")
         except SystemExit as exc:
             # Typer turns Ctrl-C into a silent exit 130: give it (and SIGTERM) the one path below.

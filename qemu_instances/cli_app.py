@@ -26,6 +26,26 @@ def _command_name(args: list[str]) -> str | None:
     return None
 
 
+# Commands spelled in two words whose first word is a command with arguments of its own (`smoke IMAGE...`): click
+# would take the second word for an argument, so the two words become the one command name "smoke merge".
+JOINED = frozenset({("smoke", "merge")})
+
+
+def joined_words(args: list[str]) -> list[str]:
+    """args with `smoke merge` (after the global options) as the one word "smoke merge"."""
+    words = iter(enumerate(args))
+    for i, word in words:
+        if word in ("-h", "--help", "--"):
+            break
+        if word in GLOBAL_VALUE_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            if (word, args[i + 1] if i + 1 < len(args) else "") in JOINED:
+                return [*args[:i], f"{word} {args[i + 1]}", *args[i + 2 :]]
+            break
+    return args
+
+
 def app_for(app: typer.Typer, new_app: Callable[[], typer.Typer], args: list[str]) -> typer.Typer:
     """The app holding only the command `args` run: typer builds the options of every command it holds on each
     run (~0.04 s, a third of `qinst ls`). Help, no command or an unknown one get the whole app: its listing, its

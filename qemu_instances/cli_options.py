@@ -217,3 +217,30 @@ IpfsGatewayOpt = Annotated[
 HostOpt = Annotated[
     str | None, _env_option("--host", "QINST_HOST", "NAME", "A host of the config file's [hosts] table (up: or auto).")
 ]
+
+
+# `qinst smoke --shard`, `smoke merge`, `ssh-config` and `inventory`.
+def _shard(param: typer.CallbackParam, value: str | None) -> str | None:
+    if value is not None:
+        from qemu_instances.shards import Shard
+
+        try:
+            Shard.parse(value)  # checked here; build_options reads it again
+        except QinstError as exc:
+            raise typer.BadParameter(exc.message.split(": ", 1)[-1], param_hint=param.opts[0]) from None
+    return value
+
+
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        metavar="K/N",
+        callback=_shard,
+        help="Run only share K of N of the image x arch x firmware matrix (the same split on every CI job).",
+    ),
+]
+MergeFilesArg = Annotated[list[Path], typer.Argument(help="results.json of each shard (or run).", show_default=False)]
+NamesArg = Annotated[list[str] | None, typer.Argument(help="Instance names (default: every running one).")]
+InventoryListOpt = Annotated[bool, typer.Option("--list", help="Every group and host (the default).")]
+InventoryHostOpt = Annotated[str | None, typer.Option("--host", metavar="NAME", help="One instance's variables.")]

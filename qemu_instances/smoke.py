@@ -51,6 +51,7 @@ from qemu_instances.logs import log
 from qemu_instances.proc import collect, spawn
 from qemu_instances.seed import DEFAULT_HOST_KEY_TYPES, load_template
 from qemu_instances.settings import Settings
+from qemu_instances.shards import Shard
 from qemu_instances.smokereport import (
     Baseline,
     CheckResult,
@@ -96,6 +97,7 @@ class SmokeOptions:
     retries: int = 0
     baseline: Baseline | None = None
     regression_threshold: float = 1.25
+    shard: Shard | None = None  # --shard K/N: this CI job's share of the matrix
 
 
 def build_options(
@@ -122,6 +124,7 @@ def build_options(
     retries: int = 0,
     baseline: Path | None = None,
     regression_threshold: float = 1.25,
+    shard: str | None = None,
 ) -> SmokeOptions:
     """`qinst smoke`'s options, every one checked before anything boots (UsageError, exit 2, naming the option):
     check files, regexes, the baseline, the user-data; the --artifacts folder is made last, so that a refused
@@ -176,6 +179,7 @@ def build_options(
         retries=retries,
         baseline=last_night,
         regression_threshold=regression_threshold,
+        shard=Shard.parse(shard) if shard is not None else None,
     )
 
 
@@ -537,8 +541,13 @@ def run_smoke(
     on_done: Callable[[ImageReport], None] | None = None,
 ) -> list[ImageReport]:
     """Smoke-test every image x firmware (opts.parallel at once). An interruption stops every boot, removes the
-    instances, reports what finished through on_done, and is raised again."""
-    todo = jobs(images, opts.firmwares, opts.arches)
+    instances, reports what finished through on_done, and is raised again. With opts.shard, only that shard's
+    share of the matrix runs (each report knows its place in the whole matrix)."""
+    matrix = jobs(images, opts.firmwares, opts.arches)
+    numbered = opts.shard.take(matrix) if opts.shard else list(enumerate(matrix))
+    todo = [job for _, job in numbered]
+    if not todo:
+        return []  # a shard beyond the matrix's size (more CI jobs than images x arches x firmwares)
     placed = [for_host(settings, opts.hosts[i % len(opts.hosts)]) for i in range(len(todo))] if opts.hosts else []
     for target in {s.connect for s in placed} or {settings.connect}:
         with Host(target):
@@ -558,6 +567,7 @@ def run_smoke(
         try:
             for future in concurrent.futures.as_completed(futures):
                 report = future.result()
+                report.job = numbered[futures[future]][0]
                 reports[futures[future]] = report
                 if on_done:
                     on_done(report)
@@ -569,6 +579,7 @@ def run_smoke(
             for f, i in futures.items():
                 if i not in reports and f.done() and not f.cancelled() and f.exception() is None:
                     reports[i] = f.result()
+                    reports[i].job = numbered[i][0]
                     if on_done:
                         on_done(reports[i])
             raise
@@ -594,6 +605,7 @@ def write_reports(
     summary: Path | None,
     artifacts: Path | None,
     baseline: Baseline | None,
+    shard: Shard | None = None,
 ) -> None:
     """The JUnit report, the Markdown summary and results.json, for whatever finished."""
     if junit is not None:
@@ -601,4 +613,5 @@ def write_reports(
     if summary is not None:
         write_atomically(summary, summary_markdown(reports, baseline).encode("utf-8", "replace"))
     if artifacts is not None:
-        write_atomically(artifacts / "results.json", (json.dumps(results_json(reports), indent=2) + "\n").encode())
+        data = results_json(reports, (shard.index, shard.count) if shard else None)
+        write_atomically(artifacts / "results.json", (json.dumps(data, indent=2) + "\n").encode())

@@ -67,6 +67,7 @@ class ImageReport:
     attempts: int = 1
     first_failure: str = ""  # with --retries: the first failed attempt's message
     artifact_errors: dict[str, str] = field(default_factory=dict)  # --artifacts files not (fully) collected: why
+    job: int | None = None  # its place in the whole image x arch x firmware matrix (smoke.jobs' order; shards)
 
     @property
     def suite(self) -> str:
@@ -126,6 +127,7 @@ class ImageReport:
             "started": self.started,
             "checks": [
                 {"name": c.name, "status": str(c.status), "seconds": c.seconds, "message": c.message}
+                | ({"output": c.output} if c.output else {})
                 for c in self.checks
             ],
             "properties": self.properties,
@@ -133,13 +135,18 @@ class ImageReport:
             "ready_seconds": self.ready_seconds,
             "kept": self.kept,
             "artifact_errors": self.artifact_errors,
+            # What the JUnit report shows of a failure, so that `qinst smoke merge` rebuilds the same report.
+            **({"console_tail": self.console_tail()} if self.failed else {}),
+            **({"job": self.job} if self.job is not None else {}),
         }
 
 
-def results_json(reports: Sequence[ImageReport]) -> dict[str, Any]:
+def results_json(reports: Sequence[ImageReport], shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The run's JSON; a shard's (smoke --shard K/N) says which one it is, so that a merge sees a missing one."""
     return {
         "schema": SCHEMA,
         "passed": all(r.passed for r in reports),
+        **({"shard": {"index": shard[0], "count": shard[1]}} if shard else {}),
         "results": [r.to_json() for r in reports],
     }
 
