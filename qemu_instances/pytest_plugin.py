@@ -193,6 +193,7 @@ class QinstFactory:
         """Each guest's console tail and cloud-init output, for a failed test's report (what can be had of them)."""
         from qemu_instances import api
         from qemu_instances.errors import QinstError
+        from qemu_instances.smokereport import clean_text
         from qemu_instances.text import printable_lines, tail_lines
 
         sections = []
@@ -201,14 +202,14 @@ class QinstFactory:
                 console = tail_lines(api.logs(self.settings, name), REPORT_LINES)
             except QinstError as exc:
                 console = f"(no console: {exc.message})"
-            sections.append((f"qinst console: {name}", printable_lines(console)))
+            sections.append((f"qinst console: {name}", printable_lines(clean_text(console))))
             if any(g.name == name for g in self.guests):
                 try:
                     result = api.run(self.settings, name, [CLOUD_INIT_OUTPUT.format(n=REPORT_LINES)], timeout=60)
                     output = result.stdout if result.ok else f"(not read: {result.stderr.strip()[-500:]})"
                 except QinstError as exc:
                     output = f"(not read: {exc.message})"
-                sections.append((f"qinst cloud-init-output.log: {name}", printable_lines(output)))
+                sections.append((f"qinst cloud-init-output.log: {name}", printable_lines(clean_text(output))))
         return sections
 
     def close(self, keep_failed: bool) -> list[str]:
