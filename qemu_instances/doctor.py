@@ -15,6 +15,7 @@ from qemu_instances.arch import Arch
 from qemu_instances.errors import HypervisorError
 from qemu_instances.host import POOL_NAME, Host, domain_capabilities
 from qemu_instances.mounts import choose_driver
+from qemu_instances.sev import SevSupport
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,16 @@ def run_checks(uri: str, cache_dir: Path | None = None) -> list[Check]:
             )
         )
         try:
-            _, why = choose_driver(domain_capabilities(host), local=host.is_local)
+            caps = domain_capabilities(host)
+            _, why = choose_driver(caps, local=host.is_local)
             checks.append(Check("mounts", True, f"up --mount shares folders by {why}", required=False))
+            sev = SevSupport.from_domcaps(caps)
+            hint = (
+                ""
+                if sev.sev
+                else "up --confidential sev needs an AMD EPYC host with SEV enabled in firmware and kvm_amd"
+            )
+            checks.append(Check("sev", sev.sev, sev.describe(), hint, required=False))
         except HypervisorError as exc:  # a driver without domain capabilities (the test driver)
             checks.append(Check("mounts", False, f"cannot tell how to share folders: {exc.message}", required=False))
     for tool, package in (("qemu-img", "qemu-utils"), ("ssh", "openssh-client"), ("ssh-keyscan", "openssh-client")):
