@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import secrets
+import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -360,3 +361,35 @@ def test_session_files_are_not_printed(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as err:
         Session.load(prefix)
     assert session.tik.hex() not in str(err.value) + str(getattr(err.value, "hint", ""))
+
+
+def test_the_confidential_domain_xml_is_valid_for_libvirt(tmp_path: Path) -> None:
+    """The SEV domain passes libvirt's own schema (virt-xml-validate) and the test driver defines it; the firmware is
+    the only loader, stateless and read-only, and nothing that would run unmeasured is left."""
+    sev = _inputs(tmp_path, b"firmware")
+    _, spec = _plan("sev-xml", sev)
+    xml = REAL_DOMAIN_XML(spec)
+    path = tmp_path / "domain.xml"
+    path.write_text(xml)
+    proc = subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    root = ET.fromstring(xml)
+    loaders = root.findall("os/loader")
+    assert [(x.text, x.get("stateless"), x.get("readonly")) for x in loaders] == [
+        (str(sev.firmware.path), "yes", "yes")
+    ]
+    assert root.find("os").get("firmware") is None and root.find("os/nvram") is None  # type: ignore[union-attr]
+    assert root.find("memoryBacking/locked") is not None and root.findtext("on_reboot") == "destroy"
+    security = root.find("launchSecurity")
+    assert security is not None
+    assert {c.tag: c.text for c in security} == {
+        "cbitpos": "51", "reducedPhysBits": "1", "policy": "0x0001",
+        "dhCert": sev.session.godh, "session": sev.session.session,
+    }  # fmt: skip
+    assert all(d.get("iommu") == "on" for d in root.iterfind("devices/disk/driver"))
+    with Host(TEST_URI) as host:
+        dom = host.conn.defineXML(xml)
+        try:
+            assert ET.fromstring(dom.XMLDesc(0)).find("launchSecurity") is not None
+        finally:
+            dom.undefine()
