@@ -371,6 +371,9 @@ class Catalog:
         for entry in entries:
             self._entries[entry.name] = entry
         self.firmware: dict[str, FirmwareEntry] = {f.name: f for f in firmware}
+        for fw in self.firmware.values():  # one namespace: `qinst pull NAME` must mean one thing
+            if self.get(fw.name) is not None:
+                raise CatalogError(f"{fw.origin}: [firmware.{fw.name}]: an image of the catalog has that name")
 
     def firmware_for_aleph(self, item_hash: str) -> FirmwareEntry | None:
         """The firmware entry pulled through aleph message item_hash, if the catalog has one."""

@@ -380,6 +380,12 @@ class ImageStore:
     def resolve(
         self, text: str, *, sha256: str | None = None, sha512: str | None = None, arch: Arch | None = None
     ) -> ImageRef:
+        firmware = self.catalog.firmware.get(text)
+        if firmware is not None and not (sha256 or sha512):  # a catalog firmware: its aleph message, or its URL
+            if firmware.aleph_item_hash:
+                return parse_image_ref(f"aleph:{firmware.aleph_item_hash}", self.catalog)
+            assert firmware.url is not None
+            return parse_image_ref(firmware.url, self.catalog, sha256=firmware.digest.hex)
         return parse_image_ref(text, self.catalog, sha256=sha256, sha512=sha512, arch=arch)
 
     def cached(self, ref: ImageRef) -> CachedImage | None:

@@ -485,18 +485,10 @@ class Launcher:
         return SevInputs(support, session, firmware, launch_digest(firmware.path), req.sev_policy)
 
     def _pull_firmware(self, text: str | None, progress: Progress | None) -> CachedImage:
-        """The confidential firmware, verified by hash into the cache: a catalog firmware (by name), aleph:<hash>,
-        or a local file (its own sha256: the owner vouches for it)."""
+        """The confidential firmware, verified by hash into the cache: a catalog firmware (by name: its validation
+        hash checked too), aleph:<hash>, or a local file (its own sha256: the owner vouches for it)."""
         if not text:
             raise UsageError("--confidential sev needs --firmware NAME|aleph:<hash>|FILE (the confidential OVMF)")
-        entry = self.store.catalog.firmware.get(text)
-        if entry is not None:
-            if entry.aleph_item_hash:
-                text = f"aleph:{entry.aleph_item_hash}"
-            else:
-                assert entry.url
-                ref = self.store.resolve(entry.url, sha256=entry.digest.hex)
-                return self.store.pull(ref, progress=progress)
         return self.store.pull(self.store.resolve(text), progress=progress)
 
     def _pull(self, ref: ImageRef, req: UpRequest, progress: Progress | None) -> CachedImage:

@@ -393,3 +393,25 @@ def test_the_confidential_domain_xml_is_valid_for_libvirt(tmp_path: Path) -> Non
             assert ET.fromstring(dom.XMLDesc(0)).find("launchSecurity") is not None
         finally:
             dom.undefine()
+
+
+def test_a_firmware_cannot_take_an_images_name(tmp_path: Path) -> None:
+    from qemu_instances.catalog import Catalog
+    from qemu_instances.errors import CatalogError
+
+    path = tmp_path / "user.toml"
+    path.write_text('[firmware.debian-12]\nurl = "https://e.invalid/OVMF.fd"\ndigest = "sha256:' + "a" * 64 + '"\n')
+    with pytest.raises(CatalogError, match=r"\[firmware.debian-12\]: an image of the catalog has that name"):
+        Catalog.load([path])
+
+
+@pytest.mark.http
+def test_pull_by_firmware_name(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
+    """`qinst pull NAME` of a catalog firmware goes through its aleph message and its validation hash."""
+    firmware = secrets.token_bytes(8192)
+    item, _ = mirror.aleph.store(firmware)
+    catalog = _firmware_catalog(tmp_path, item, hashlib.sha256(firmware).hexdigest())
+    proc = qinst(*mirror.args(tmp_path / "cache"), "--catalog", str(catalog), "pull", "test-ovmf", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert Path(data["path"]).read_bytes() == firmware and data["name"] == "test-ovmf"
