@@ -18,13 +18,13 @@ TARGETS=${QINST_MUTATION_TARGETS:-"digests.py:* download.py:*
 # host-key and prune tests). mutmut runs, for each mutant, only the tests that cover its function (fastest first,
 # stopping at the first failure), so each mutant is judged in seconds; tests that cover none of TARGETS are left
 # out of the selection (its clean run and coverage run come first and cost minutes on a loaded machine).
-TESTS=${QINST_MUTATION_TESTS:-"tests/test_digests.py tests/test_pull.py tests/test_cli_images.py tests/test_sshkeys.py tests/test_wait.py
-       tests/test_hostkeys.py tests/test_ssh.py tests/test_domain.py tests/test_host.py tests/test_seed.py tests/test_cli_seed.py
-       tests/test_images_ref.py tests/test_promises_digests.py tests/test_promises_download.py
-       tests/test_promises_host.py tests/test_promises_keys.py tests/test_promises_prune.py
-       tests/test_promises_seed.py tests/test_promises_mutation.py tests/test_promises_catalog.py tests/test_catalog.py tests/test_cache_faults.py tests/test_hostile_bytes.py tests/test_mirror_trust.py"}
+TESTS=${QINST_MUTATION_TESTS:-"tests/test_digests.py tests/test_download.py tests/test_images.py tests/test_cli_pull.py
+       tests/test_cli_prune.py tests/test_cli_images.py tests/test_catalog.py tests/test_sshkeys.py tests/test_seed.py
+       tests/test_cli_seed.py tests/test_wait.py tests/test_ssh.py tests/test_access.py tests/test_domain.py
+       tests/test_host.py tests/test_seals.py tests/test_launch.py tests/test_instances.py tests/test_proc.py
+       tests/test_console.py"}
 # (QINST_MUTATION_TARGETS / QINST_MUTATION_TESTS / QINST_MUTATION_DIR: a part of the run, e.g. host.py's targets with
-# tests/test_promises_host.py tests/test_promises_prune.py tests/test_host.py, in a scratch directory of its own.)
+# tests/test_host.py tests/test_instances.py, in a scratch directory of its own.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD

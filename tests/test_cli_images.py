@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import RunQinst
+from conftest import RunQinst, no_traceback
 from mirror import Mirror
 
 IMAGES_KEYS = {"name", "aliases", "title", "arch", "digest", "aleph_item_hash", "cached", "size"}
@@ -15,11 +15,6 @@ DEBIAN_12_DIGEST = (
     "sha512:3d94c9dd66d8a283fde060b8810373b7ae04038b956ee00d553d1ae564f6fbdeaa2fd6e7404e87e53348b5a9509170f3"
     "ea7c0731ba737590c5c4cb8d559a47f8"
 )
-
-
-def no_traceback(stderr: str) -> None:
-    assert "Traceback" not in stderr
-    assert 'File "' not in stderr
 
 
 def test_images_json(qinst: RunQinst, tmp_path: Path) -> None:
@@ -144,56 +139,6 @@ def test_missing_catalog_file(qinst: RunQinst, tmp_path: Path) -> None:
     assert proc.returncode == 3
     assert f"cannot read catalog {tmp_path / 'nope.toml'}" in proc.stderr
     no_traceback(proc.stderr)
-
-
-@pytest.mark.parametrize(
-    ("name", "suggestion"), [("debian-14", "debian-13"), ("jamy", "jammy"), ("bokworm", "bookworm")]
-)
-def test_unknown_image_suggests_close_names(qinst: RunQinst, tmp_path: Path, name: str, suggestion: str) -> None:
-    proc = qinst("--cache-dir", str(tmp_path), "pull", name)
-    assert proc.returncode == 3
-    assert proc.stderr.splitlines()[0] == f"qinst: error: unknown image '{name}'"
-    hint = proc.stderr.splitlines()[1]
-    assert hint.startswith("hint: did you mean")
-    assert suggestion in hint
-    no_traceback(proc.stderr)
-
-
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        (["pull", "https://example.org/x.qcow2"], "refusing to download https://example.org/x.qcow2 without a digest"),
-        (["pull", "https://example.org/x.qcow2", "--sha256", "a" * 64, "--sha512", "b" * 128], "not both"),
-        (["pull", "https://example.org/x.qcow2", "--sha512", "a" * 64], "expected 128 hex digits"),
-        (["pull", "debian-12", "--sha256", "a" * 64], "only to an http(s) URL"),
-        (["pull", "aleph:1234"], "invalid aleph item hash"),
-        (["pull", "debian-12", "--source", "ipfs"], "'ipfs' is not one of upstream, aleph"),
-        (["pull"], "Missing argument"),
-        (["pull", "debian-12", "--bogus"], "No such option"),
-        (["--mirror", "ftp://mirror.lan", "images"], "expected an http(s) URL"),
-        (["frobnicate"], "No such command"),
-    ],
-)
-def test_usage_errors_exit_2(qinst: RunQinst, tmp_path: Path, args: list[str], needle: str) -> None:
-    proc = qinst("--cache-dir", str(tmp_path), *args)
-    assert proc.returncode == 2, proc.stderr
-    assert needle in proc.stderr
-    assert proc.stdout == ""
-    no_traceback(proc.stderr)
-    assert not (tmp_path / "images").exists()  # nothing was fetched or created
-
-
-def test_url_latest_is_a_usage_error(qinst: RunQinst, tmp_path: Path) -> None:
-    proc = qinst("--cache-dir", str(tmp_path), "pull", "https://e.example/x.img", "--sha256", "a" * 64, "--latest")
-    assert proc.returncode == 2
-    assert "--latest apply to catalog images" in proc.stderr
-
-
-def test_missing_local_file_exits_3(qinst: RunQinst, tmp_path: Path) -> None:
-    proc = qinst("--cache-dir", str(tmp_path), "pull", "/nonexistent/disk.qcow2", "--json")
-    assert proc.returncode == 3
-    assert proc.stdout == ""
-    assert proc.stderr == "qinst: error: no such image file: /nonexistent/disk.qcow2\n"
 
 
 def test_titles_are_printed_without_terminal_escapes(qinst: RunQinst, tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from conftest import RunQinst
+import pytest
+from conftest import RunQinst, one_clear_error
 
 
 def test_seed_writes_a_cidata_iso(qinst: RunQinst, tmp_path: Path) -> None:
@@ -43,3 +44,15 @@ def test_seed_bad_input_writes_nothing(qinst: RunQinst, tmp_path: Path) -> None:
     broken = qinst("seed", "--out", str(out), "--user-data", str(bad_yaml), env={"HOME": str(tmp_path)})
     assert broken.returncode == 2 and "line" in broken.stderr and "Traceback" not in broken.stderr
     assert not out.exists() and not list(tmp_path.glob(".seed.iso*"))
+
+
+# -- bad --out values --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out", ["/", ".", "", "..", "/nonexistent-qinst/seed.iso"])
+def test_seed_out_without_a_file_name_or_folder(qinst: RunQinst, offline_env: dict[str, str], out: str) -> None:
+    one_clear_error(qinst("seed", "--out", out, env=offline_env), 2, "--out")
+
+
+def test_seed_out_an_existing_folder(qinst: RunQinst, offline_env: dict[str, str], tmp_path: Path) -> None:
+    one_clear_error(qinst("seed", "--out", str(tmp_path), env=offline_env), 2, "--out", "is a folder")

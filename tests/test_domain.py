@@ -13,48 +13,18 @@ from qemu_instances.domain import (
     QEMU_NS,
     Accel,
     Firmware,
-    InstanceSpec,
     Metadata,
     Network,
-    NetworkKind,
     domain_xml,
     metadata_from_domain_xml,
     validate_name,
 )
 from qemu_instances.errors import UsageError
-
-
-def _spec(**changes: object) -> InstanceSpec:
-    meta = Metadata(
-        image="debian-12",
-        digest="sha512:" + "ab" * 64,
-        user="debian",
-        network="user",
-        ssh_host="127.0.0.1",
-        ssh_port=2222,
-        created="2026-11-28T12:00:00+00:00",
-        instance_id="i-0123456789abcdef",
-        volumes=("vm1.qcow2", "vm1-seed.iso"),
-    )
-    values: dict[str, object] = {
-        "name": "vm1",
-        "cpus": 2,
-        "memory_mib": 512,
-        "disk_path": "/pool/vm1.qcow2",
-        "seed_path": "/pool/vm1-seed.iso",
-        "console_log": "/var/log/libvirt/qemu/vm1-console.log",
-        "network": Network(NetworkKind.USER),
-        "accel": Accel.TCG,
-        "firmware": Firmware.BIOS,
-        "ssh_port": 2222,
-        "metadata": meta,
-    }
-    values.update(changes)
-    return InstanceSpec(**values)  # type: ignore[arg-type]
+from testsupport.testdriver import GOOD_RECORD, instance_spec
 
 
 def test_user_network_forwards_ssh_from_loopback_only() -> None:
-    root = ET.fromstring(domain_xml(_spec()))
+    root = ET.fromstring(domain_xml(instance_spec()))
     args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
     assert args[0] == "-netdev"
     assert "hostfwd=tcp:127.0.0.1:2222-:22" in args[1]
@@ -63,13 +33,13 @@ def test_user_network_forwards_ssh_from_loopback_only() -> None:
 
 
 def test_restricted_user_network() -> None:
-    root = ET.fromstring(domain_xml(_spec(network=Network.parse("user:restrict"))))
+    root = ET.fromstring(domain_xml(instance_spec(network=Network.parse("user:restrict"))))
     args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
     assert args[1].endswith(",restrict=on")
 
 
 def test_tcg_domain_devices() -> None:
-    root = ET.fromstring(domain_xml(_spec()))
+    root = ET.fromstring(domain_xml(instance_spec()))
     assert root.get("type") == "qemu"
     assert root.find("os/type").get("machine") == "q35"  # type: ignore[union-attr]
     assert root.find("cpu").get("mode") == "maximum"  # type: ignore[union-attr]
@@ -83,7 +53,7 @@ def test_tcg_domain_devices() -> None:
 
 def test_lean_guest_hardware() -> None:
     """What bench/hardware.py measured as fastest without losing a feature (README, Guest hardware)."""
-    root = ET.fromstring(domain_xml(_spec()))
+    root = ET.fromstring(domain_xml(instance_spec()))
     assert root.find("devices/controller[@type='usb']").get("model") == "none"  # type: ignore[union-attr]
     assert root.find("devices/memballoon").get("model") == "none"  # type: ignore[union-attr]
     assert root.find("devices/video") is None and root.find("devices/graphics") is None
@@ -101,15 +71,15 @@ def test_lean_guest_hardware() -> None:
 
 
 def test_kvm_keeps_host_passthrough_and_the_same_devices() -> None:
-    tcg = ET.fromstring(domain_xml(_spec()))
-    kvm = ET.fromstring(domain_xml(_spec(accel=Accel.KVM)))
+    tcg = ET.fromstring(domain_xml(instance_spec()))
+    kvm = ET.fromstring(domain_xml(instance_spec(accel=Accel.KVM)))
     assert kvm.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
     assert ET.tostring(kvm.find("devices")) == ET.tostring(tcg.find("devices"))  # type: ignore[arg-type]
     assert ET.tostring(kvm.find("clock")) == ET.tostring(tcg.find("clock"))  # type: ignore[arg-type]
 
 
 def test_kvm_and_uefi_without_secure_boot() -> None:
-    root = ET.fromstring(domain_xml(_spec(accel=Accel.KVM, firmware=Firmware.UEFI)))
+    root = ET.fromstring(domain_xml(instance_spec(accel=Accel.KVM, firmware=Firmware.UEFI)))
     assert root.get("type") == "kvm"
     assert root.find("os").get("firmware") == "efi"  # type: ignore[union-attr]
     features = {f.get("name"): f.get("enabled") for f in root.iterfind("os/firmware/feature")}
@@ -121,7 +91,7 @@ def test_kvm_and_uefi_without_secure_boot() -> None:
     [("default", "network", "default"), ("network:lab", "network", "lab"), ("bridge:br0", "bridge", "br0")],
 )
 def test_libvirt_networks(text: str, xml_type: str, source: str) -> None:
-    root = ET.fromstring(domain_xml(_spec(network=Network.parse(text))))
+    root = ET.fromstring(domain_xml(instance_spec(network=Network.parse(text))))
     iface = root.find("devices/interface")
     assert iface is not None and iface.get("type") == xml_type
     assert source in (iface.find("source").attrib.values())  # type: ignore[union-attr]
@@ -129,7 +99,7 @@ def test_libvirt_networks(text: str, xml_type: str, source: str) -> None:
 
 
 def test_no_network() -> None:
-    root = ET.fromstring(domain_xml(_spec(network=Network.parse("none"))))
+    root = ET.fromstring(domain_xml(instance_spec(network=Network.parse("none"))))
     assert root.find("devices/interface") is None
     assert root.find(f"{{{QEMU_NS}}}commandline") is None
 
@@ -148,7 +118,7 @@ def test_bad_names(name: str) -> None:
 
 def test_hostile_values_stay_data() -> None:
     meta = Metadata(image="x</image><evil/>&amp;", digest="d", user="u", network="user", volumes=("a&b",))
-    xml = domain_xml(_spec(metadata=meta))
+    xml = domain_xml(instance_spec(metadata=meta))
     back = metadata_from_domain_xml(xml)
     assert back == meta
     assert ET.fromstring(xml).find(".//evil") is None
@@ -158,11 +128,11 @@ def test_metadata_round_trip_through_libvirt_test_driver() -> None:
     """The test driver keeps our namespaced <metadata> and returns it in the domain XML."""
     conn = libvirt.open("test:///default")
     try:
-        xml = domain_xml(_spec(network=Network.parse("none")))
+        xml = domain_xml(instance_spec(network=Network.parse("none")))
         dom = conn.defineXML(xml)
         try:
             back = metadata_from_domain_xml(dom.XMLDesc(0))
-            assert back == _spec().metadata
+            assert back == instance_spec().metadata
             element = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
             assert "vm1-seed.iso" in element
             changed = replace(back, host_keys="ssh-ed25519 AAAA", volumes=())  # type: ignore[type-var]
@@ -182,3 +152,45 @@ def test_metadata_round_trip_through_libvirt_test_driver() -> None:
 
 def test_foreign_domain_has_no_metadata() -> None:
     assert metadata_from_domain_xml("<domain type='qemu'><name>x</name></domain>") is None
+
+
+# -- the record's round trip through the domain XML --------------------------------------------------------------------
+
+
+def _domain_xml(meta_xml: str) -> str:
+    return f"<domain><name>vm1</name><metadata>{meta_xml}</metadata></domain>"
+
+
+@pytest.mark.promise
+def test_the_record_survives_the_domain_xml() -> None:
+    meta_xml = GOOD_RECORD.to_xml().replace("<instance>", f'<instance xmlns="{METADATA_NS}">', 1)
+    assert metadata_from_domain_xml(_domain_xml(meta_xml)) == GOOD_RECORD
+
+
+@pytest.mark.promise
+def test_a_domain_without_qinst_metadata_is_not_an_instance() -> None:
+    assert metadata_from_domain_xml("<domain><name>x</name></domain>") is None
+    assert metadata_from_domain_xml(_domain_xml('<instance xmlns="http://other.invalid/ns"/>')) is None
+    assert metadata_from_domain_xml(_domain_xml("<instance/>")) is None  # not in qinst's namespace
+
+
+@pytest.mark.promise
+def test_missing_fields_take_their_defaults_and_empty_ones_are_empty() -> None:
+    xml = f'<instance xmlns="{METADATA_NS}"><image>i</image><digest/><user>u</user><network>user</network>'
+    xml += "<ssh-port/><volumes><volume/></volumes></instance>"
+    meta = metadata_from_domain_xml(_domain_xml(xml))
+    assert meta == Metadata(image="i", digest="", user="u", network="user", ssh_port=0, volumes=("",))
+
+
+@pytest.mark.promise
+def test_fields_outside_qinst_namespace_are_read_not_a_crash() -> None:
+    xml = f'<instance xmlns="{METADATA_NS}"><image xmlns="">i</image><digest/><user>u</user>'
+    meta = metadata_from_domain_xml(_domain_xml(xml + "<network>user</network></instance>"))
+    assert meta is not None and (meta.image, meta.user, str(meta.network)) == ("i", "u", "user")
+
+
+@pytest.mark.promise
+def test_a_record_with_a_non_numeric_port_is_refused() -> None:
+    xml = f'<instance xmlns="{METADATA_NS}"><image>i</image><digest/><user>u</user><network>user</network>'
+    with pytest.raises(UsageError, match=r"^unreadable qinst metadata: .*22x"):  # says what is wrong
+        metadata_from_domain_xml(_domain_xml(xml + "<ssh-port>22x</ssh-port></instance>"))

@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_domain import _spec
 
 from qemu_instances.domain import QEMU_NS, Metadata, Network, domain_xml, metadata_from_domain_xml
 from qemu_instances.errors import QinstError, UsageError
@@ -17,6 +16,7 @@ from qemu_instances.forwarding import Forward, check_free, parse_forwards
 from qemu_instances.instances import Instance
 from qemu_instances.settings import Settings
 from qemu_instances.tunnel import run_tunnel, tunnel_argv
+from testsupport.testdriver import instance_spec
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAuBUfUBCujFmHWWVVWaubWIPHRW795crgJj2nycx7Y0"
 
@@ -50,7 +50,7 @@ def test_same_host_port_twice_or_on_the_ssh_port() -> None:
 
 
 def test_hostfwd_rules_beside_the_ssh_one() -> None:
-    spec = _spec()
+    spec = instance_spec()
     spec = replace(spec, metadata=replace(spec.metadata, forwards=("127.0.0.1:18080:80", "0.0.0.0:18443:443")))
     root = ET.fromstring(domain_xml(spec))
     netdev = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")][1]
@@ -65,7 +65,7 @@ def test_hostfwd_rules_beside_the_ssh_one() -> None:
 def test_metadata_with_a_bad_forward_is_refused() -> None:
     good = Metadata("img", "sha512:00", "debian", "user", forwards=("127.0.0.1:80:80",))
     # As if another program had written the record:
-    xml = domain_xml(replace(_spec(), metadata=good, network=Network.parse("none")))
+    xml = domain_xml(replace(instance_spec(), metadata=good, network=Network.parse("none")))
     forged = xml.replace("127.0.0.1:80:80<", "127.0.0.1:80:80,hostfwd=tcp::1-:22<")
     assert forged != xml
     with pytest.raises(QinstError, match="invalid forward"):

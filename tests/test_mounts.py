@@ -18,9 +18,8 @@ from pathlib import Path
 import libvirt
 import pytest
 import yaml
-from conftest import RunQinst, qinst_argv, qinst_env
+from conftest import RunQinst
 from guest import domains, unique_name, volumes
-from test_domain import _spec
 
 from qemu_instances import mounts as mounts_module
 from qemu_instances import seed as seeds
@@ -36,7 +35,9 @@ from qemu_instances.mounts import (
     parse_mounts,
     readonly_helper,
 )
-from testsupport.sshd import Sshd, serving_sshd
+from testsupport.qinst import qinst_argv, qinst_env
+from testsupport.sshd import Sshd
+from testsupport.testdriver import instance_spec
 from testsupport.virsh import LOG_DIR, remove_domain
 
 
@@ -167,7 +168,7 @@ def test_a_helper_others_can_change_is_refused(tmp_path: Path, monkeypatch: pyte
 
 
 def test_domain_xml_virtiofs_and_9p() -> None:
-    spec = _spec()
+    spec = instance_spec()
     mounts = (
         Mount("/srv/a", "/mnt/a", True).record(),
         Mount("/srv/b", "/mnt/b", False, Driver.NINEP).record(),
@@ -195,7 +196,7 @@ def test_domain_xml_virtiofs_and_9p() -> None:
 
 
 def test_libvirt_accepts_the_filesystems() -> None:
-    spec = _spec()
+    spec = instance_spec()
     mounts = (Mount("/srv/a", "/mnt/a", True).record(), Mount("/srv/b", "/mnt/b", True, Driver.NINEP).record())
     conn = libvirt.open("test:///default")
     try:
@@ -396,13 +397,6 @@ def test_the_cloud_kernel_has_no_9p(shared: Shared) -> None:
     assert "# CONFIG_NET_9P is not set" in _in_guest(shared, "cat /boot/config-$(uname -r)").stdout
 
 
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    """sshd on 127.0.0.1, for a qemu+ssh:// connection to this machine's libvirtd."""
-    with serving_sshd(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
-
-
 @pytest.mark.libvirt
 def test_read_only_folder_on_a_remote_host_is_refused_before_anything_is_made(
     qinst: RunQinst, vm_env: dict[str, str], sshd: Sshd, ssh_key: Path, tmp_path: Path
@@ -419,3 +413,14 @@ def test_read_only_folder_on_a_remote_host_is_refused_before_anything_is_made(
         assert name not in domains() and not {v for v in volumes() if v.startswith(name)}
     finally:
         remove_domain(name)
+
+
+# -- guest paths -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guest", ["//etc", "/etc/", "/./etc", "///usr", "/var/./", "/lib64"])
+def test_guest_paths_are_normalised_before_the_system_folders_are_refused(guest: str) -> None:
+    from qemu_instances.errors import UsageError
+
+    with pytest.raises(UsageError, match="refusing to mount over the guest's /"):
+        Mount.parse(f"/tmp:{guest}")

@@ -13,6 +13,7 @@ import pytest
 
 from qemu_instances import proc
 from qemu_instances.errors import ImageError, QinstError
+from qemu_instances.proc import run
 
 
 def test_run_returns_text_and_raises_with_the_command_and_its_last_line() -> None:
@@ -100,3 +101,8 @@ def test_nothing_else_in_the_package_starts_processes() -> None:
     )
     assert users == []
     assert subprocess.DEVNULL  # proc.py's callers may name its constants
+
+
+def test_run_decodes_undecodable_output_with_replacement() -> None:
+    proc = run([sys.executable, "-c", "import sys; sys.stdout.buffer.write(b'a\\xff\\xfeb'); sys.exit(0)"])
+    assert proc.stdout == "a\ufffd\ufffdb"

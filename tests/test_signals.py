@@ -1,5 +1,5 @@
 """SIGTERM reaches the same interruption path as Ctrl-C, through the real `qinst`: a message, exit 143 (130 for
-SIGINT), no traceback, nothing half-written left in the cache. (`up` under a signal: tests/test_launch.py.)"""
+SIGINT), no traceback, nothing half-written left in the cache. (`up` under a signal: tests/test_cli_up.py.)"""
 
 from __future__ import annotations
 

@@ -1,29 +1,39 @@
-"""ssh.py against a real OpenSSH server on 127.0.0.1: strict host keys, %-escaped paths, `--` before the
-destination, and many commands over one connection."""
+"""ssh.py against a real OpenSSH server on 127.0.0.1: the host-key scan and check (a key other than the one the guest
+printed is refused; servers that trickle, stall or send bytes that are not UTF-8 are given up on), strict host keys,
+%-escaped paths, `--` before the destination, the hop of a qemu+ssh:// URI, many commands over one connection, and
+nothing from the user's ssh configuration."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from subprocess import CompletedProcess
 
 import pytest
+from conftest import PRINTED_KEY
 
 from qemu_instances import ssh
 from qemu_instances.domain import METADATA_NS, Metadata
-from qemu_instances.ssh import SshHop, SshTarget, known_hosts_line
+from qemu_instances.ssh import (
+    SshHop,
+    SshTarget,
+    check_host_keys,
+    check_host_keys_via,
+    known_hosts_line,
+    scan_host_keys,
+    scan_types,
+)
+from testsupport.hostkeys import HostKeySshd
 from testsupport.qinst import qinst_argv, qinst_env
-from testsupport.sshd import Sshd, serving_sshd
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    with serving_sshd(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
+from testsupport.sshd import Sshd
 
 
 def _target(sshd: Sshd, tmp_path: Path, *, user: str = "root", keys: list[tuple[str, str]] | None = None) -> SshTarget:
@@ -258,3 +268,145 @@ def test_guest_connections_read_no_configuration_file_and_forward_nothing(tmp_pa
         SshTarget("127.0.0.1", 2222, "cloud", tmp_path / "k"), forwards=["127.0.0.1:8080:localhost:80"]
     )
     assert "ClearAllForwardings=yes" not in tunnel and tunnel[tunnel.index("-L") + 1] == "127.0.0.1:8080:localhost:80"
+
+
+# -- the host-key scan and check, against a real sshd ------------------------------------------------------------------
+
+
+def _closed_port() -> Iterator[int]:
+    """A port that refuses connections for as long as it is held: bound, never listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    yield from _closed_port()
+
+
+def test_scan_returns_the_key_the_server_offers(hostkey_sshd: HostKeySshd) -> None:
+    assert scan_host_keys("127.0.0.1", hostkey_sshd.port) == [hostkey_sshd.key]
+
+
+def test_a_host_name_starting_with_a_dash_is_never_read_as_an_option(hostkey_sshd: HostKeySshd, tmp_path: Path) -> None:
+    # "-f FILE" would make ssh-keyscan scan the hosts listed in FILE (here the sshd's address) instead of the host
+    # named: a host name that starts with "-" is a name that does not resolve, and gives no keys.
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1\n")
+    assert scan_host_keys("127.0.0.1", hostkey_sshd.port) == [hostkey_sshd.key]  # the file's host does answer
+    assert scan_host_keys(f"-f{hosts}", hostkey_sshd.port) == []
+
+
+def test_the_scan_asks_for_ed25519_alone_when_the_guest_printed_one() -> None:
+    # Each type asked is a key exchange with an emulated guest (RSA signs slowly): ~12 s for ssh-keyscan's five
+    # default types against a TCG guest, ~1-3 s for ed25519 alone.
+    printed = [("ecdsa-sha2-nistp256", "A" * 40), ("ssh-ed25519", "B" * 40), ("ssh-rsa", "C" * 40)]
+    assert scan_types(printed) == ["ed25519"]
+    assert scan_types([("ssh-rsa", "C" * 40), ("ecdsa-sha2-nistp384", "A" * 40)]) == ["rsa", "ecdsa"]
+    assert scan_types([("ssh-dss", "D" * 40)]) == []  # not asked for by type: every type is
+
+
+def test_the_scan_asks_for_the_types_given(hostkey_sshd: HostKeySshd) -> None:
+    assert scan_host_keys("127.0.0.1", hostkey_sshd.port, ["ed25519"]) == [hostkey_sshd.key]
+    assert scan_host_keys("127.0.0.1", hostkey_sshd.port, ["ecdsa", "ed25519"]) == [
+        hostkey_sshd.key
+    ]  # the server has ed25519 only
+
+
+def test_a_server_offering_only_other_key_types_is_refused_not_awaited(
+    hostkey_sshd: HostKeySshd, tmp_path: Path
+) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    kind, body = (tmp_path / "k.pub").read_text().split()[:2]
+    assert scan_host_keys("127.0.0.1", hostkey_sshd.port, ["ecdsa"]) == []  # the server has no ECDSA key...
+    assert (
+        check_host_keys("127.0.0.1", hostkey_sshd.port, [(kind, body)]) is False
+    )  # ...and its ed25519 one is not ours
+
+
+def test_check_accepts_the_offered_key_and_refuses_another(hostkey_sshd: HostKeySshd, closed_port: int) -> None:
+    assert check_host_keys("127.0.0.1", hostkey_sshd.port, [hostkey_sshd.key]) is True
+    assert check_host_keys("127.0.0.1", hostkey_sshd.port, [hostkey_sshd.other, hostkey_sshd.key]) is True
+    assert check_host_keys("127.0.0.1", hostkey_sshd.port, [hostkey_sshd.other]) is False
+    assert check_host_keys("127.0.0.1", closed_port, [hostkey_sshd.key]) is None  # no answer yet: keep waiting
+
+
+def test_check_through_ssh_refuses_another_key(hostkey_sshd: HostKeySshd, closed_port: int) -> None:
+    """The check used through a remote libvirt host (here without a jump): ssh itself compares the key."""
+    check = check_host_keys_via(None)
+    assert check("127.0.0.1", hostkey_sshd.port, [hostkey_sshd.key]) is True
+    assert check("127.0.0.1", hostkey_sshd.port, [hostkey_sshd.other]) is False
+    assert check("127.0.0.1", closed_port, [hostkey_sshd.key]) is None
+
+
+def test_scan_gives_up_on_a_server_that_trickles_its_banner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ssh-keyscan's -T starts again with each byte read: a server sending one byte at a time would hold it for
+    as long as it likes; the scan's own timeout ends it: no keys (not yet an answer), not a hang."""
+    monkeypatch.setattr(ssh, "SCAN_TIMEOUT", 2.0)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(15)
+
+        def trickle() -> None:
+            with contextlib.suppress(OSError):
+                conn, _ = server.accept()
+                with conn:
+                    for byte in b"SSH-2.0-OpenSSH_9.2 trickled"[:24]:  # 12 s in all
+                        conn.sendall(bytes([byte]))
+                        time.sleep(0.5)
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        assert scan_host_keys("127.0.0.1", server.getsockname()[1]) == []
+        assert time.monotonic() - started < 8, "the scan waited on the trickling server"
+        thread.join(15)
+
+
+def test_check_through_ssh_gives_up_on_a_server_that_stalls_after_its_banner(
+    hostkey_sshd: HostKeySshd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that says its version and then nothing (a guest's sshd frozen mid key exchange): ssh's
+    ConnectTimeout does not end that, the probe's own timeout does: no answer yet (None), not a hang."""
+    monkeypatch.setattr(ssh, "PROBE_TIMEOUT", 2.0)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(15)
+
+        def stall() -> None:
+            with contextlib.suppress(OSError):
+                conn, _ = server.accept()
+                with conn:
+                    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                    conn.settimeout(12)
+                    while conn.recv(4096):  # the client's key exchange, never answered, until it gives up
+                        pass
+
+        thread = threading.Thread(target=stall, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        assert check_host_keys_via(None)("127.0.0.1", server.getsockname()[1], [hostkey_sshd.key]) is None
+        assert time.monotonic() - started < 10, "the probe waited on the stalled server"
+        thread.join(15)
+
+
+# -- a server whose banner is not UTF-8 --------------------------------------------------------------------------------
+
+
+def test_key_scan_of_a_server_with_an_undecodable_banner(bad_sshd: int) -> None:
+    assert scan_host_keys("127.0.0.1", bad_sshd) == []
+    assert check_host_keys("127.0.0.1", bad_sshd, [("ssh-ed25519", PRINTED_KEY)]) is None
+
+
+# -- the hop of a qemu+ssh:// URI --------------------------------------------------------------------------------------
+
+
+def test_hop_from_uri() -> None:
+    hop = SshHop.from_uri("qemu+ssh://admin@lab1.example:2222/system?keyfile=/k/id&command=/usr/bin/ssh")
+    assert hop == SshHop("lab1.example", "admin", 2222, "/k/id", "/usr/bin/ssh")
+    assert hop.proxy_command() == ("/usr/bin/ssh -p 2222 -l admin -i /k/id -o BatchMode=yes -W %h:%p -- lab1.example")
+    assert SshHop.from_uri("qemu:///system") is None
+    assert SshHop.from_uri("qemu+tcp://host/system") is None

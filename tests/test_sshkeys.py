@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import pty
+import select
 import shutil
 import signal
 import stat
@@ -18,7 +21,7 @@ import pytest
 
 from qemu_instances import sshkeys
 from qemu_instances.errors import QinstError, UsageError
-from qemu_instances.sshkeys import SshKey
+from qemu_instances.sshkeys import SshKey, generate_keypair
 
 needs_openssh = pytest.mark.skipif(
     shutil.which("ssh-keygen") is None or shutil.which("ssh-agent") is None,
@@ -307,3 +310,164 @@ def test_generate_keypair_refuses_to_overwrite(tmp_path: Path) -> None:
     with pytest.raises(QinstError, match=f"{path} already exists; refusing to overwrite a key"):
         sshkeys.generate_keypair(path)
     assert path.read_text() == PRIVATE_KEY
+
+
+# -- key files, generated keys and key bodies at their edges -----------------------------------------------------------
+
+
+@pytest.mark.promise
+def test_a_key_file_of_exactly_the_size_limit_is_read(tmp_path: Path) -> None:
+    key = make_key()
+    path = tmp_path / "padded.pub"
+    path.write_text(key + "\n" * (64 * 1024 - len(key)))
+    assert path.stat().st_size == 64 * 1024
+    assert sshkeys.load_key_file(path).public == key
+    path.write_text(key + "\n" * (64 * 1024 - len(key) + 1))
+    with pytest.raises(UsageError, match="is larger than 65536 bytes"):
+        sshkeys.load_key_file(path)
+
+
+@pytest.mark.promise
+def test_an_unreadable_key_path_names_the_path_and_the_reason(tmp_path: Path) -> None:
+    directory = tmp_path / "keys.pub"
+    directory.mkdir()
+    with pytest.raises(UsageError, match=f"SSH key file: {directory} is not a regular file \\(a folder\\)"):
+        sshkeys.load_key_file(directory)
+
+
+@pytest.mark.promise
+def test_generate_refuses_when_only_the_public_half_exists(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.with_name("key.pub").write_text(make_key())
+    with pytest.raises(QinstError, match="already exists; refusing to overwrite a key") as err:
+        sshkeys.generate_keypair(path)
+    assert err.value.hint == "remove it or choose another path"
+    assert not path.exists()
+
+
+@pytest.mark.promise
+def test_generated_private_key_is_ed25519_without_a_passphrase(tmp_path: Path) -> None:
+    key = sshkeys.generate_keypair(tmp_path / "own" / "id")
+    assert key.public.startswith("ssh-ed25519 ") and key.public.endswith(" qinst")
+    assert key.private_path is not None and (key.private_path.stat().st_mode & 0o777) == 0o600
+    derived = subprocess.run(
+        ["ssh-keygen", "-y", "-P", "", "-f", str(key.private_path)], capture_output=True, text=True, check=True
+    ).stdout.split()[:2]
+    assert derived == key.public.split()[:2]
+    assert ((tmp_path / "own").stat().st_mode & 0o777) == 0o700
+
+
+@pytest.mark.promise
+def test_generating_a_key_never_asks_for_a_passphrase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a desktop ssh-keygen asks through SSH_ASKPASS when no passphrase is given: qinst gives the empty one, so
+    nothing pops up and the key is not encrypted with whatever a prompt got."""
+    asked = tmp_path / "asked"
+    askpass = tmp_path / "askpass"
+    askpass.write_text(f"#!/bin/sh\necho asked >> {asked}\necho typed-passphrase\n")
+    askpass.chmod(0o755)
+    monkeypatch.setenv("SSH_ASKPASS", str(askpass))
+    monkeypatch.setenv("SSH_ASKPASS_REQUIRE", "force")
+    monkeypatch.setenv("DISPLAY", ":0")
+    key = sshkeys.generate_keypair(tmp_path / "id")
+    assert not asked.exists(), "ssh-keygen asked for a passphrase"
+    assert key.private_path is not None
+    subprocess.run(["ssh-keygen", "-y", "-P", "", "-f", str(key.private_path)], capture_output=True, check=True)
+
+
+@pytest.mark.promise
+def test_without_ssh_keygen_the_error_says_which_package_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(QinstError, match="ssh-keygen not found") as err:
+        sshkeys.generate_keypair(tmp_path / "id")
+    assert err.value.hint == "ssh-keygen is in the openssh-client package"
+
+
+@pytest.mark.promise
+def test_a_named_pipe_is_refused_without_being_read(tmp_path: Path) -> None:
+    """A wrong path (a pipe, a device) is refused by what it is, without opening it for a read that would block."""
+    fifo = tmp_path / "key.pub"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(UsageError, match=r"is not a regular file \(a FIFO\)"):
+        sshkeys.load_key_file(fifo)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.promise
+def test_a_private_key_others_can_read_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """ssh silently ignores such a key and the login fails with "Permission denied": qinst says why at once."""
+    (tmp_path / "id.pub").write_text(make_key())
+    private = tmp_path / "id"
+    private.write_text("private")
+    private.chmod(0o644)
+    with pytest.raises(UsageError, match=r"readable by others \(mode 0644\)") as err:
+        sshkeys.load_key_file(private)
+    assert err.value.hint == f"chmod 600 {private}"
+    private.chmod(0o600)
+    assert sshkeys.load_key_file(private).private_path == private
+
+
+@pytest.mark.promise
+def test_resolve_keys_falls_back_to_qinsts_own_pair_in_the_config_dir(home: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    keys = sshkeys.resolve_keys([], config)
+    assert [k.private_path for k in keys] == [config / "id_ed25519"]
+
+
+def _body(*fields: bytes) -> str:
+    return base64.b64encode(b"".join(struct.pack(">I", len(f)) + f for f in fields)).decode()
+
+
+@pytest.mark.promise
+def test_a_key_body_ending_in_an_empty_field_is_accepted() -> None:
+    line = f"ssh-ed25519 {_body(b'ssh-ed25519', bytes(32), b'')}"
+    assert sshkeys.parse_public_key(line, "k.pub") == line
+
+
+@pytest.mark.promise
+def test_a_field_length_beyond_the_blob_is_malformed_not_negative() -> None:
+    body = base64.b64encode(b"\xff\xff\xff\xff" + b"ssh-ed25519" + bytes(8)).decode()
+    with pytest.raises(UsageError, match=r"^k\.pub: the ssh-ed25519 key's body is truncated or malformed$"):
+        sshkeys.parse_public_key(f"ssh-ed25519 {body}", "k.pub")
+
+
+@pytest.mark.promise
+def test_a_key_body_with_characters_outside_base64_is_refused_as_such() -> None:
+    body = _body(b"ssh-ed25519", bytes(32))
+    with pytest.raises(UsageError, match=r"^k\.pub: the ssh-ed25519 key's body is not valid base64$"):
+        sshkeys.parse_public_key(f"ssh-ed25519 {body[:8]}*{body[8:]}", "k.pub")
+
+
+@pytest.mark.promise
+def test_generating_the_key_pair_from_a_terminal_asks_no_passphrase(tmp_path: Path) -> None:
+    """Run in a terminal (a pty as controlling terminal), ssh-keygen would prompt for a passphrase unless told -N ''."""
+    key = tmp_path / "keys" / "id_ed25519"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: its controlling terminal is the pty
+        try:
+            generate_keypair(key)
+        finally:
+            os._exit(0)
+    output = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and b"passphrase" not in output.lower():
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 1024)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    assert b"passphrase" not in output.lower(), output
+    assert key.exists() and key.with_name("id_ed25519.pub").read_text().startswith("ssh-ed25519 ")

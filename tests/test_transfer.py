@@ -11,6 +11,7 @@ from qemu_instances.errors import UsageError
 from qemu_instances.instances import Instance
 from qemu_instances.settings import Settings
 from qemu_instances.transfer import Operand, plan, scp_argv
+from testsupport.testdriver import sample_record
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAuBUfUBCujFmHWWVVWaubWIPHRW795crgJj2nycx7Y0"
 
@@ -63,3 +64,19 @@ def test_scp_argv(tmp_path: Path) -> None:
     assert argv[-3:] == ["--", str(tmp_path / "f"), "debian@127.0.0.1:/tmp/x y"]
     with pytest.raises(UsageError, match="is shutoff"):
         scp_argv(Instance("vm1", "shutoff", meta), settings, plan(["vm1:/a"], str(tmp_path)))
+
+
+# -- local operands ----------------------------------------------------------------------------------------------------
+
+
+def test_a_local_cp_operand_with_a_colon_is_never_a_host_for_scp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-oProxyCommand=x").write_text("a local file with an unlucky name")
+    inst = Instance("web1", "running", sample_record(private_key=""))
+    copy = plan(["web1:/etc/hostname"], "Backup:copy.txt")
+    argv = scp_argv(inst, Settings(cache_dir=tmp_path), copy)
+    assert argv[-2:] == ["debian@127.0.0.1:/etc/hostname", "./Backup:copy.txt"]
+    copy = plan(["-oProxyCommand=x"], "web1:/tmp/")
+    assert scp_argv(inst, Settings(cache_dir=tmp_path), copy)[-2] == "./-oProxyCommand=x"

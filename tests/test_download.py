@@ -1,11 +1,15 @@
-"""Small documents and stalled servers: cases the mutation run (scripts/mutation.sh) showed untested."""
+"""download.py: verified downloads against real servers on 127.0.0.1: small documents and the size limit, resumes,
+encodings, bodies longer than the pin or endless, stalled and broken servers, and network failures said in one line.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import os
 import random
+import re
 import socket
 import ssl
 import struct
@@ -13,27 +17,35 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+import urllib3
+from conftest import FAST, FAST_TWO_TRIES, wait_for
 from httpserver import HTTPServer
+from mirror import Mirror
 
 from qemu_instances.digests import Algorithm, Digest
-from qemu_instances.download import RetryPolicy, download_verified, fetch_bytes, new_session
-from qemu_instances.errors import DigestMismatch, DownloadError
+from qemu_instances.download import RetryPolicy, _network_error, download_verified, fetch_bytes, new_session
+from qemu_instances.errors import DigestMismatch, DownloadError, ImageError
 
 pytestmark = pytest.mark.http
+
+
 QUICK = RetryPolicy(attempts=2, backoff=0.01, max_backoff=0.02, timeout=(1.0, 1.0))
 
 
+@pytest.mark.promise
 def test_a_document_of_many_chunks_comes_whole(http_server: HTTPServer) -> None:
     body = random.Random(41).randbytes(300_000)
     url = http_server.add("/doc", body)
     assert fetch_bytes(url, session=new_session(), policy=QUICK) == body
 
 
+@pytest.mark.promise
 def test_the_size_limit_is_inclusive(http_server: HTTPServer) -> None:
     url = http_server.add("/doc", b"x" * 1000)
     assert len(fetch_bytes(url, session=new_session(), policy=QUICK, limit=1000)) == 1000
@@ -41,6 +53,7 @@ def test_the_size_limit_is_inclusive(http_server: HTTPServer) -> None:
         fetch_bytes(url, session=new_session(), policy=QUICK, limit=999)
 
 
+@pytest.mark.promise
 def test_http_400_is_an_error_not_a_body(http_server: HTTPServer) -> None:
     url = http_server.add("/doc", b"not what you asked for")
     http_server.fault("/doc", fail_times=1, fail_status=400)
@@ -58,6 +71,7 @@ def silent_server() -> Iterator[str]:
         yield f"http://127.0.0.1:{s.getsockname()[1]}/x"
 
 
+@pytest.mark.promise
 def test_a_server_that_never_answers_is_given_up_on(silent_server: str, tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(DownloadError, match="gave up after 2 attempts"):
@@ -68,6 +82,7 @@ def test_a_server_that_never_answers_is_given_up_on(silent_server: str, tmp_path
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.promise
 def test_a_body_announced_longer_than_the_pinned_size_is_refused_before_any_byte(
     http_server: HTTPServer, tmp_path: Path
 ) -> None:
@@ -81,6 +96,7 @@ def test_a_body_announced_longer_than_the_pinned_size_is_refused_before_any_byte
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.promise
 def test_a_refused_connection_is_said_in_one_line(tmp_path: Path) -> None:
     with socket.socket() as s:  # bound, never listening: connections are refused
         s.bind(("127.0.0.1", 0))
@@ -118,6 +134,7 @@ def endless_server() -> Iterator[str]:
         thread.join(5)
 
 
+@pytest.mark.promise
 def test_a_document_over_the_limit_is_refused_as_it_streams_in(endless_server: str) -> None:
     """The limit bounds what is read, not just what is kept: a body that never ends is refused at the limit."""
     started = time.monotonic()
@@ -126,6 +143,7 @@ def test_a_document_over_the_limit_is_refused_as_it_streams_in(endless_server: s
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.promise
 def test_a_digest_mismatch_names_the_url_the_pin_and_what_came(http_server: HTTPServer, tmp_path: Path) -> None:
     body = b"not the pinned file"
     url = http_server.add("/img", body)
@@ -137,6 +155,7 @@ def test_a_digest_mismatch_names_the_url_the_pin_and_what_came(http_server: HTTP
     assert list(tmp_path.iterdir()) == []  # nothing cached, no partial left
 
 
+@pytest.mark.promise
 def test_an_http_error_names_the_url(http_server: HTTPServer, tmp_path: Path) -> None:
     url = http_server.add("/img", b"x")
     http_server.fault("/img", fail_times=1, fail_status=404)
@@ -145,6 +164,7 @@ def test_an_http_error_names_the_url(http_server: HTTPServer, tmp_path: Path) ->
         download_verified(url, tmp_path / "img", digest, session=new_session(), policy=QUICK)
 
 
+@pytest.mark.promise
 def test_a_body_of_exactly_the_pinned_size_is_taken_with_its_progress(http_server: HTTPServer, tmp_path: Path) -> None:
     body = random.Random(5).randbytes(700_000)
     url = http_server.add("/img", body)
@@ -184,6 +204,7 @@ def unannounced_server() -> Iterator[str]:
         thread.join(5)
 
 
+@pytest.mark.promise
 def test_a_body_longer_than_the_pinned_size_is_stopped_even_unannounced(
     unannounced_server: str, tmp_path: Path
 ) -> None:
@@ -204,6 +225,7 @@ def _answering(head: bytes) -> Iterator[str]:
         yield f"http://{address}/img"
 
 
+@pytest.mark.promise
 @pytest.mark.parametrize(
     ("content_range", "said"),
     [(b"Content-Range: bytes 5-14/100\r\n", "'bytes 5-14/100'"), (b"", "None")],
@@ -284,10 +306,12 @@ def _one_line_failure(url: str) -> str:
     return str(err.value)
 
 
+@pytest.mark.promise
 def test_a_silent_server_is_said_to_not_answer_in_time(silent_server: str) -> None:
     assert "127.0.0.1 did not answer in time (gave up after 2 attempts)" in _one_line_failure(silent_server)
 
 
+@pytest.mark.promise
 def test_a_connection_reset_is_said_as_no_connection() -> None:
     gen = _raw_server(_reset)
     try:
@@ -298,6 +322,7 @@ def test_a_connection_reset_is_said_as_no_connection() -> None:
         gen.close()
 
 
+@pytest.mark.promise
 def test_a_broken_body_is_said_as_a_broken_connection() -> None:
     gen = _raw_server(_bad_chunk)
     try:
@@ -308,6 +333,7 @@ def test_a_broken_body_is_said_as_a_broken_connection() -> None:
         gen.close()
 
 
+@pytest.mark.promise
 def test_an_untrusted_certificate_is_said_as_a_tls_failure(tls_context: ssl.SSLContext) -> None:
     gen = _raw_server(lambda conn: _tls_hello_then_untrusted(conn, tls_context))
     try:
@@ -324,6 +350,7 @@ class _BareFailure(requests.adapters.HTTPAdapter):
         raise requests.ConnectionError()
 
 
+@pytest.mark.promise
 def test_a_failure_that_says_nothing_is_still_one_line_naming_the_host(tmp_path: Path) -> None:
     session = new_session()
     session.mount("http://", _BareFailure())
@@ -332,6 +359,7 @@ def test_a_failure_that_says_nothing_is_still_one_line_naming_the_host(tmp_path:
         download_verified(url, tmp_path / "image", Digest(Algorithm.SHA256, "0" * 64), session=session, policy=QUICK)
 
 
+@pytest.mark.promise
 def test_a_download_is_written_private_whatever_the_umask(http_server: HTTPServer, tmp_path: Path) -> None:
     """The partial file (and so the image it becomes) is created 0600: not readable by other users meanwhile."""
     body = random.Random(5).randbytes(5000)
@@ -345,6 +373,7 @@ def test_a_download_is_written_private_whatever_the_umask(http_server: HTTPServe
     assert (tmp_path / "image").stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.promise
 def test_a_partial_that_is_not_a_regular_file_is_refused_and_left(http_server: HTTPServer, tmp_path: Path) -> None:
     """A directory planted where the partial download goes: refused by name, never read, written or removed."""
     body = b"image bytes"
@@ -355,3 +384,178 @@ def test_a_partial_that_is_not_a_regular_file_is_refused_and_left(http_server: H
     with pytest.raises(DownloadError, match=r"^refusing to write .*\.image\.part: not a regular file$"):
         download_verified(url, tmp_path / "image", digest, session=new_session(), policy=QUICK)
     assert planted.is_dir() and not (tmp_path / "image").exists()
+
+
+# -- resumes and encodings ---------------------------------------------------------------------------------------------
+
+
+def test_range_answered_from_another_offset_is_not_appended(http_server: HTTPServer, tmp_path: Path) -> None:
+    data = random.Random(7).randbytes(300_000)
+    url = http_server.add("/blob", data)
+    dest, part = tmp_path / "blob", tmp_path / ".blob.part"
+    part.write_bytes(data[:1000])
+    http_server.fault("/blob", wrong_range=True)
+    digest = Digest.parse(f"sha256:{hashlib.sha256(data).hexdigest()}")
+    assert download_verified(url, dest, digest, session=new_session(), policy=FAST) == len(data)
+    assert dest.read_bytes() == data
+    assert not part.exists()
+    assert [(h.range, h.status) for h in http_server.hits("/blob")] == [("bytes=1000-", 206), (None, 200)]
+
+
+def test_downloads_ask_for_identity_encoding(http_server: HTTPServer, tmp_path: Path) -> None:
+    data = b"x" * 5000
+    url = http_server.add("/blob", data)
+    digest = Digest.parse(f"sha256:{hashlib.sha256(data).hexdigest()}")
+    download_verified(url, tmp_path / "blob", digest, session=new_session(), policy=FAST)
+    (hit,) = http_server.hits("/blob")
+    assert hit.headers["Accept-Encoding"] == "identity"
+
+
+@pytest.mark.parametrize("cut", [None, 100_000])
+def test_content_encoding_is_decoded_before_hashing(http_server: HTTPServer, tmp_path: Path, cut: int | None) -> None:
+    # A server that compresses anyway: the digest is the file's, so the bytes kept are the decoded ones. Random
+    # data compresses to more bytes than it has, and a resume cannot use offsets into the compressed stream.
+    data = random.Random(8).randbytes(300_000)
+    url = http_server.add("/blob", gzip.compress(data), Content_Encoding="gzip")
+    if cut:
+        http_server.fault("/blob", cut_after=cut)
+    digest = Digest.parse(f"sha256:{hashlib.sha256(data).hexdigest()}")
+    assert download_verified(url, tmp_path / "blob", digest, session=new_session(), policy=FAST) == len(data)
+    assert (tmp_path / "blob").read_bytes() == data
+    statuses = [h.status for h in http_server.hits("/blob")]
+    assert statuses == ([200] if cut is None else [200, 206, 200])
+
+
+def test_a_body_not_in_the_encoding_it_claims_is_an_error_saying_so(http_server: HTTPServer, tmp_path: Path) -> None:
+    """Content-Encoding: gzip over bytes that are not gzip: a one-line error with urllib3's reason (not retried)."""
+    data = random.Random(9).randbytes(10_000)
+    url = http_server.add("/blob", data, Content_Encoding="gzip")
+    digest = Digest.parse(f"sha256:{hashlib.sha256(data).hexdigest()}")
+    with pytest.raises(DownloadError, match=f"^cannot download {re.escape(url)}: .*failed to decode it"):
+        download_verified(url, tmp_path / "blob", digest, session=new_session(), policy=FAST)
+    assert not (tmp_path / "blob").exists()
+
+
+# -- bodies longer than expected ---------------------------------------------------------------------------------------
+
+
+class _Endless(BaseHTTPRequestHandler):
+    """Answers with a body that never ends, counting what it managed to write before the client hung up."""
+
+    protocol_version = "HTTP/1.1"
+    announce: int | None = None  # a Content-Length to announce (and then exceed), or none (close-delimited)
+    written: list[int]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        if self.announce is not None:
+            self.send_header("Content-Length", str(self.announce))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        sent = 0
+        try:
+            while sent < 1 << 30:
+                self.wfile.write(b"\0" * 65536)
+                sent += 65536
+        except OSError:
+            pass
+        finally:
+            self.written.append(sent)
+            self.close_connection = True
+
+
+@pytest.fixture
+def endless() -> Iterator[tuple[str, type[_Endless]]]:
+    handler = type("Handler", (_Endless,), {"written": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/image.qcow2", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("announce", [None, 1 << 20])
+def test_a_body_longer_than_expected_stops_at_once(
+    endless: tuple[str, type[_Endless]], tmp_path: Path, announce: int | None
+) -> None:
+    url, handler = endless
+    handler.announce = announce
+    dest = tmp_path / "images" / f"sha256-{'5' * 64}"
+    dest.parent.mkdir()
+    digest = Digest.parse(f"sha256:{'5' * 64}")
+    size = 2 << 20  # the catalog's `size`; with a Content-Length of 1 MiB that is the tighter bound
+    with pytest.raises((DownloadError, ImageError)) as info:
+        download_verified(url, dest, digest, session=new_session(), policy=FAST_TWO_TRIES, size=size)
+    if announce is None:
+        assert "more than the expected 2097152 bytes" in str(info.value)
+    else:
+        # Exactly Content-Length bytes are read, never the rest: then the digest decides.
+        assert "digest mismatch" in str(info.value)
+    wait_for(lambda: handler.written, "the server to notice the client went away")
+    assert handler.written[0] < 64 << 20  # the client stopped long before the endless body's gigabyte
+    assert list(dest.parent.iterdir()) == []  # nothing kept, not even a partial file
+
+
+def test_a_content_length_above_the_catalog_size_is_refused(
+    endless: tuple[str, type[_Endless]], tmp_path: Path
+) -> None:
+    url, handler = endless
+    handler.announce = 10 << 20
+    dest = tmp_path / f"sha256-{'6' * 64}"
+    with pytest.raises(DownloadError, match="announces 10485760 bytes, more than the expected 1048576"):
+        download_verified(url, dest, Digest.parse(f"sha256:{'6' * 64}"), session=new_session(), size=1 << 20)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- network failures and endless bodies -------------------------------------------------------------------------------
+
+
+# Network failures read as one human line.
+
+
+def test_connection_refused_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        url = f"http://127.0.0.1:{port}/SHA512SUMS"
+        with pytest.raises(DownloadError) as info:
+            fetch_bytes(url, session=new_session(), policy=RetryPolicy(attempts=2, backoff=0.01))
+    message = str(info.value)
+    assert (
+        message == f"cannot download {url}: cannot connect to 127.0.0.1: connection refused (gave up after 2 attempts)"
+    )
+    assert info.value.hint and "--mirror" in info.value.hint and "--source aleph" in info.value.hint
+
+
+def test_name_resolution_failure_is_one_line() -> None:
+    # urllib3's own exception chain for an unresolvable host, as requests raises it (built offline: no DNS query).
+    pool = urllib3.HTTPSConnectionPool("cloud.debian.org", 443)
+    conn = urllib3.connection.HTTPSConnection("cloud.debian.org", 443)
+    reason = urllib3.exceptions.NameResolutionError("cloud.debian.org", conn, socket.gaierror(-2, "Name unknown"))
+    exc = requests.ConnectionError(urllib3.exceptions.MaxRetryError(pool, "/x", reason))
+    url = "https://cloud.debian.org/images/cloud/bookworm/latest/SHA512SUMS"
+    assert _network_error(url, exc) == "cannot resolve cloud.debian.org (no network or DNS?)"
+    assert "HTTPSConnectionPool" in str(exc)  # what the user used to see
+
+
+def test_an_endless_body_of_an_image_without_a_size_stops_at_the_cap(mirror: Mirror, tmp_path: Path) -> None:
+    from qemu_instances.digests import Digest
+    from qemu_instances.download import download_verified
+
+    mirror.server.endless("/endless.img")
+    (tmp_path / "dl").mkdir()
+    dest = tmp_path / "dl" / "sha256-x"
+    with pytest.raises(
+        DownloadError, match=r"sent more than 8 MiB, qinst's limit for an image whose size is not known"
+    ):
+        download_verified(
+            f"{mirror.url}/endless.img", dest, Digest.parse("sha256:" + "1" * 64),
+            session=new_session(), policy=FAST, limit=8 << 20,
+        )  # fmt: skip
+    assert list((tmp_path / "dl").iterdir()) == []

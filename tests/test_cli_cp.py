@@ -1,4 +1,5 @@
-"""cp, forwards, mounts and snapshots on real guests: two TCG boots shared by the module (booted side by side).
+"""`qinst cp`, `qinst forward`, `qinst snapshot` and host folder mounts on real guests, through the real entry point:
+two TCG boots shared by the module (booted side by side), so the VM tests of these commands stay in this one file.
 
 Guest "a" has an `up --forward` and no mounts (a running guest with mounts cannot be snapshotted with memory), so
 it serves cp, the forwards, the memory snapshot and the remote (qemu+ssh://) checks; guest "b" has two folders
@@ -18,11 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import RunQinst, qinst_argv, qinst_env
+from conftest import RunQinst
 from guest import domains, force_remove, unique_name, virsh, volumes
-from test_remote import sshd  # noqa: F401 (the fixture: sshd on 127.0.0.1 for qemu+ssh://)
+
+from testsupport.qinst import qinst_argv, qinst_env
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
+
+
 BOOT = 1800.0  # far above a TCG boot; the shared CI machine can be very slow
 
 
