@@ -6,6 +6,8 @@
     result = api.up(settings, api.UpRequest("debian-12", name="web1", network="user"))
     rc, out, err = api.run(settings, "web1", ["uname", "-r"])
     api.cp(settings, ["./site"], "web1:/tmp/", recursive=True)
+    text = api.ssh_config(settings, ["web1"])      # OpenSSH Host blocks with qinst's checked options
+    groups = api.inventory(settings).to_json()       # Ansible's dynamic inventory
     api.rm(settings, "web1", force=True)
 
 Every function raises a `qemu_instances.errors.QinstError` subclass (each carries the CLI's exit code) and never

@@ -21,12 +21,18 @@ def test_images_json(qinst: RunQinst, tmp_path: Path) -> None:
     proc = qinst("--cache-dir", str(tmp_path), "images", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert [r["name"] for r in rows] == ["debian-11", "debian-12", "debian-13", "ubuntu-22.04", "ubuntu-24.04"]
+    # One row per (entry, architecture) it pins: Debian 11 has no arm64 pin here.
+    assert [(r["name"], r["arch"]) for r in rows] == [
+        ("debian-11", "x86_64"),
+        *[(name, arch) for name in ("debian-12", "debian-13", "ubuntu-22.04", "ubuntu-24.04")
+          for arch in ("x86_64", "aarch64")],
+    ]  # fmt: skip
     for row in rows:
         assert set(row) >= IMAGES_KEYS
         assert row["cached"] is False
         assert row["size"] is None
-        assert row["arch"] == "x86_64"
+    assert rows[1]["digest"] != rows[2]["digest"]  # each architecture its own pin
+    rows = [r for r in rows if r["arch"] == "x86_64"]
     debian = rows[1]
     assert debian["aliases"] == ["bookworm"]
     assert debian["title"] == "Debian 12 (bookworm) genericcloud"
@@ -51,9 +57,13 @@ def test_images_table(qinst: RunQinst, tmp_path: Path) -> None:
     assert [r.split()[:4] + r.split()[5:6] for r in rows] == [
         ["debian-11", "bullseye", "x86_64", "no", "pinned,latest:unsigned"],
         ["debian-12", "bookworm", "x86_64", "no", "pinned,latest:unsigned"],
+        ["debian-12", "bookworm", "aarch64", "no", "pinned,latest:unsigned"],
         ["debian-13", "trixie", "x86_64", "no", "pinned,latest:unsigned"],
+        ["debian-13", "trixie", "aarch64", "no", "pinned,latest:unsigned"],
         ["ubuntu-22.04", "jammy", "x86_64", "no", "pinned,latest:signed"],
+        ["ubuntu-22.04", "jammy", "aarch64", "no", "pinned,latest:signed"],
         ["ubuntu-24.04", "noble", "x86_64", "no", "pinned,latest:signed"],
+        ["ubuntu-24.04", "noble", "aarch64", "no", "pinned,latest:signed"],
     ]
 
 

@@ -103,7 +103,7 @@ def test_up_learns_from_an_instance_that_paused_under_kvm(tmp_path: Path, monkey
     """`up --no-wait` returns before a KVM guest pauses (here ~15 s into its boot): the next `up` learns from it."""
     from qemu_instances.host import Domain, KvmStatus
 
-    monkeypatch.setattr(Host, "kvm_available", lambda self: KvmStatus(True, "/dev/kvm answers"))
+    monkeypatch.setattr(Host, "kvm_available", lambda self, arch="x86_64": KvmStatus(True, "/dev/kvm answers"))
     name = f"speed-paused-{os.getpid()}"
     meta = "<instance><image>x</image><digest></digest><user>cloud</user><network>user</network>"
     meta += "<accel>kvm</accel></instance>"

@@ -1,23 +1,48 @@
 """launch.py: the launcher's boot loop on libvirt's test driver (test:///default, in memory): the KVM->TCG fallback,
 a guest that pauses under KVM, the undo of what a boot made, a port taken before QEMU binds it; and the names and
-KVM records `up` reads from other domains."""
+KVM records `up` reads from other domains; confidential (SEV) launches attested before they run."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import threading
+import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
 import pytest
+from conftest import RunQinst
+from mirror import Mirror
 
 from qemu_instances import launch
-from qemu_instances.domain import METADATA_KEY, METADATA_NS, Accel, InstanceSpec
+from qemu_instances.digests import Digest
+from qemu_instances.domain import (
+    METADATA_KEY,
+    METADATA_NS,
+    Accel,
+    Confidential,
+    Firmware,
+    InstanceSpec,
+    Metadata,
+    Network,
+    NetworkKind,
+)
 from qemu_instances.errors import HypervisorError, UsageError
-from qemu_instances.host import Host
-from qemu_instances.launch import Launcher, _Run
+from qemu_instances.host import Domain, Host, domain_capabilities
+from qemu_instances.images import CachedImage
+from qemu_instances.launch import Launcher, Plan, SevInputs, UpRequest, _Run, attest
 from qemu_instances.settings import Settings
-from qemu_instances.wait import GuestPaused
+from qemu_instances.sev import LaunchInfo, MeasurementMismatch, Session, SevSupport, expected_measurement
+from qemu_instances.wait import GuestPaused, Readiness
+from testsupport.aleph import messages_target
 from testsupport.testdriver import (
     PORT_TAKEN,
     TEST_URI,
@@ -85,7 +110,7 @@ def test_ctrl_c_while_the_domain_starts_removes_its_logs(monkeypatch: pytest.Mon
     console = tmp_path / ".cache/libvirt/qemu/log/slowstart-console.log"  # where a session daemon's virtlogd writes
     console.parent.mkdir(parents=True)
 
-    def interrupted_start(self: Host, xml: str, name: str) -> None:
+    def interrupted_start(self: Host, xml: str, name: str, *, paused: bool = False) -> None:
         console.write_text("[    0.000000] Linux version 6.1\n")  # virtlogd had begun recording
         raise KeyboardInterrupt
 
@@ -112,12 +137,13 @@ def test_the_launcher_picks_again_when_its_picked_port_is_taken(monkeypatch: pyt
     started: list[int] = []
     real_start = Host.define_and_start
 
-    def define_and_start(self: Host, xml: str, name: str) -> object:
+    def define_and_start(self: Host, xml: str, name: str, *, paused: bool = False) -> object:
+        assert not paused
         port = 2222 if not started else 2223
         started.append(port)
         if port == 2222:
             raise HypervisorError(PORT_TAKEN % port)
-        return real_start(self, xml, name)
+        return real_start(self, xml, name, paused=paused)
 
     monkeypatch.setattr(Host, "define_and_start", define_and_start)
     plan, spec = boot_plan("port-race", (Accel.TCG,), wait=False)
@@ -163,3 +189,389 @@ def test_generated_names_never_reuse_a_taken_one(tmp_path: Path, monkeypatch: py
             assert launch._taken(host, "img-aaaa") and not launch._taken(host, "img-bbbb")
         finally:
             taken.undefine()
+
+
+# -- confidential (AMD SEV) launches --
+# The guest starts paused and runs only when the host's launch measurement is the one its owner expects (attest);
+# a host without SEV refuses before anything is made; the firmware comes by hash like an image, its aleph message
+# checked against the published validation hash. No SEV hardware is here: the measurement the host would report is
+# computed by the test with the owner's TIK (the algorithm itself is checked against sevctl, libvirt and
+# sev-snp-measure in test_sev.py) and read through a patched Domain.launch_security_info on the test driver.
+
+REAL_DOMAIN_XML = launch.domain_xml
+SUPPORT = SevSupport(True, cbitpos=51, reduced_phys_bits=1, max_guests=15)
+SEV_DOMCAPS = """<domainCapabilities><features><sev supported='yes'><cbitpos>51</cbitpos>
+<reducedPhysBits>1</reducedPhysBits><maxGuests>15</maxGuests><maxESGuests>0</maxESGuests></sev></features>
+</domainCapabilities>"""
+
+
+def _session(tmp_path: Path) -> tuple[Path, Session]:
+    """A guest owner's session files, as `sevctl session --name PREFIX` writes them."""
+    prefix = tmp_path / "owner"
+    (tmp_path / "owner_tik.bin").write_bytes(secrets.token_bytes(16))
+    (tmp_path / "owner_tek.bin").write_bytes(secrets.token_bytes(16))
+    (tmp_path / "owner_godh.b64").write_text(base64.b64encode(secrets.token_bytes(64)).decode() + "\n")
+    (tmp_path / "owner_session.b64").write_text(base64.b64encode(secrets.token_bytes(52)).decode() + "\n")
+    return prefix, Session.load(prefix)
+
+
+def _report(tik: bytes, firmware: bytes, policy: int = 0x1, nonce: bytes = b"N" * 16) -> dict[str, object]:
+    """What a host that launched `firmware` under `policy` for the holder of `tik` reports through libvirt."""
+    info = LaunchInfo(b"", nonce, 1, 55, 24, policy)
+    measurement = expected_measurement(tik, info, hashlib.sha256(firmware).digest())
+    return {
+        "sev-measurement": base64.b64encode(measurement + nonce).decode(),
+        "sev-api-major": 1, "sev-api-minor": 55, "sev-build-id": 24, "sev-policy": policy,
+    }  # fmt: skip
+
+
+def _inputs(tmp_path: Path, firmware: bytes) -> SevInputs:
+    _, session = _session(tmp_path)
+    path = tmp_path / "OVMF.fd"
+    path.write_bytes(firmware)
+    digest = Digest.parse("sha256:" + hashlib.sha256(firmware).hexdigest())
+    cached = CachedImage("test-ovmf", digest, path, len(firmware), "file", "raw")
+    return SevInputs(SUPPORT, session, cached, hashlib.sha256(firmware).digest(), 0x1)
+
+
+def _test_domain(name: str) -> str:
+    root = ET.Element("domain", type="test")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "memory").text = "65536"
+    ET.SubElement(ET.SubElement(root, "os"), "type").text = "hvm"
+    return ET.tostring(root, encoding="unicode")
+
+
+@pytest.fixture
+def reported(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, object]]:
+    """The launch security parameters the (patched) host reports, by domain name; the domain must be paused.
+    The test driver has no VIR_DOMAIN_START_PAUSED: its domains start, then are suspended (the same state; the flag
+    itself is checked on the real libvirtd below)."""
+    reports: dict[str, dict[str, object]] = {}
+    real_start = Domain.start
+
+    def start(self: Domain, *, paused: bool = False) -> None:
+        real_start(self)
+        if paused:
+            self._dom.suspend()
+
+    def launch_security_info(self: Domain) -> dict[str, object]:
+        assert self.state()[0] == "paused", "the measurement is read while the guest is paused"
+        return reports[self.name]
+
+    monkeypatch.setattr(Domain, "launch_security_info", launch_security_info)
+    monkeypatch.setattr(Domain, "start", start)
+    return reports
+
+
+def test_a_paused_start_on_the_real_libvirtd_runs_no_vcpu(tmp_path: Path) -> None:
+    """Host.define_and_start(paused=True) through the real libvirtd and QEMU: a diskless guest is left paused
+    (QEMU's -S), and undefine destroys it."""
+    if not os.path.exists("/var/run/libvirt/libvirt-sock"):
+        pytest.skip("no libvirtd")
+    name = f"qinst-paused-{secrets.token_hex(4)}"
+    root = ET.Element("domain", type="qemu")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "memory", unit="MiB").text = "32"
+    ET.SubElement(ET.SubElement(root, "os"), "type", arch="x86_64", machine="q35").text = "hvm"
+    with Host("qemu:///system") as host:
+        dom = host.define_and_start(ET.tostring(root, encoding="unicode"), name, paused=True)
+        try:
+            assert dom.state()[0] == "paused"
+            dom.resume()
+            assert dom.state()[0] == "running"
+        finally:
+            dom.undefine()
+        assert host.lookup(name) is None
+
+
+def test_attest_resumes_the_guest_only_for_the_expected_measurement(
+    tmp_path: Path, reported: dict[str, dict[str, object]]
+) -> None:
+    firmware = secrets.token_bytes(4096)
+    sev = _inputs(tmp_path, firmware)
+    with Host(TEST_URI) as host:
+        for name, report, why in [
+            ("sev-other-fw", _report(sev.session.tik, b"another firmware"), "does not match the firmware"),
+            ("sev-other-tik", _report(secrets.token_bytes(16), firmware), "does not match the firmware"),
+            ("sev-debug", _report(sev.session.tik, firmware, policy=0x0), "policy 0x0, not the 0x1"),
+        ]:
+            dom = host.define_and_start(_test_domain(name), name, paused=True)
+            reported[name] = report
+            with pytest.raises(MeasurementMismatch, match=why) as err:
+                attest(dom, sev)
+            assert err.value.exit_code == 3
+            assert dom.state()[0] == "paused"  # never ran a single instruction
+            dom.undefine()
+        dom = host.define_and_start(_test_domain("sev-ok"), "sev-ok", paused=True)
+        reported["sev-ok"] = _report(sev.session.tik, firmware)
+        attest(dom, sev)
+        assert dom.state()[0] == "running"
+        dom.undefine()
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({}, "no usable SEV launch measurement"),
+        ({"sev-measurement": "not base64!"}, "no usable SEV launch measurement"),
+        ({"sev-measurement": base64.b64encode(bytes(47)).decode()}, "48 bytes"),
+        ({"sev-measurement": base64.b64encode(bytes(48)).decode(), "sev-api-major": "1"}, "sev-api-major"),
+        ({**_report(bytes(16), b""), "sev-policy": True}, "sev-policy"),
+        ({**_report(bytes(16), b""), "sev-build-id": 256}, "sev-build-id"),
+    ],
+)
+def test_a_malformed_report_is_refused_and_the_guest_stays_paused(
+    tmp_path: Path, reported: dict[str, dict[str, object]], params: dict[str, object], needle: str
+) -> None:
+    sev = _inputs(tmp_path, b"fw")
+    with Host(TEST_URI) as host:
+        dom = host.define_and_start(_test_domain("sev-bad"), "sev-bad", paused=True)
+        reported["sev-bad"] = params
+        try:
+            with pytest.raises(HypervisorError, match=needle):
+                attest(dom, sev)
+            assert dom.state()[0] == "paused"
+        finally:
+            dom.undefine()
+
+
+def _plan(name: str, sev: SevInputs) -> tuple[Plan, InstanceSpec]:
+    spec = InstanceSpec(
+        name=name, cpus=1, memory_mib=64, disk_path="/nonexistent/disk.qcow2", seed_path="/nonexistent/seed.iso",
+        console_log=f"/nonexistent/{name}-console.log", network=Network(NetworkKind.USER), accel=Accel.KVM,
+        firmware=Firmware.UEFI, ssh_port=2222,
+        metadata=Metadata(image="debian-12", digest="sha256:" + "ab" * 32, user="cloud",
+                          network="user", ssh_host="127.0.0.1", ssh_port=2222),  # type: ignore[arg-type]
+        confidential=Confidential(str(sev.firmware.path), 51, 1, 0x1, sev.session.godh, sev.session.session),
+    )  # fmt: skip
+    req = UpRequest(image="x", name=name, wait=False, confidential="sev")
+    plan = Plan(req, name, None, None, None, b"", spec.network, 2222, (Accel.KVM,), Path(spec.console_log), spec,  # type: ignore[arg-type]
+                sev=sev)  # fmt: skip
+    return plan, spec
+
+
+def _as_test_domain(spec: InstanceSpec) -> str:
+    """The real domain XML must carry the launch security; the test driver gets a plain domain of that name."""
+    root = ET.fromstring(REAL_DOMAIN_XML(spec))
+    sev = root.find("launchSecurity")
+    assert sev is not None and sev.get("type") == "sev" and sev.findtext("policy") == "0x0001"
+    assert root.find("os/loader").get("stateless") == "yes"  # type: ignore[union-attr]
+    test = ET.fromstring(_test_domain(spec.name))
+    test.append(root.find("metadata"))  # type: ignore[arg-type]
+    return ET.tostring(test, encoding="unicode")
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_boot_attests_before_the_guest_runs_and_a_mismatch_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reported: dict[str, dict[str, object]], right: bool
+) -> None:
+    monkeypatch.setattr(launch, "domain_xml", _as_test_domain)
+    firmware = secrets.token_bytes(2048)
+    sev = _inputs(tmp_path, firmware)
+    name = f"sev-boot-{right}"
+    reported[name] = _report(sev.session.tik, firmware if right else firmware + b"\0")
+    plan, spec = _plan(name, sev)
+    with Host(TEST_URI) as host, contextlib.ExitStack() as undo:
+        run = _Run(host, undo, time.monotonic(), None, Readiness(), threading.Event(), 5.0)
+        if right:
+            result = Launcher(Settings(connect=TEST_URI))._boot(run, plan, spec)
+            assert result.instance.state == "running"
+            assert host.lookup(name).state()[0] == "running"  # type: ignore[union-attr]
+            undo.close()
+        else:
+            with pytest.raises(MeasurementMismatch):
+                Launcher(Settings(connect=TEST_URI))._boot(run, plan, spec)
+            assert host.lookup(name).state()[0] == "paused"  # type: ignore[union-attr]
+            undo.close()  # what `up` does on the way out of a failure
+        assert host.lookup(name) is None
+
+
+# -- refusals before anything is made --
+
+
+def _cached(cache: Path) -> list[str]:
+    """What a cache holds besides lock files (images, records, .part files)."""
+    images = cache / "images"
+    return sorted(p.name for p in images.iterdir() if not p.name.endswith(".lock")) if images.is_dir() else []
+
+
+def _up(tmp_path: Path, connect: str, **fields: object) -> None:
+    prefix, _ = _session(tmp_path)
+    values: dict[str, object] = {"image": "debian-12", "name": "sev-refused", "wait": False, "confidential": "sev",
+                                 "sev_session": prefix, "sev_firmware": "aleph-sev-ovmf"}  # fmt: skip
+    Launcher(Settings(connect=connect, cache_dir=tmp_path / "cache")).up(UpRequest(**{**values, **fields}))  # type: ignore[arg-type]
+
+
+def test_a_host_without_sev_refuses_with_exit_4_before_anything_is_made(tmp_path: Path) -> None:
+    """On this machine's real libvirtd (no SEV here): exit 4, nothing downloaded, no domain, no volume."""
+    if not os.path.exists("/var/run/libvirt/libvirt-sock"):
+        pytest.skip("no libvirtd")
+    with Host("qemu:///system") as host:
+        if SevSupport.from_domcaps(domain_capabilities(host)).sev:
+            pytest.skip("this host has SEV")
+        before = set(host.volume_names(host.pool()))
+    with pytest.raises(HypervisorError, match="cannot run AMD SEV guests") as err:
+        _up(tmp_path, "qemu:///system")
+    assert err.value.exit_code == 4
+    assert not _cached(tmp_path / "cache")  # nothing downloaded: not the firmware, not the image
+    with Host("qemu:///system") as host:
+        assert host.lookup("sev-refused") is None
+        assert set(host.volume_names(host.pool())) == before
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"accel": Accel.TCG}, "KVM only"),
+        ({"mounts": ("/tmp",)}, "without shared folders"),
+        ({"sev_session": None}, "needs --sev-session"),
+        ({"sev_firmware": None}, "needs --firmware"),
+        ({"confidential": "tdx"}, "only sev"),
+    ],
+)
+def test_confidential_usage_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fields: dict[str, object], needle: str
+) -> None:
+    monkeypatch.setattr("qemu_instances.host.domain_capabilities", lambda host, *a: SEV_DOMCAPS)
+    with pytest.raises(UsageError, match=needle) as err:
+        _up(tmp_path, TEST_URI, **fields)
+    assert err.value.exit_code == 2
+
+
+def test_a_session_with_a_short_tik_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("qemu_instances.host.domain_capabilities", lambda host, *a: SEV_DOMCAPS)
+    prefix, _ = _session(tmp_path)
+    (tmp_path / "owner_tik.bin").write_bytes(bytes(15))
+    req = UpRequest(image="debian-12", confidential="sev", sev_session=prefix, sev_firmware="aleph-sev-ovmf")
+    with pytest.raises(UsageError, match="15 bytes, not a 16-byte TIK"):
+        Launcher(Settings(connect=TEST_URI, cache_dir=tmp_path / "cache")).up(req)
+    assert not _cached(tmp_path / "cache")
+
+
+# -- the firmware, pulled by hash through aleph and checked against the validation hash --
+
+
+def _firmware_catalog(tmp_path: Path, item: str, digest: str) -> Path:
+    path = tmp_path / "firmware.toml"
+    path.write_text(f'[firmware.test-ovmf]\naleph_item_hash = "{item}"\ndigest = "sha256:{digest}"\n')
+    return path
+
+
+@pytest.mark.http
+@pytest.mark.parametrize("item_type", ["storage", "ipfs"])
+def test_firmware_pull_checks_the_validation_hash(
+    qinst: RunQinst, mirror: Mirror, tmp_path: Path, item_type: str
+) -> None:
+    firmware = secrets.token_bytes(64 << 10)
+    item, _ = mirror.aleph.store(firmware, item_type=item_type)
+    good = _firmware_catalog(tmp_path, item, hashlib.sha256(firmware).hexdigest())
+    cache = tmp_path / "cache"
+    proc = qinst(*mirror.args(cache), "--catalog", str(good), "pull", f"aleph:{item}", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert Path(json.loads(proc.stdout)["path"]).read_bytes() == firmware
+
+    other = tmp_path / "other"
+    other.mkdir()
+    bad = _firmware_catalog(other, item, hashlib.sha256(b"the published firmware").hexdigest())
+    cache = tmp_path / "cache-bad"
+    hits = len(mirror.server.hits())
+    proc = qinst(*mirror.args(cache), "--catalog", str(bad), "pull", f"aleph:{item}")
+    assert proc.returncode == 3, proc.stderr
+    assert "validation hash" in proc.stderr and "Traceback" not in proc.stderr
+    assert not _cached(cache)
+    targets = [h.target for h in mirror.server.hits()[hits:]]
+    if item_type == "storage":  # the message names another file: refused before a byte of it is downloaded
+        assert targets == [messages_target(item)]
+    else:
+        assert messages_target(item) in targets
+
+
+def test_the_builtin_catalog_names_alephs_confidential_firmware() -> None:
+    from qemu_instances.catalog import Catalog
+
+    fw = Catalog.load().firmware["aleph-sev-ovmf"]
+    assert fw.aleph_item_hash == "ba5bb13f3abca960b101a759be162b229e2b7e93ecad9d1307e54de887f177ff"
+    assert str(fw.digest) == "sha256:89b76b0e64fe9015084fbffdf8ac98185bafc688bfe7a0b398585c392d03c7ee"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('[firmware.x]\ndigest = "sha256:' + "a" * 64 + '"\n', "missing key 'aleph_item_hash' or 'url'"),
+        ('[firmware.x]\nurl = "https://e.invalid/OVMF.fd"\n', "must be the file's sha256"),
+        ('[firmware.x]\nurl = "https://e.invalid/f"\ndigest = "sha512:' + "a" * 128 + '"\n', "file's sha256"),
+        ('[firmware.x]\nurl = "https://e.invalid/f"\ndigest = "sha256:' + "a" * 64 + '"\nkind = "tdx"\n', "'sev'"),
+        ('[firmware.x]\nurl = "https://e.invalid/f"\nsize = 3\n', "unknown key 'size'"),
+        ("firmware = 3\n", "'firmware' must be a table"),
+    ],
+)
+def test_bad_firmware_entries_name_the_key(text: str, needle: str) -> None:
+    from qemu_instances.catalog import parse_catalog_file
+    from qemu_instances.errors import CatalogError
+
+    with pytest.raises(CatalogError, match=needle):
+        parse_catalog_file(text, "user.toml")
+
+
+def test_session_files_are_not_printed(tmp_path: Path) -> None:
+    """The TIK and TEK are the owner's secrets: no error quotes them."""
+    prefix, session = _session(tmp_path)
+    (tmp_path / "owner_godh.b64").write_text("not base64 " + session.tik.hex())
+    with pytest.raises(UsageError) as err:
+        Session.load(prefix)
+    assert session.tik.hex() not in str(err.value) + str(getattr(err.value, "hint", ""))
+
+
+def test_the_confidential_domain_xml_is_valid_for_libvirt(tmp_path: Path) -> None:
+    """The SEV domain passes libvirt's own schema (virt-xml-validate) and the test driver defines it; the firmware is
+    the only loader, stateless and read-only, and nothing that would run unmeasured is left."""
+    sev = _inputs(tmp_path, b"firmware")
+    _, spec = _plan("sev-xml", sev)
+    xml = REAL_DOMAIN_XML(spec)
+    path = tmp_path / "domain.xml"
+    path.write_text(xml)
+    proc = subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    root = ET.fromstring(xml)
+    loaders = root.findall("os/loader")
+    assert [(x.text, x.get("stateless"), x.get("readonly")) for x in loaders] == [
+        (str(sev.firmware.path), "yes", "yes")
+    ]
+    assert root.find("os").get("firmware") is None and root.find("os/nvram") is None  # type: ignore[union-attr]
+    assert root.find("memoryBacking/locked") is not None and root.findtext("on_reboot") == "destroy"
+    security = root.find("launchSecurity")
+    assert security is not None
+    assert {c.tag: c.text for c in security} == {
+        "cbitpos": "51", "reducedPhysBits": "1", "policy": "0x0001",
+        "dhCert": sev.session.godh, "session": sev.session.session,
+    }  # fmt: skip
+    assert all(d.get("iommu") == "on" for d in root.iterfind("devices/disk/driver"))
+    with Host(TEST_URI) as host:
+        dom = host.conn.defineXML(xml)
+        try:
+            assert ET.fromstring(dom.XMLDesc(0)).find("launchSecurity") is not None
+        finally:
+            dom.undefine()
+
+
+def test_a_firmware_cannot_take_an_images_name(tmp_path: Path) -> None:
+    from qemu_instances.catalog import Catalog
+    from qemu_instances.errors import CatalogError
+
+    path = tmp_path / "user.toml"
+    path.write_text('[firmware.debian-12]\nurl = "https://e.invalid/OVMF.fd"\ndigest = "sha256:' + "a" * 64 + '"\n')
+    with pytest.raises(CatalogError, match=r"\[firmware.debian-12\]: an image of the catalog has that name"):
+        Catalog.load([path])
+
+
+@pytest.mark.http
+def test_pull_by_firmware_name(qinst: RunQinst, mirror: Mirror, tmp_path: Path) -> None:
+    """`qinst pull NAME` of a catalog firmware goes through its aleph message and its validation hash."""
+    firmware = secrets.token_bytes(8192)
+    item, _ = mirror.aleph.store(firmware)
+    catalog = _firmware_catalog(tmp_path, item, hashlib.sha256(firmware).hexdigest())
+    proc = qinst(*mirror.args(tmp_path / "cache"), "--catalog", str(catalog), "pull", "test-ovmf", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert Path(data["path"]).read_bytes() == firmware and data["name"] == "test-ovmf"
