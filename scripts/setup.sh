@@ -9,9 +9,9 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc
-          python3-venv python3-dev openssh-client ovmf gpgv)
+          python3-venv python3-dev openssh-client ovmf gpgv qemu-system-arm qemu-efi-aarch64)
 test_packages=(mmdebstrap extlinux syslinux-common dosfstools mtools e2fsprogs fdisk util-linux xorriso genisoimage
-               cloud-image-utils cloud-init openssh-server curl gnupg)
+               cloud-image-utils cloud-init openssh-server curl gnupg qemu-user-static binfmt-support arch-test)
 [ "$want_test" = 1 ] && packages+=("${test_packages[@]}")
 
 missing=()
