@@ -1,7 +1,8 @@
-"""ssh-config and the Ansible inventory against a real guest (issue 27): one TCG boot of the test image shared by the
-module. ssh and scp with `qinst ssh-config`'s output as their -F file, and ansible-core (ad-hoc and a
-playbook) through `qinst inventory`, reach it with host-key checking on; after the guest's host keys change, both
-are refused. Traffic stays on 127.0.0.1 (user:restrict and its forward).
+"""`qinst inventory` and `qinst ssh-config` against a real guest (issue 27): one TCG boot of the test image, shared by
+the module (boots are CI's expensive part: the two commands' real-guest scenarios share it, their fast tests are
+tests/test_inventory.py and tests/test_sshconfig.py). ssh and scp with `qinst ssh-config`'s output as their -F
+file, and ansible-core (ad-hoc and a playbook) through the documented `qinst inventory` wrapper, reach the guest
+with host-key checking on; after the guest's host keys change, both are refused. Traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
