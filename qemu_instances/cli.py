@@ -163,19 +163,26 @@ def up(
     ] = False,
     forward: opt.ForwardOpt = None,
     mount: opt.MountOpt = None,
+    confidential: opt.ConfidentialOpt = None,
+    sev_session: opt.SevSessionOpt = None,
+    sev_policy: opt.SevPolicyOpt = "0x1",
     as_json: opt.JsonOpt = False,
 ) -> None:
     """Launch an instance and wait until it is ready."""
     from qemu_instances import seed as seeds
     from qemu_instances.images import Source
-    from qemu_instances.launch import UpRequest
+    from qemu_instances.launch import UpRequest, split_firmware
+    from qemu_instances.sev import parse_policy
 
+    boot, sev_firmware = split_firmware(firmware, confidential)
     request = UpRequest(
         image=image, name=name, cpus=cpus, memory_mib=memory, disk_gib=disk, ssh_keys=tuple(ssh_key or ()),
-        user=user, user_data=user_data, network=network, ssh_port=ssh_port, accel=accel, firmware=firmware,
+        user=user, user_data=user_data, network=network, ssh_port=ssh_port, accel=accel, firmware=boot,
         wait=wait, timeout=timeout_, source=Source(source), latest=latest, arch=Arch(arch) if arch else None,
         sha256=sha256, sha512=sha512, modules=as_json, host_key_types=seeds.host_key_types(host_key_types),
         ignore_cloud_init_errors=ignore_cloud_init_errors, forwards=tuple(forward or ()), mounts=tuple(mount or ()),
+        confidential=confidential, sev_firmware=sev_firmware, sev_session=sev_session,
+        sev_policy=parse_policy(sev_policy),
     )  # fmt: skip
     settings = _settings(ctx)
     if settings.host == "auto":

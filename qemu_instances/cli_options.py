@@ -72,7 +72,53 @@ def output_file(name: str, help: str) -> Any:
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 AccelOpt = Annotated[Accel, typer.Option("--accel", help="auto | kvm | tcg.")]
 FirmwareOpt = Annotated[
-    Firmware | None, typer.Option("--firmware", help="bios | uefi (default: bios on x86_64, uefi on aarch64).")
+    str | None,
+    typer.Option(
+        "--firmware",
+        metavar="bios|uefi|FIRMWARE",
+        help="bios | uefi (default: bios on x86_64, uefi on aarch64). With --confidential sev: the confidential "
+        "OVMF, a catalog firmware, aleph:<hash> or a file (default aleph-sev-ovmf).",
+    ),
+]
+
+
+def _confidential(param: typer.CallbackParam, value: str | None) -> str | None:
+    if value is not None and value != "sev":
+        from qemu_instances.errors import UsageError
+
+        raise UsageError(f"--confidential {value[:40]!r}: only sev (AMD SEV) is supported")
+    return value
+
+
+def _sev_policy(param: typer.CallbackParam, value: str) -> str:
+    from qemu_instances.sev import parse_policy
+
+    parse_policy(value)  # checked here; the command reads it again
+    return value
+
+
+ConfidentialOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--confidential",
+        metavar="sev",
+        callback=_confidential,
+        help="sev: an AMD SEV guest, started paused and run only once its launch measurement is checked.",
+    ),
+]
+SevSessionOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--sev-session",
+        metavar="PREFIX",
+        help="The guest owner's sevctl session files (PREFIX_tik.bin, PREFIX_godh.b64, PREFIX_session.b64).",
+    ),
+]
+SevPolicyOpt = Annotated[
+    str,
+    typer.Option(
+        "--sev-policy", metavar="POLICY", callback=_sev_policy, help="SEV policy (0x1: no debugging; SEV-ES refused)."
+    ),
 ]
 FirmwaresOpt = Annotated[
     str | None,

@@ -195,6 +195,25 @@ def wait_seconds(asked: float | None, *, native: bool, default: float = WAIT) ->
     return default if native else default * EMULATED
 
 
+DEFAULT_SEV_FIRMWARE = "aleph-sev-ovmf"  # the catalog's: aleph.im's confidential OVMF
+
+
+def split_firmware(text: str | None, confidential: str | None) -> tuple[Firmware | None, str | None]:
+    """`up --firmware`: bios or uefi; with --confidential, the confidential OVMF (a catalog firmware, aleph:<hash> or
+    a file; `uefi` or nothing means the catalog's) -> (boot firmware, confidential firmware)."""
+    kind = text.lower() if text else None
+    if not confidential:
+        if kind is None or kind in ("bios", "uefi"):
+            return (Firmware(kind) if kind else None), None
+        raise UsageError(
+            f"--firmware {str(text)[:60]!r}: bios or uefi",
+            hint="a confidential firmware (a catalog firmware, aleph:<hash> or a file) goes with --confidential sev",
+        )
+    if kind == "bios":
+        raise UsageError("--confidential sev boots the confidential OVMF (UEFI), not --firmware bios")
+    return Firmware.UEFI, (DEFAULT_SEV_FIRMWARE if kind in (None, "uefi") else text)
+
+
 def firmware_for(arch: Arch, asked: Firmware | None) -> Firmware:
     """The firmware a guest of `arch` boots with: the one asked for, else BIOS for x86_64 and UEFI for aarch64;
     UsageError for one the architecture cannot use (aarch64 has no BIOS)."""
@@ -383,7 +402,7 @@ class Launcher:
         when it fails), `cancel` stops it."""
         t0 = time.monotonic()
         inputs = self._inputs(req)
-        sev = self._sev_inputs(req, progress) if req.confidential else None
+        sev = self._sev_inputs(req, inputs.ref.arch, progress) if req.confidential else None
         image = self._pull(inputs.ref, req, progress)
         with Host(self.settings.connect) as host, contextlib.ExitStack() as undo:
             for _ in range(NAME_TRIES):
@@ -457,7 +476,7 @@ class Launcher:
         files = seeds.seed_files(seed)  # also checks the user-data
         return _Inputs(req, name, ref, user, keys, seed, _in_background(lambda: seeds.iso_from_files(files)))
 
-    def _sev_inputs(self, req: UpRequest, progress: Progress | None) -> SevInputs:
+    def _sev_inputs(self, req: UpRequest, arch: Arch, progress: Progress | None) -> SevInputs:
         """A confidential launch's inputs; the host is asked first, so that a host without SEV is refused (exit 4)
         before anything is downloaded or made."""
         if req.confidential != "sev":
@@ -469,6 +488,9 @@ class Launcher:
             )
         if req.accel is Accel.TCG or req.mounts:
             raise UsageError("an SEV guest runs under KVM only, without shared folders (--accel tcg, --mount)")
+        if arch is not Arch.X86_64:
+            raise UsageError(f"AMD SEV guests are x86_64 guests, not {arch}")
+        session = Session.load(req.sev_session)  # the owner's files first: a usage error is said before libvirt
         with Host(self.settings.connect) as host:
             from qemu_instances.host import domain_capabilities
 
@@ -478,7 +500,6 @@ class Launcher:
                 f"this host cannot run AMD SEV guests: {support.describe()}",
                 hint="'qinst doctor' says what this host can run; SEV needs an AMD EPYC host with SEV enabled",
             )
-        session = Session.load(req.sev_session)
         firmware = self._pull_firmware(req.sev_firmware, progress)
         from qemu_instances.sev import launch_digest
 
@@ -487,9 +508,7 @@ class Launcher:
     def _pull_firmware(self, text: str | None, progress: Progress | None) -> CachedImage:
         """The confidential firmware, verified by hash into the cache: a catalog firmware (by name: its validation
         hash checked too), aleph:<hash>, or a local file (its own sha256: the owner vouches for it)."""
-        if not text:
-            raise UsageError("--confidential sev needs --firmware NAME|aleph:<hash>|FILE (the confidential OVMF)")
-        return self.store.pull(self.store.resolve(text), progress=progress)
+        return self.store.pull(self.store.resolve(text or DEFAULT_SEV_FIRMWARE), progress=progress)
 
     def _pull(self, ref: ImageRef, req: UpRequest, progress: Progress | None) -> CachedImage:
         if not req.latest and req.source is Source.UPSTREAM:

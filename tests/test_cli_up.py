@@ -473,3 +473,55 @@ def test_remote_up_ssh_ls_logs_rm_and_reuse(qinst: RunQinst, vm_env: dict[str, s
         force_remove(second)
         for marker in POOL_DIR.glob("*.verified"):
             subprocess.run(["virsh", "-q", "vol-delete", "--pool", "qinst", marker.name], check=False)
+
+
+# -- up --confidential sev (docs/confidential.md): what this host (no SEV) and bad options get through the real CLI --
+
+
+def _sev_session(tmp_path: Path) -> Path:
+    for suffix, data in (("tik.bin", bytes(range(16))), ("godh.b64", b"QUFBQQ==\n"), ("session.b64", b"QUFBQQ==\n")):
+        (tmp_path / f"owner_{suffix}").write_bytes(data)
+    return tmp_path / "owner"
+
+
+@pytest.mark.libvirt
+def test_up_confidential_on_a_host_without_sev_exits_4_and_makes_nothing(
+    qinst: RunQinst, offline_env: dict[str, str], tmp_path: Path
+) -> None:
+    caps = subprocess.run(["virsh", "-c", "qemu:///system", "domcapabilities"], capture_output=True, text=True)
+    if "<sev supported='yes'" in caps.stdout:
+        pytest.skip("this host runs SEV guests")
+    before_domains, before_volumes = domains(), volumes()
+    env = {**offline_env, "QINST_CONNECT": "qemu:///system"}
+    proc = qinst("up", "debian-12", "--name", "sev-none", "--confidential", "sev", "--sev-session",
+                 str(_sev_session(tmp_path)), env=env)  # fmt: skip
+    assert proc.returncode == 4, proc.stderr
+    one_clear_error(proc, 4)
+    assert proc.stderr.startswith("qinst: error: this host cannot run AMD SEV guests")
+    assert not (tmp_path / "cache").exists() or not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert domains() == before_domains and volumes() == before_volumes
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--confidential", "tdx"], "--confidential 'tdx': only sev"),
+        (["--firmware", "./OVMF.fd"], "--firmware './OVMF.fd': bios or uefi"),
+        (["--confidential", "sev", "--firmware", "bios", "--sev-session", "S"], "not --firmware bios"),
+        (["--confidential", "sev", "--sev-policy", "0x5", "--sev-session", "S"], "SEV-ES (bit 2) is not supported"),
+        (["--confidential", "sev", "--sev-policy", "0x1_0000_0000", "--sev-session", "S"], "not a 32-bit policy"),
+        (["--confidential", "sev"], "needs --sev-session PREFIX"),
+        (["--confidential", "sev", "--accel", "tcg", "--sev-session", "S"], "KVM only"),
+        (["--confidential", "sev", "--sev-session", "missing"], "missing_tik.bin does not exist"),
+        (["--confidential", "sev", "--arch", "aarch64", "--sev-session", "S"], "x86_64 guests, not aarch64"),
+    ],
+)
+def test_up_confidential_usage_errors(
+    qinst: RunQinst, offline_env: dict[str, str], tmp_path: Path, args: list[str], needle: str
+) -> None:
+    """Bad confidential options are usage errors (exit 2), said in one line before libvirt is reached."""
+    session = str(_sev_session(tmp_path))
+    proc = qinst("up", "debian-12", *[session if a == "S" else a for a in args], env=offline_env)
+    assert proc.returncode == 2, proc.stderr
+    one_clear_error(proc, 2, needle)
+    assert proc.stderr.startswith("qinst: error: ")

@@ -426,7 +426,7 @@ def test_a_host_without_sev_refuses_with_exit_4_before_anything_is_made(tmp_path
         ({"accel": Accel.TCG}, "KVM only"),
         ({"mounts": ("/tmp",)}, "without shared folders"),
         ({"sev_session": None}, "needs --sev-session"),
-        ({"sev_firmware": None}, "needs --firmware"),
+        ({"sev_session": Path("/nonexistent/owner")}, "owner_tik.bin does not exist"),
         ({"confidential": "tdx"}, "only sev"),
     ],
 )
