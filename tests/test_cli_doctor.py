@@ -25,3 +25,7 @@ def test_doctor_reports_this_host(qinst: RunQinst, vm_env: dict[str, str]) -> No
     elif checks["kvm"]["ok"] is False:
         assert "falls back to TCG" in checks["kvm"]["hint"]  # offered but failing (these machines): said so
     assert {"libvirt", "pool", "networks", "qemu-img", "ssh"} <= set(checks)
+    # SEV as libvirt's domain capabilities say (these machines: none), never a required check.
+    domcaps = subprocess.run(["virsh", "-c", "qemu:///system", "domcapabilities"], capture_output=True, text=True)
+    assert checks["sev"]["ok"] is ("<sev supported='yes'" in domcaps.stdout)
+    assert checks["sev"]["required"] is False and "SEV" in checks["sev"]["detail"]
