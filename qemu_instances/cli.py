@@ -447,8 +447,7 @@ def smoke(
     shard: opt.ShardOpt = None,
     as_json: opt.JsonOpt = False,
 ) -> None:
-    """Boot each image, run the checks in it, and report (exit 6 if any failed). `qinst smoke merge FILE...` joins
-    the results.json of --shard runs into one report."""
+    """Boot each image, run the checks in it, and report (exit 6 if any failed; `smoke merge` joins --shard runs)."""
     from qemu_instances import seed as seeds
     from qemu_instances.smoke import build_options, write_reports
     from qemu_instances.smokereport import results_json
@@ -488,9 +487,7 @@ def smoke(
         raise SmokeFailed(f"{len(failed)} of {len(reports)} image(s) failed: {', '.join(failed)}")
 
 
-app.command("smoke merge")(cli_tools.smoke_merge)  # `smoke merge` is one command word (cli_app.joined_words)
-app.command("ssh-config")(cli_tools.ssh_config)
-app.command("inventory")(cli_tools.inventory)
+cli_tools.register(app)  # smoke merge, ssh-config, inventory
 
 
 def _smoke_line(report: ImageReport) -> str:

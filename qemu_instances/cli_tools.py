@@ -49,3 +49,10 @@ def smoke_merge(
         raise SmokeFailed(f"no results for shard(s) {', '.join(merged.missing)}: their CI jobs wrote none")
     if failed:
         raise SmokeFailed(f"{len(failed)} of {len(merged.reports)} image(s) failed: {', '.join(failed)}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the app; `smoke merge` is one command word (cli_app.joined_words makes it so)."""
+    app.command("smoke merge")(smoke_merge)
+    app.command("ssh-config")(ssh_config)
+    app.command("inventory")(inventory)

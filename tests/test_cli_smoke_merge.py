@@ -207,6 +207,6 @@ def test_a_shard_beyond_the_matrix_runs_nothing_and_passes(tmp_path: Path) -> No
 def test_merge_has_its_own_help_and_smoke_mentions_it(tmp_path: Path) -> None:
     merge = run_qinst(tmp_path, "smoke", "merge", "--help")
     assert merge.returncode == 0 and "Usage: qinst smoke merge [OPTIONS]" in merge.stdout
-    assert "qinst smoke merge" in run_qinst(tmp_path, "smoke", "--help").stdout
+    assert "`smoke merge` joins --shard runs" in run_qinst(tmp_path, "smoke", "--help").stdout
     # The global options before the command are skipped to find it, as for every command.
     assert run_qinst(tmp_path, "--connect", "test:///default", "smoke", "merge", "--help").returncode == 0
