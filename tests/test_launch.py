@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -35,7 +36,7 @@ from qemu_instances.domain import (
     Network,
     NetworkKind,
 )
-from qemu_instances.errors import HypervisorError, UsageError
+from qemu_instances.errors import HypervisorError, QinstError, UsageError
 from qemu_instances.host import Domain, Host, domain_capabilities
 from qemu_instances.images import CachedImage
 from qemu_instances.launch import Launcher, Plan, SevInputs, UpRequest, _Run, attest
@@ -575,3 +576,183 @@ def test_pull_by_firmware_name(qinst: RunQinst, mirror: Mirror, tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert Path(data["path"]).read_bytes() == firmware and data["name"] == "test-ovmf"
+
+
+# -- a launch failing at each step, and what it leaves -----------------------------------------------------------------
+# The whole of Launcher.up on the test driver: a real qcow2 image (qemu-img) imported into the cache, qinst's pool, the
+# overlay on its base volume, the seed volume, define and start; the guest's side is scripted (wait_ready). The test
+# driver streams no volume data, so the base and seed uploads create their volumes without bytes. Each step fails in
+# turn, and what is left is listed: the pool's volumes of the instance, its domain, its console and libvirt logs.
+
+STEPS = ["pull", "overlay", "seed", "define", "start", "readiness", "interrupt"]
+
+
+class _Failure(Exception):
+    """What a scripted step raises (a download that fails, libvirt refusing: the same for what is left)."""
+
+
+@dataclasses.dataclass
+class _Launch:
+    settings: Settings
+    image: Path
+    logs: Path  # where a session daemon's virtlogd writes (under HOME)
+    fail: str = ""
+    defined: list[str] = dataclasses.field(default_factory=list)
+
+
+@pytest.fixture
+def scripted_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Launch]:
+    held = Host(TEST_URI)  # the test driver's state lives while a connection to it is open
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    settings = Settings(connect=TEST_URI, cache_dir=tmp_path / "cache", config_dir=tmp_path / "config")
+    state = _Launch(settings, image, tmp_path / "home/.cache/libvirt/qemu/log")
+    state.logs.mkdir(parents=True)
+    real_pull, real_overlay, real_define = launch.ImageStore.pull, Host.overlay_volume, Host.define_and_start
+
+    def pull(self: object, *args: object, **kwargs: object) -> CachedImage:
+        if state.fail == "pull":
+            raise _Failure("download failed")
+        return real_pull(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    def created(host: Host, pool: object, name: str) -> object:
+        xml = f"<volume><name>{name}</name><capacity unit='bytes'>1024</capacity></volume>"
+        return pool.createXML(xml, 0)  # type: ignore[attr-defined]
+
+    def base_volume(self: Host, pool: object, name: str, *args: object, **kwargs: object) -> object:
+        return self.volume(pool, name) or created(self, pool, name)  # type: ignore[arg-type]
+
+    def overlay(self: Host, *args: object) -> object:
+        if state.fail == "overlay":
+            raise HypervisorError("cannot create the disk volume: No space left on device")
+        return real_overlay(self, *args)  # type: ignore[arg-type]
+
+    def upload(self: Host, pool: object, name: str, *args: object, **kwargs: object) -> object:
+        if state.fail == "seed":  # upload_volume leaves nothing of its own (test_host.py): the rest is up's
+            raise HypervisorError(f"cannot upload volume {name}: No space left on device")
+        return created(self, pool, name)
+
+    def define_and_start(self: Host, xml: str, name: str, *, paused: bool = False) -> Domain:
+        (state.logs / f"{name}-console.log").write_text("SeaBIOS\n")  # virtlogd's and libvirt's logs, made at define
+        (state.logs / f"{name}.log").write_text("qemu-system-x86_64 ...\n")
+        state.defined.append(name)
+        if state.fail == "define":
+            xml = "<domain type='test'><name>" + name + "</name></domain>"  # no memory: libvirt refuses it
+        if state.fail == "start":
+            xml = xml.replace("<type>hvm</type>", "<type>no-kvm-here</type>")  # the test driver does not start it
+        return real_define(self, xml, name, paused=paused)
+
+    def wait_ready(probe: object, *, timeout: float, readiness: object) -> list[tuple[str, str]]:
+        if state.fail == "readiness":
+            raise GuestPaused("the guest paused by itself (unknown)")  # under the last accelerator: a failure
+        if state.fail == "interrupt":
+            raise KeyboardInterrupt  # Ctrl-C while the guest boots
+        if state.fail == "timeout":
+            raise launch.GuestTimeout("the guest was not ready within 5 s")
+        return [("ssh-ed25519", "A" * 68)]
+
+    monkeypatch.setattr(launch.ImageStore, "pull", pull)
+    monkeypatch.setattr(Host, "base_volume", base_volume)
+    monkeypatch.setattr(Host, "overlay_volume", overlay)
+    monkeypatch.setattr(Host, "upload_volume", upload)
+    monkeypatch.setattr(Host, "define_and_start", define_and_start)
+    monkeypatch.setattr(launch, "domain_xml", driver_xml)
+    monkeypatch.setattr(launch, "wait_ready", wait_ready)
+    with held:
+        yield state
+
+
+def _left(state: _Launch, name: str) -> list[str]:
+    """What instance `name` has on the host: pool volumes, a domain, logs (the base volume is the cache's)."""
+    with Host(TEST_URI) as host:
+        found = [] if host.lookup(name) is None else [f"domain {name}"]
+        if "qinst" in host.pool_names():
+            pool = host.pool(create=False)
+            found += [
+                f"volume {v}" for v in host.volume_names(pool) if v.startswith(f"{name}.") or v.startswith(f"{name}-")
+            ]
+    found += [f"log {p.name}" for p in sorted(state.logs.iterdir()) if p.name.startswith(name)]
+    nvram = Path(f"/var/lib/libvirt/qemu/nvram/{name}_VARS.fd")  # where a UEFI guest's variables would be
+    return found + ([f"nvram {nvram}"] if nvram.exists() else [])
+
+
+def _everything(name: str) -> list[str]:
+    """What a launched instance has, as _left lists it."""
+    volumes = [f"volume {name}-seed.iso", f"volume {name}.qcow2"]
+    return [f"domain {name}", *volumes, f"log {name}-console.log", f"log {name}.log"]
+
+
+def _remove(name: str) -> None:
+    with Host(TEST_URI) as host:
+        if (dom := host.lookup(name)) is not None:
+            dom.undefine()
+        if "qinst" in host.pool_names():
+            pool = host.pool(create=False)
+            for vol in (f"{name}.qcow2", f"{name}-seed.iso"):
+                host.delete_volume(pool, vol)
+
+
+@pytest.mark.promise
+@pytest.mark.parametrize("firmware", [Firmware.BIOS, Firmware.UEFI])
+@pytest.mark.parametrize("step", STEPS)
+def test_a_launch_failing_at_each_step_leaves_nothing(scripted_launch: _Launch, step: str, firmware: Firmware) -> None:
+    name = f"fail-{step}-{firmware}"
+    scripted_launch.fail = step
+    req = UpRequest(image=str(scripted_launch.image), name=name, accel=Accel.TCG, firmware=firmware)
+    try:
+        with pytest.raises((_Failure, QinstError, KeyboardInterrupt)):
+            Launcher(scripted_launch.settings).up(req)
+        assert _left(scripted_launch, name) == []
+        assert bool(scripted_launch.defined) is (step in ("define", "start", "readiness", "interrupt"))
+    finally:
+        _remove(name)
+
+
+@pytest.mark.promise
+@pytest.mark.parametrize("firmware", [Firmware.BIOS, Firmware.UEFI])
+def test_a_launch_that_succeeds_leaves_exactly_its_domain_volumes_and_logs(
+    scripted_launch: _Launch, firmware: Firmware
+) -> None:
+    name = f"made-{firmware}"
+    try:
+        result = Launcher(scripted_launch.settings).up(
+            UpRequest(image=str(scripted_launch.image), name=name, accel=Accel.TCG, firmware=firmware)
+        )
+        assert result.ready and result.instance.metadata.volumes == (f"{name}.qcow2", f"{name}-seed.iso")
+        assert _left(scripted_launch, name) == _everything(name)
+    finally:
+        _remove(name)
+
+
+@pytest.mark.promise
+def test_a_guest_that_times_out_is_kept_for_inspection(scripted_launch: _Launch) -> None:
+    scripted_launch.fail = "timeout"
+    name = "kept-timeout"
+    try:
+        with pytest.raises(launch.GuestTimeout) as err:
+            Launcher(scripted_launch.settings).up(
+                UpRequest(image=str(scripted_launch.image), name=name, accel=Accel.TCG)
+            )
+        assert err.value.exit_code == 5 and f"qinst logs {name}" in (err.value.hint or "")
+        assert _left(scripted_launch, name) == _everything(name)
+    finally:
+        _remove(name)
+
+
+@pytest.mark.promise
+@pytest.mark.parametrize("volume", ["orphan.qcow2", "orphan-seed.iso"])
+def test_up_never_takes_the_name_of_an_orphans_volumes(scripted_launch: _Launch, volume: str) -> None:
+    """An `up` killed before define leaves volumes without a domain: their name is not free, and a refused `up`
+    under it removes nothing of them (its undo would be another instance's volumes)."""
+    with Host(TEST_URI) as host:
+        pool = host.pool()
+        pool.createXML(f"<volume><name>{volume}</name><capacity unit='bytes'>1024</capacity></volume>", 0)
+    try:
+        with pytest.raises(UsageError, match="already exists"):
+            Launcher(scripted_launch.settings).up(
+                UpRequest(image=str(scripted_launch.image), name="orphan", accel=Accel.TCG)
+            )
+        assert _left(scripted_launch, "orphan") == [f"volume {volume}"] and not scripted_launch.defined
+    finally:
+        _remove("orphan")

@@ -79,3 +79,44 @@ def remove_leftovers(prefix: str) -> list[str]:
         virsh("vol-delete", vol, "--pool", "qinst")
         left.append(f"volume {vol}")
     return left
+
+
+def define_instance(name: str, firmware: str = "bios", *, start_paused: bool = False) -> Path:
+    """A qinst instance on the real libvirtd that never boots: its overlay (an empty qcow2) and seed volumes in
+    qinst's pool, its domain with a valid record (TCG, a user network on a free port), libvirt's and the console's
+    logs; started with its vCPUs paused when asked (QEMU runs, makes a UEFI guest's NVRAM, runs no guest code).
+    Returns the overlay's path. Remove it with remove_domain(name)."""
+    import dataclasses
+    import socket
+
+    from qemu_instances.domain import Firmware, domain_xml
+    from qemu_instances.host import Host
+    from testsupport.testdriver import instance_spec
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with Host(URI) as host:
+        pool = host.pool()
+        made = {}
+        for vol, fmt in ((f"{name}.qcow2", "qcow2"), (f"{name}-seed.iso", "raw")):
+            fmt_xml = f"<target><format type='{fmt}'/></target>"
+            xml = f"<volume><name>{vol}</name><capacity unit='MiB'>16</capacity>{fmt_xml}</volume>"
+            made[fmt] = pool.createXML(xml, 0).path()
+        spec = instance_spec(name=name, firmware=Firmware(firmware), disk_path=made["qcow2"], seed_path=made["raw"],
+                             console_log=str(LOG_DIR / f"{name}-console.log"), ssh_port=port)  # fmt: skip
+        meta = dataclasses.replace(spec.metadata, ssh_port=port, volumes=(f"{name}.qcow2", f"{name}-seed.iso"))
+        dom = host.conn.defineXML(domain_xml(dataclasses.replace(spec, metadata=meta)))
+        if start_paused:
+            import libvirt
+
+            dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+    for log in (LOG_DIR / f"{name}-console.log", LOG_DIR / f"{name}.log"):
+        if not log.exists():
+            log.write_text("as virtlogd and libvirt write them\n")
+    return Path(made["qcow2"])
+
+
+def nvram_files(name: str) -> list[Path]:
+    """A domain's UEFI variable stores, where libvirt makes them."""
+    return sorted(Path("/var/lib/libvirt/qemu/nvram").glob(f"{name}_VARS*"))
