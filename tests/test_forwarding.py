@@ -101,3 +101,15 @@ def test_tunnel_that_ends_by_itself_is_an_error() -> None:
     argv = [sys.executable, "-c", "import sys; sys.stderr.write('bind: Address already in use\\n'); sys.exit(255)"]
     with pytest.raises(QinstError, match="the tunnel ended: bind: Address already in use"):
         run_tunnel(argv, [Forward("127.0.0.1", 1, 1)], lambda: None)
+
+
+@pytest.mark.promise
+def test_the_one_taken_port_among_several_forwards_is_named() -> None:
+    with socket.socket() as free, socket.socket() as busy:
+        free.bind(("127.0.0.1", 0))
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        first, taken = free.getsockname()[1], busy.getsockname()[1]
+        free.close()
+        with pytest.raises(UsageError, match=f"port 127.0.0.1:{taken} is already in use"):
+            check_free([Forward("127.0.0.1", first, 80), Forward("127.0.0.1", taken, 443)])

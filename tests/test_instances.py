@@ -29,7 +29,7 @@ from qemu_instances.images import ImageStore
 from qemu_instances.instances import disk_volume, remove_logs, start, validate_metadata
 from qemu_instances.settings import Settings
 from testsupport.hostkeys import HostKeySshd
-from testsupport.testdriver import GOOD_RECORD, NS, RECORD_KEY
+from testsupport.testdriver import GOOD_RECORD, NS, RECORD_KEY, record_domain_xml, sample_record
 
 # -- metadata read back from libvirt is checked field by field ---------------------------------------------------------
 
@@ -542,3 +542,28 @@ def test_prune_refuses_while_an_instance_record_is_invalid(tmp_path: Path, test_
     finally:
         dom.undefine()
     assert image.path.exists()
+
+
+@pytest.mark.promise
+@pytest.mark.parametrize("state", ["running", "paused"])
+def test_rm_of_a_running_or_paused_instance_needs_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: str
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    name = f"rm-{state}"
+    with Host("test:///default") as host:
+        dom = host.conn.defineXML(record_domain_xml(name, sample_record()))
+        try:
+            dom.create()
+            if state == "paused":
+                dom.suspend()
+            with pytest.raises(UsageError, match=f"is {state}") as err:
+                instances.remove(host, name)
+            assert f"qinst rm --force {name}" in (err.value.hint or "")
+            assert host.lookup(name) is not None and dom.isActive()
+            assert instances.remove(host, name, force=True)[0] == f"domain {name}"
+            assert host.lookup(name) is None
+        finally:
+            if host.lookup(name) is not None:
+                dom.destroy()
+                dom.undefine()
