@@ -4,15 +4,17 @@ see tests/data/SOURCE.md) and throw-away keys made by gpg; then the same through
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import RunQinst
 from httpserver import HTTPServer
 from mirror import UBUNTU_LATEST, UBUNTU_SUMS, Mirror
-from signing import SigningKey
+from signing import SigningKey, make_key
 
 from qemu_instances.errors import ImageError
 from qemu_instances.signatures import keyring_fingerprints, keyring_path, shipped_keyrings, verify_detached
@@ -86,6 +88,65 @@ def test_own_key_good_and_bad(test_key: SigningKey, other_key: SigningKey) -> No
 def test_garbage_signatures_are_refused(test_key: SigningKey, signature: bytes) -> None:
     with pytest.raises(ImageError, match=r"signature check failed"):
         verify_detached(b"data\n", signature, test_key.keyring, what="x")
+
+
+# Who must be refused even though gpgv finds the signature cryptographically good (gpgv exits 0 and prints VALIDSIG
+# for a key that expired or was revoked: only its status lines say so).
+
+DAY = 86400
+
+
+@pytest.fixture
+def key_home(tmp_path: Path) -> Iterator[Path]:
+    home = tmp_path / "gpg"
+    yield home
+    subprocess.run(["gpgconf", "--kill", "all"], env={**os.environ, "GNUPGHOME": str(home)}, check=False)
+
+
+@pytest.mark.promise
+def test_a_signature_by_an_expired_key_is_refused(key_home: Path) -> None:
+    """A key made ten days ago that expired after one day; the signature was made while it was valid."""
+    made = int(time.time()) - 10 * DAY
+    key = make_key(key_home, "expired <expired@qinst.invalid>", expire="1d", created=made)
+    data = b"0" * 64 + b" *image.img\n"
+    with pytest.raises(ImageError, match=r"signature check failed for x: the signature or its key has expired"):
+        verify_detached(data, key.sign(data, at=made + 60), key.keyring, what="x")
+
+
+@pytest.mark.promise
+def test_an_expired_signature_is_refused(key_home: Path) -> None:
+    made = int(time.time()) - 10 * DAY
+    key = make_key(key_home, "old <old@qinst.invalid>", created=made)
+    data = b"0" * 64 + b" *image.img\n"
+    assert verify_detached(data, key.sign(data, at=made + 60), key.keyring, what="x").created == made + 60
+    with pytest.raises(ImageError, match=r"signature check failed for x: the signature or its key has expired"):
+        verify_detached(data, key.sign(data, at=made + 60, expire="1d"), key.keyring, what="x")
+
+
+@pytest.mark.promise
+def test_a_signature_by_a_revoked_key_is_refused(key_home: Path) -> None:
+    """Signed while the key was good, then the key's revocation certificate is published in the keyring."""
+    key = make_key(key_home, "revoked <revoked@qinst.invalid>")
+    data = b"0" * 64 + b" *image.img\n"
+    signature = key.sign(data)
+    assert verify_detached(data, signature, key.keyring, what="x").fingerprint == key.fingerprint
+    key.revoke()
+    with pytest.raises(ImageError, match=r"signature check failed for x: the signing key is revoked"):
+        verify_detached(data, signature, key.keyring, what="x")
+
+
+@pytest.mark.promise
+def test_a_signing_subkey_counts_for_its_primary_key_only(key_home: Path, other_key: SigningKey) -> None:
+    """A certify-only primary key signing with its subkey (as Debian's archive keys do): the signer is the primary
+    key that VALIDSIG names, the one the keyring pins; the subkey's own fingerprint is never taken for a signer."""
+    key = make_key(key_home, "subkey signer <sub@qinst.invalid>", signing_subkey=True)
+    data = b"0" * 64 + b" *image.img\n"
+    signature = key.sign(data)
+    assert keyring_fingerprints(key.keyring) == {key.fingerprint}  # primary keys only
+    signer = verify_detached(data, signature, key.keyring, what="x")
+    assert signer.fingerprint == key.fingerprint
+    with pytest.raises(ImageError, match=r"signature check failed .*not in the keyring"):
+        verify_detached(data, signature, other_key.keyring, what="x")
 
 
 def test_an_armored_or_broken_keyring_is_refused(tmp_path: Path) -> None:
