@@ -377,6 +377,11 @@ CIDV1 = "bafybeidbbs6ocod3v27jtr4uhvc6n55y3gbrtur3bvjsnraudtbxkozi2y"  # js-ipfs
             "default_user",
             "must be a user name (lower-case letters, digits, '_', '-', starting with a letter)",
         ),
+        (  # an ssh option, were it placed before the destination
+            'default_user = "-oproxycommand=sh"',
+            "default_user",
+            "must be a user name (lower-case letters, digits, '_', '-', starting with a letter)",
+        ),
         (
             'default_user = "root"',
             "default_user",
@@ -408,6 +413,14 @@ def test_a_digest_that_is_not_a_string_is_said_so() -> None:
 
 
 @pytest.mark.promise
+@pytest.mark.promise
+@pytest.mark.parametrize("name", ["-x", "-oproxycommand", ".hidden", "_x"])
+def test_an_image_name_starting_with_a_dash_or_a_dot_is_refused(name: str) -> None:
+    with pytest.raises(CatalogError) as err:
+        parse_catalog(f'[images."{name}"]\n{BASE}', "my.toml")
+    assert err.value.message.startswith(f"my.toml: [images.{name}]: invalid image name")
+
+
 def test_an_unknown_key_lists_the_known_ones() -> None:
     with pytest.raises(CatalogError) as err:
         parse_catalog(f"[images.x]\n{BASE}colour = 1\n", "my.toml")

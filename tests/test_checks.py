@@ -138,6 +138,30 @@ def test_user_checks_judge_exit_and_output() -> None:
     assert Check("t", ("true",), sudo=True).command == "sudo -n sh -c true"
 
 
+@pytest.mark.promise
+def test_a_user_check_passes_only_with_the_exit_status_it_expects(tmp_path: Path) -> None:
+    """`exit = N` from a check file: 0 is a failure when 1 is expected (a grep that must find nothing)."""
+    path = tmp_path / "checks.toml"
+    path.write_text('[[check]]\nname = "no-errors"\nrun = "grep -q ERROR /var/log/x"\nexit = 1\n')
+    (check,) = load_checks(path)
+    assert check.evaluate(Output(1, "", ""), CTX).ok
+    found = check.evaluate(Output(0, "", ""), CTX)
+    assert not found.ok and found.message == "expected exit 1, got 0"
+    assert check.evaluate(Output(2, "", "grep: /var/log/x: No such file"), CTX).message == "expected exit 1, got 2"
+
+
+@pytest.mark.promise
+def test_a_check_runs_on_every_image_matching_any_of_its_globs(tmp_path: Path) -> None:
+    path = tmp_path / "checks.toml"
+    path.write_text('[[check]]\nname = "apt"\nrun = "apt-get --version"\nimages = ["ubuntu-*", "debian-*"]\n')
+    (check,) = load_checks(path)
+    assert [i for i in ("ubuntu-24.04", "debian-12", "fedora-41", "my-debian-12") if check.applies_to(i)] == [
+        "ubuntu-24.04",
+        "debian-12",
+    ]
+    assert parse_check_option("any=true").applies_to("fedora-41")  # no images: every image
+
+
 def test_check_files_and_options_are_refused_with_the_file_and_key(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(

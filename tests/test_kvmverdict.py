@@ -39,6 +39,20 @@ def test_a_kvm_verdict_is_remembered_per_host_qemu_and_kernel(tmp_path: Path) ->
     assert kvmverdict.recall(tmp_path, key) is None
 
 
+@pytest.mark.promise
+def test_a_verdict_is_forgotten_on_any_change_of_the_qemu_version(tmp_path: Path) -> None:
+    """libvirt's version number of QEMU (major x 1e6 + minor x 1e3 + micro): a new micro release may be the fix, so
+    the verdict recorded under 8.2.1 is not recalled under 8.2.2, 8.3.1 or 9.2.1, and recalled under 8.2.1 again."""
+    uri = "qemu:///system"
+    kvmverdict.remember(tmp_path, kvmverdict.host_key(uri, 8_002_001, is_local=True), "failed to set MSR 0x10a")
+    assert kvmverdict.recall(tmp_path, kvmverdict.host_key(uri, 8_002_001, is_local=True)) is not None
+    for other in (8_002_002, 8_003_001, 9_002_001, 8_002_000):
+        assert kvmverdict.recall(tmp_path, kvmverdict.host_key(uri, other, is_local=True)) is None, other
+    # A remote host's key has no kernel; its QEMU version still decides.
+    kvmverdict.remember(tmp_path, kvmverdict.host_key("qemu+ssh://h/system", 7_002_000, is_local=False), "paused")
+    assert kvmverdict.recall(tmp_path, kvmverdict.host_key("qemu+ssh://h/system", 7_002_001, is_local=False)) is None
+
+
 @pytest.mark.parametrize(
     "content",
     [

@@ -431,7 +431,7 @@ def test_valid_hostnames_are_accepted_in_lower_case(name: str) -> None:
     assert seed.validate_hostname(name) == name.lower()
 
 
-@pytest.mark.parametrize("name", ["root", "Bob", "bob smith", "bob\n", "1bob", "", "b" * 33])
+@pytest.mark.parametrize("name", ["root", "Bob", "bob smith", "bob\n", "1bob", "", "b" * 33, "-oProxyCommand=x", "-b"])
 def test_invalid_user_names_are_refused(name: str) -> None:
     with pytest.raises(UsageError, match="invalid user name"):
         make_spec(user=name)

@@ -63,3 +63,25 @@ def test_results_json_carries_the_schema_and_retries() -> None:
     (result,) = data["results"]
     assert result["suite"] == "debian-12[uefi]" and result["flaky"] and result["attempts"] == 2
     assert result["first_failure"].startswith("cloud-init:")
+
+
+@pytest.mark.promise
+def test_the_download_is_never_compared_with_the_baseline(tmp_path: Path) -> None:
+    """A download 100 s slower (a cold cache, a slow mirror) is no boot regression; a boot as much slower is."""
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(results_json([report_with_timings("d", "bios", {"download": 1.0, "boot": 10.0})])))
+    baseline = load_baseline(path)
+    assert regressions(report_with_timings("d", "bios", {"download": 101.0, "boot": 10.0}), baseline, 1.25) == []
+    assert regressions(report_with_timings("d", "bios", {"download": 1.0, "boot": 110.0}), baseline, 1.25) == [
+        "boot: 110.0 s, baseline 10.0 s (11.00x; threshold 1.25x)"
+    ]
+
+
+@pytest.mark.promise
+def test_an_image_failing_every_attempt_is_failed_not_flaky() -> None:
+    report = report_with_timings("d", "bios", {"boot": 1.0}, failed="cloud-init")
+    report.attempts, report.first_failure = 2, "cloud-init: expected exit 0, got 3"
+    assert not report.passed and not report.flaky
+    (result,) = results_json([report])["results"]
+    assert result["flaky"] is False and result["passed"] is False and result["attempts"] == 2
+    assert "| d[bios] | **FAILED** |" in summary_markdown([report])

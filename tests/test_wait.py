@@ -112,6 +112,25 @@ def test_cloud_init_module_failures_fail_the_launch() -> None:
     assert "Failed running /var/lib/cloud/instance/scripts/runcmd" in err.value.message
 
 
+@pytest.mark.promise
+@pytest.mark.usefixtures("fast_poll")
+def test_ready_only_at_the_finished_line_so_a_module_failing_after_the_host_keys_is_seen() -> None:
+    """cloud-init prints the host keys (keys_to_console, a final-stage module) before its last modules run: the guest
+    answers SSH with the printed key by then, yet a module that fails afterwards (scripts-user) must fail the boot."""
+    failed = (
+        "[   44.0] cloud-init[520]: 2026-11-28 13:19:03,124 - cc_scripts_user.py[WARNING]: Failed to run module "
+        "scripts-user (scripts in /var/lib/cloud/instance/scripts)\r\n"
+    )
+    readiness = Readiness()
+    probe = _probe([BOOT, KEYS_BLOCK, "[   43.0] cloud-init[520]: running scripts-user\r\n", failed + DONE])
+    with pytest.raises(CloudInitErrors, match=r"in module\(s\) scripts-user") as err:
+        wait_ready(probe, timeout=30, readiness=readiness)
+    assert ED25519 in err.value.keys
+    assert list(readiness.phases) == ["running", "kernel", "cloud-init", "ssh"]
+    # Nothing between the keys and "finished": ready, with the keys.
+    assert ED25519 in wait_ready(_probe([BOOT, KEYS_BLOCK, "x\r\n", DONE]), timeout=30, readiness=Readiness())
+
+
 @pytest.mark.usefixtures("fast_poll")
 def test_no_seed_and_no_host_keys_are_failures() -> None:
     none = DONE.replace("DataSourceNoCloud [seed=/dev/vdb][dsmode=net]", "DataSourceNone")
