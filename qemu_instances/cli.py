@@ -107,7 +107,7 @@ def pull(
     with ProgressBar(f"pull {image}") as progress:
         pulled = api.pull(
             _settings(ctx), image, source=source, latest=latest, sha256=sha256, sha512=sha512, progress=progress,
-            arch=Arch(arch) if arch else None,
+            arch=Arch.parse(arch) if arch else None,
         )  # fmt: skip
     if as_json:
         data = pulled.to_json()
@@ -178,7 +178,7 @@ def up(
     request = UpRequest(
         image=image, name=name, cpus=cpus, memory_mib=memory, disk_gib=disk, ssh_keys=tuple(ssh_key or ()),
         user=user, user_data=user_data, network=network, ssh_port=ssh_port, accel=accel, firmware=boot,
-        wait=wait, timeout=timeout_, source=Source(source), latest=latest, arch=Arch(arch) if arch else None,
+        wait=wait, timeout=timeout_, source=Source(source), latest=latest, arch=Arch.parse(arch) if arch else None,
         sha256=sha256, sha512=sha512, modules=as_json, host_key_types=seeds.host_key_types(host_key_types),
         ignore_cloud_init_errors=ignore_cloud_init_errors, forwards=tuple(forward or ()), mounts=tuple(mount or ()),
         confidential=confidential, sev_firmware=sev_firmware, sev_session=sev_session,
