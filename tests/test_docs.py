@@ -106,3 +106,41 @@ def test_the_readmes_links_lead_somewhere(build: Build) -> None:
 def _github_slug(heading: str) -> str:
     """How GitHub names a heading's anchor (lower case, punctuation dropped, spaces as hyphens)."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+# -- the promise register (docs/promises.md) ---------------------------------------------------------------------------
+
+PROMISES = DOCS / "promises.md"
+TEST_REF = re.compile(r"`(tests/test_\w+\.py)::(test_\w+)`")
+
+
+def _test_functions(path: Path) -> set[str]:
+    """The test functions a test module defines (in classes too), by name: parametrised ones without their ids."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test_")
+    }
+
+
+def test_every_promise_names_tests_that_exist_or_why_only_a_real_boot_shows_it() -> None:
+    lines = [line for line in PROMISES.read_text(encoding="utf-8").splitlines() if line.startswith("- ")]
+    assert len(lines) >= 50, "the register lists the promises one per line, as '- ...'"
+    known: dict[str, set[str]] = {}
+    problems = []
+    for line in lines:
+        refs = TEST_REF.findall(line)
+        if not refs:
+            problems.append(f"no test named: {line[:100]}")
+        if "real-boot only" in line and not re.search(r"real-boot only: [^`]+`tests/", line):
+            problems.append(f"a real-boot only promise needs its reason and its VM test: {line[:100]}")
+        for file, name in refs:
+            path = ROOT / file
+            if file not in known:
+                known[file] = _test_functions(path) if path.is_file() else set()
+            if name not in known[file]:
+                problems.append(f"{file}::{name} does not exist (renamed or deleted?)")
+    assert not problems, "docs/promises.md:\n" + "\n".join(problems)
