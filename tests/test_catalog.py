@@ -378,7 +378,7 @@ CIDV1 = "bafybeidbbs6ocod3v27jtr4uhvc6n55y3gbrtur3bvjsnraudtbxkozi2y"  # js-ipfs
             "must be a user name (lower-case letters, digits, '_', '-', starting with a letter)",
         ),
         (  # an ssh option, were it placed before the destination
-            'default_user = "-oproxycommand=sh"',
+            'default_user = "-oproxycommand"',
             "default_user",
             "must be a user name (lower-case letters, digits, '_', '-', starting with a letter)",
         ),
