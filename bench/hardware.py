@@ -31,21 +31,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _root  # noqa: F401  (testsupport/ on sys.path)
 import libvirt
-from _common import (
-    URI,
-    free_port,
-    interrupt_on_sigterm,
-    log,
-    pools,
-    qinst_command,
-    remove_domain,
-    remove_pool,
-    table,
-    work_dir,
-)
+from output import log, table
+from session import interrupt_on_sigterm, work_dir
 
 from qemu_instances import domain
+from testsupport.net import free_port
+from testsupport.qinst import qinst_command
+from testsupport.virsh import URI, pools, remove_domain, remove_pool
 
 CPUS = 2
 MEMORY_MIB = 1024

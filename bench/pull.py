@@ -23,9 +23,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import Summary, file_server, timed, write_random_file
+import _root  # noqa: F401  (testsupport/ and qemu_instances on sys.path)
+from session import write_random_file
+from timing import Summary, timed
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: testsupport, qemu_instances
+from testsupport.fileserver import file_server
 
 GOAL_RATIO = 0.8
 GOAL_IPFS_RATIO = 1.15

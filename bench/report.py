@@ -18,7 +18,7 @@ import launch
 import scaling
 import smoke
 import startup
-from _common import table
+from output import table
 
 DPI = 80
 PLOTS = ("launch", "boot", "startup", "smoke", "scaling")

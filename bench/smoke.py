@@ -17,19 +17,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from _common import (
-    Qinst,
-    Ran,
-    fmt_summary,
-    log,
-    merge_idle,
-    qinst_session,
-    summarize,
-    table,
-    test_image,
-    undisturbed,
-    write_json,
-)
+from idle import merge_idle, undisturbed
+from output import fmt_summary, log, table, write_json
+from session import Qinst, qinst_session, test_image
+from timing import Ran, summarize
 
 IMAGE = "qinst-test"
 GOAL_RATIO = 1.3
