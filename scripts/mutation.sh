@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of the code that carries qinst's security and data-safety claims (issue 16), with mutmut 3.
-# Not part of every CI run: it takes ~21 minutes on a quiet 2-core machine (3 workers; see README). Usage: bash scripts/mutation.sh [--keep|--report|--recheck]
+# Not part of every CI run: it takes ~21 minutes on a quiet 2-core machine (3 workers; see README). Usage: bash scripts/mutation.sh [--keep|--report|--recheck|--behaviour [PATCH...]]
 #
 # Each target is MODULE:FUNCTIONS (FUNCTIONS: comma-separated globs of function names; Class.method for methods;
 # * for the whole module). Host-key checking, known_hosts and the ssh options live in ssh.py; host.py is the only
@@ -28,6 +28,13 @@ TESTS=${QINST_MUTATION_TESTS:-"tests/test_digests.py tests/test_download.py test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
+
+# --behaviour [PATCH...]: the hand-written behaviour mutants of tests/mutants/ (issue 24), each a 1-5 line change that
+# breaks a documented promise; each must make the fast suite fail. See docs/testing.md ("Behaviour mutants").
+if [ "${1:-}" = "--behaviour" ]; then
+  shift
+  exec bash "$repo/scripts/behaviour-mutants.sh" "$@"
+fi
 keep=0 report_only=0 recheck=0
 [ "${1:-}" = "--keep" ] && keep=1
 # --report: only compare the last run's results (kept with --keep) with tests/mutation-equivalent.txt again.
