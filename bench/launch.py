@@ -49,6 +49,7 @@ BOOT_TIMEOUT = 600.0
 # cloud-init's final line on the console; kcli replaces it with its own final_message.
 CLOUD_INIT_DONE = re.compile(r"Cloud-init v\. \S+ finished at ([^\n]*)\n|kcli boot finished, up")
 DATASOURCE = re.compile(r"Datasource (\w+)")
+KERNEL = re.compile(r"Linux version \d|Booting Linux|Kernel command line:")  # as qinst's readiness marks it
 GOALS = {"qinst_minus_floor_s": 0.15, "ready_minus_cloud_init_s": 2.0, "help_s": 0.3}
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
@@ -95,7 +96,9 @@ class Watch(threading.Thread):
         self.running: float | None = None
         self.cloud_init: float | None = None
         self.ssh: float | None = None
+        self.kernel: float | None = None  # the kernel's first console line seen (the firmware's end)
         self.datasource = ""  # from cloud-init's final line: DataSourceNone means it found no seed
+        self.console: list[str] = []  # everything read from the console, for bootprofile.console_phases
         self.error = ""
         self._stop_event = threading.Event()
 
@@ -151,7 +154,11 @@ class Watch(threading.Thread):
                             new = f.read()
                         offset += len(new)
                 if new:
-                    text = text[-400:] + new.decode("utf-8", "replace")
+                    fresh = new.decode("utf-8", "replace")
+                    self.console.append(fresh)
+                    text = text[-400:] + fresh
+                    if self.kernel is None and KERNEL.search(text):
+                        self.kernel = now
                     if self.cloud_init is None and (done := CLOUD_INIT_DONE.search(text)):
                         self.cloud_init = now
                         found = DATASOURCE.search(done[1] or "")
@@ -228,10 +235,14 @@ class QinstTool:
 
     streams_console = False
 
-    def __init__(self, q: Qinst, accel: str | None = "tcg", fresh: bool = False) -> None:
+    def __init__(
+        self, q: Qinst, accel: str | None = "tcg", fresh: bool = False, image: str = IMAGE, more: tuple[str, ...] = ()
+    ) -> None:
         self.q = q
         self.accel = accel
         self.fresh = fresh
+        self.image = image
+        self.more = more  # further options of every `up` (bench/boot.py: --arch, --host-key-types)
         self.label = "qinst up --no-wait" + (
             f" --accel {accel}" if accel else " (defaults: --accel auto" + (", first run)" if fresh else ")")
         )
@@ -239,7 +250,7 @@ class QinstTool:
     def args(self, name: str, *more: str) -> list[str]:
         return [
             "up",
-            IMAGE,
+            self.image,
             "--name",
             name,
             "--cpus",
@@ -254,6 +265,7 @@ class QinstTool:
             "--ssh-key",
             str(self.q.key),
             "--json",
+            *self.more,
             *more,
         ]
 
@@ -288,8 +300,11 @@ class VirtInstall:
     label = "virt-install --import --cloud-init --noautoconsole"
     streams_console = False
 
-    def __init__(self, q: Qinst, work: Path, base: Path) -> None:
-        self.q, self.work, self.base = q, work, base
+    def __init__(
+        self, q: Qinst, work: Path, base: Path, cpu: str | None = "mode=maximum", arch: str = "x86_64"
+    ) -> None:
+        """cpu None: virt-install's own default (qemu64 under TCG on x86_64); arch aarch64: machine virt, UEFI."""
+        self.q, self.work, self.base, self.cpu, self.arch = q, work, base, cpu, arch
 
     def files(self, name: str) -> dict[str, Path]:
         d = self.work / name
@@ -320,6 +335,7 @@ class VirtInstall:
     def argv(self, name: str, ssh_port: int) -> list[str]:
         f = self.files(name)
         net = f"user,id=benchnet0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22,restrict=on"
+        bus = "pcie.0" if self.arch == "aarch64" else "pci.0"  # virt's PCIe root bus, i440fx's PCI bus
         return [
             "virt-install",
             "--connect",
@@ -341,13 +357,14 @@ class VirtInstall:
             "detect=on,require=off",
             "--virt-type",
             "qemu",
-            "--cpu",
-            "mode=maximum",
+            *(["--cpu", self.cpu] if self.cpu else []),
+            # arm64 cloud images boot only under UEFI, on the virt machine (as `qinst up --arch aarch64` makes it).
+            *(["--arch", "aarch64", "--machine", "virt", "--boot", "uefi"] if self.arch == "aarch64" else []),
             # The same user-mode network with SSH forwarded from 127.0.0.1 as qinst's (passt is off in Debian 12).
             "--network",
             "none",
             # One argument with "=": a value that starts with "-" would be taken for an option.
-            f"--qemu-commandline=-netdev {net} -device virtio-net-pci,netdev=benchnet0,bus=pci.0,addr=0x1e",
+            f"--qemu-commandline=-netdev {net} -device virtio-net-pci,netdev=benchnet0,bus={bus},addr=0x1e",
             "--serial",
             f"file,path={f['console']}",
             "--graphics",
@@ -613,14 +630,7 @@ def main() -> None:
 
 
 def measure(q: Qinst, work: Path, peers: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    base = q.cache / "images" / q.base_volume()
-    if not base.exists():
-        base = next((q.cache / "images").glob(q.base_volume() + "*"))
-    # qinst keeps its cache private (0700); the peers' disks use the cached file as their backing file, which
-    # QEMU (its own user) must read: open this benchmark's own temporary cache to it.
-    for path in (q.cache, q.cache / "images"):
-        path.chmod(0o755)
-    base.chmod(0o644)
+    base = q.shared_base()
     run_id = secrets.token_hex(2)
     qinst = QinstTool(q)
     vi = VirtInstall(q, work, base)

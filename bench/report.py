@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import boot
 import launch
 import scaling
 import smoke
@@ -21,7 +22,7 @@ import startup
 from output import table
 
 DPI = 80
-PLOTS = ("launch", "boot", "startup", "smoke", "scaling")
+PLOTS = ("launch", "boot", "pairs", "phases", "startup", "smoke", "scaling")
 
 
 def seed_markdown(r: dict[str, Any]) -> str:
@@ -38,6 +39,8 @@ def seed_markdown(r: dict[str, Any]) -> str:
 
 
 SECTIONS = {
+    "boot": ("Boot in alternating pairs", boot.markdown),
+    "boot-arm64": ("arm64 boot in alternating pairs", boot.markdown),
     "launch": ("Launch", launch.markdown),
     "smoke": ("Boot-smoke: parallel against sequential", smoke.markdown),
     "startup": ("Start-up", startup.markdown),
@@ -157,6 +160,46 @@ def plots(results: dict[str, Any], stem: Path) -> list[str]:
         ax.set_ylim(0, ax.get_ylim()[1] * 1.25)
         ax.legend(fontsize=8, loc="upper center", ncol=len(keys))
         save(fig, "boot", "Boot to ready under TCG")
+
+    series = [
+        (f"{bench}, {key}:\n{r['a']} /\n{r['b']}", r)
+        for bench in ("boot", "boot-arm64")
+        for key, r in [("boot", b.get(bench, {}).get("boot")), *b.get(bench, {}).get("levers", {}).items()]
+        if r and r.get("pairs")
+    ]
+    if series:
+        fig, ax = plt.subplots(figsize=(10, 0.8 + 0.75 * len(series)))
+        for i, (_, r) in enumerate(series):
+            ratios = [p["ratio"] for p in r["pairs"]]
+            ax.scatter(ratios, [i] * len(ratios), color="#4c72b0", s=18, zorder=3)
+            ax.plot([r["ratio"]["median"]] * 2, [i - 0.3, i + 0.3], color="#c44e52", lw=2)
+            ax.text(r["ratio"]["max"], i, f"  {r['ratio']['median']:.2f} (n={r['n']})", va="center", fontsize=8)
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(series)), [label for label, _ in series], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("per-pair ratio of time to cloud-init's final line (dots: pairs; red: median)")
+        ax.set_xlim(0, max(r["ratio"]["max"] for _, r in series) * 1.3)
+        save(fig, "pairs", "Boots in alternating pairs")
+
+    profiles = [
+        (bench, b[bench]["boot"]) for bench in ("boot", "boot-arm64") if b.get(bench, {}).get("boot", {}).get("n")
+    ]
+    if profiles:
+        fig, ax = plt.subplots(figsize=(10, 1.6 + 0.6 * 2 * len(profiles)))
+        labels: list[str] = []
+        for bench, r in profiles:
+            for side in ("a", "b"):
+                y, left = len(labels), 0.0
+                labels.append(f"{r[side]} ({bench})")
+                for k, phase in enumerate(p for p in boot.PHASES if p != "guest-ready"):
+                    value = r[side + "_phases"].get(phase, {}).get("median", 0.0)
+                    ax.barh(y, value, left=left, color=f"C{k}", label=phase if y == 0 else None)
+                    left += value
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("s (median of each phase over the pairs, from each guest's console)")
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+        save(fig, "phases", "Where the boot goes, phase by phase")
 
     commands = b.get("startup", {}).get("commands", {})
     if commands:

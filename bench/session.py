@@ -118,6 +118,18 @@ class Qinst:
         """The pool volume qinst makes of the cached image (named by its digest)."""
         return self.digest.replace(":", "-")
 
+    def shared_base(self) -> Path:
+        """The cached image's file, opened to QEMU (its own user) as the backing file of the peers' overlays.
+
+        qinst keeps its cache private (0700): this opens the benchmark's own temporary cache only."""
+        base = self.cache / "images" / self.base_volume()
+        if not base.exists():
+            base = next((self.cache / "images").glob(self.base_volume() + "*"))
+        for path in (self.cache, self.cache / "images"):
+            path.chmod(0o755)
+        base.chmod(0o644)
+        return base
+
 
 @contextmanager
 def qinst_session(
