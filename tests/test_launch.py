@@ -756,3 +756,37 @@ def test_up_never_takes_the_name_of_an_orphans_volumes(scripted_launch: _Launch,
         assert _left(scripted_launch, "orphan") == [f"volume {volume}"] and not scripted_launch.defined
     finally:
         _remove("orphan")
+
+
+@pytest.mark.promise
+def test_an_emulated_guest_waits_longer_by_default_and_an_asked_timeout_is_kept() -> None:
+    assert launch.wait_seconds(None, native=True) == launch.WAIT
+    assert launch.wait_seconds(None, native=False) == launch.WAIT * launch.EMULATED > launch.WAIT
+    assert launch.wait_seconds(None, native=False, default=100.0) == 100.0 * launch.EMULATED
+    for native in (True, False):
+        assert launch.wait_seconds(42.0, native=native) == 42.0  # --timeout is what the user asked, either way
+
+
+@pytest.mark.promise
+@pytest.mark.libvirt
+def test_a_guest_of_another_architecture_runs_under_tcg_at_once_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the real libvirtd: KVM runs only guests of the host's own architecture. Another one goes to TCG with one
+    line that says why (never a KVM attempt, never "KVM is not usable"); --accel kvm for it is a usage error."""
+    if not os.path.exists("/var/run/libvirt/libvirt-sock"):
+        pytest.skip("no libvirtd")
+    from qemu_instances.arch import Arch
+
+    with Host("qemu:///system") as host:
+        native = Arch(host.host_arch())
+        foreign = Arch.AARCH64 if native is Arch.X86_64 else Arch.X86_64
+        with caplog.at_level("INFO", logger=launch.log.name):
+            assert launch._accelerators(host, Accel.AUTO, tmp_path, foreign) == (Accel.TCG,)
+        said = [r.getMessage() for r in caplog.records if r.name == launch.log.name]
+        assert said == [f"an {foreign} guest on this {native} host runs under TCG (software emulation, several times "
+                        "slower)"]  # fmt: skip
+        assert launch._accelerators(host, Accel.TCG, tmp_path, foreign) == (Accel.TCG,)
+        with pytest.raises(UsageError, match=f"KVM cannot run an {foreign} guest on this {native} host"):
+            launch._accelerators(host, Accel.KVM, tmp_path, foreign)
+        assert launch._accelerators(host, Accel.KVM, tmp_path, native) == (Accel.KVM,)  # its own: as asked

@@ -142,6 +142,7 @@ def test_the_kernel_hashes_table_is_qemus(vector: dict) -> None:
         {},
         {"sev-measurement": "not base64!"},
         {"sev-measurement": base64.b64encode(bytes(47)).decode()},
+        {**_info(bytes(32), bytes(16)), "sev-measurement": base64.b64encode(bytes(64)).decode()},  # more is no better
         {**_info(bytes(32), bytes(16)), "sev-api-major": 256},
         {**_info(bytes(32), bytes(16)), "sev-policy": -1},
         {**_info(bytes(32), bytes(16)), "sev-build-id": True},
@@ -173,6 +174,10 @@ def test_what_libvirt_says_of_sev_on_a_host() -> None:
     assert not SevSupport.from_domcaps(
         "<domainCapabilities><features><sev supported='no'/></features></domainCapabilities>"
     ).sev
+    assert not SevSupport.from_domcaps(  # not supported, whatever else the element carries
+        "<domainCapabilities><features><sev supported='no'><cbitpos>51</cbitpos><reducedPhysBits>1</reducedPhysBits>"
+        "</sev></features></domainCapabilities>"
+    ).sev
     caps = SevSupport.from_domcaps(
         "<domainCapabilities><features><sev supported='yes'><cbitpos>51</cbitpos><reducedPhysBits>1</reducedPhysBits>"
         "<maxGuests>15</maxGuests><maxESGuests>494</maxESGuests></sev></features></domainCapabilities>"
@@ -188,7 +193,7 @@ def test_policies(text: str, policy: int) -> None:
     assert parse_policy(text) == policy
 
 
-@pytest.mark.parametrize("text", ["0x5", "7", "x", "0x100000000", "-1"])
+@pytest.mark.parametrize("text", ["0x5", "7", "0x4", "0x6", "x", "0x100000000", "-1"])
 def test_policies_refused(text: str) -> None:
     with pytest.raises(UsageError, match="--sev-policy"):
         parse_policy(text)
