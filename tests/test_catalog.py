@@ -438,3 +438,30 @@ def test_the_edges_of_valid_values_are_accepted() -> None:
 def test_a_catalog_without_images_is_empty_not_an_error() -> None:
     assert parse_catalog("", "empty.toml") == []
     assert parse_catalog("# nothing here yet\n", "empty.toml") == []
+
+
+@pytest.mark.promise
+def test_an_architectures_table_takes_the_channel_files_never_the_entrys_pin() -> None:
+    """[images.NAME.aarch64] names its own file: the entry's url, digest, size and aleph item are the x86_64 image's,
+    and an arm64 guest must never be given them (only the format and the checksum files are shared)."""
+    text = (
+        f'[images.x]\nurl = "https://e.invalid/amd64.qcow2"\ndigest = "{SHA512}"\nsize = 4096\nformat = "qcow2"\n'
+        f'aleph_item_hash = "{ALEPH}"\n'
+        f'[images.x.aarch64]\nurl = "https://e.invalid/arm64.qcow2"\ndigest = "{SHA256}"\n'
+    )
+    (entry,) = parse_catalog(text, "t")
+    assert entry.arches == ("x86_64", "aarch64")
+    arm = entry.for_arch("aarch64")
+    assert arm is not None and arm.arch == "aarch64"
+    assert (arm.url, arm.digest) == ("https://e.invalid/arm64.qcow2", Digest.parse(SHA256))
+    assert (arm.size, arm.aleph_item_hash) == (None, None)  # not the amd64 file's size, nor its aleph item
+    assert arm.format == "qcow2"  # the channel's (shared)
+    assert entry.for_arch("x86_64") is entry
+
+
+@pytest.mark.promise
+def test_a_firmware_cannot_take_an_images_alias(tmp_path: Path) -> None:
+    """One namespace: `qinst pull bookworm` must not mean debian-12 to one reader and a firmware to another."""
+    path = write(tmp_path, '[firmware.bookworm]\nurl = "https://e.invalid/OVMF.fd"\ndigest = "' + SHA256 + '"\n')
+    with pytest.raises(CatalogError, match=r"\[firmware.bookworm\]: an image of the catalog has that name"):
+        Catalog.load([path])

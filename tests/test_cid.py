@@ -100,6 +100,10 @@ def test_a_v1_dag_pb_cid_of_a_one_chunk_file_does_not_match() -> None:
         (Cid(1, DAG_PB, 0x13, bytes(64)), "CIDv1 dag-pb sha2-512"),
         (Cid(1, RAW, 0x00, b"hello"), "CIDv1 raw identity"),
         (Cid(1, 0x71, SHA2_256, bytes(32)), "CIDv1 dag-cbor sha2-256"),
+        # 32-byte digests of other hashes: the length alone must not make them look like sha2-256
+        (Cid(1, RAW, 0x16, bytes(32)), "CIDv1 raw hash 0x16"),
+        (Cid(1, DAG_PB, 0xB220, bytes(32)), "CIDv1 dag-pb blake2b-256"),
+        (Cid(1, RAW, 0x1E, bytes(32)), "CIDv1 raw blake3"),
     ],
 )
 def test_cids_qinst_cannot_recompute_fail_closed(cid: Cid, kind: str) -> None:

@@ -734,6 +734,24 @@ def test_an_unsigned_checksum_file_redirected_to_http_is_refused(
 
 
 @pytest.mark.http
+@pytest.mark.promise
+def test_a_checksum_file_that_leaves_https_at_its_second_redirect_is_refused(
+    qinst: RunQinst, tls_origin: HTTPServer, http_server: HTTPServer, tls_cert: Path, mirror: Mirror, tmp_path: Path
+) -> None:
+    """Every hop is checked, not only the first: a move on the upstream host itself (allowed), then plain http."""
+    image = mirror.images.latest
+    http_server.add("/SHA512SUMS", f"{image.sha512_hex}  disk.qcow2\n".encode())
+    tls_origin.redirect("/latest/SHA512SUMS", "/moved/SHA512SUMS")
+    tls_origin.redirect("/moved/SHA512SUMS", f"{http_server.url}/SHA512SUMS")
+    tls_origin.add("/latest/disk.qcow2", image.data)
+    proc = _pull_latest(qinst, _latest_catalog(tmp_path, tls_origin), tmp_path / "cache", tls_cert)
+    assert proc.returncode == 3, proc.stderr
+    assert "it leaves HTTPS" in proc.stderr
+    assert tls_origin.hits("/moved/SHA512SUMS") and not http_server.hits()
+    assert cache_files(tmp_path / "cache") == []
+
+
+@pytest.mark.http
 def test_an_unsigned_checksum_file_redirected_to_another_https_host_is_refused(
     qinst: RunQinst, tls_origin: HTTPServer, tls_cert: Path, mirror: Mirror, tmp_path: Path
 ) -> None:

@@ -559,3 +559,23 @@ def test_an_endless_body_of_an_image_without_a_size_stops_at_the_cap(mirror: Mir
             session=new_session(), policy=FAST, limit=8 << 20,
         )  # fmt: skip
     assert list((tmp_path / "dl").iterdir()) == []
+
+
+@pytest.mark.promise
+def test_an_image_without_a_size_announcing_more_than_the_cap_is_refused_before_its_bytes(
+    mirror: Mirror, tmp_path: Path
+) -> None:
+    from qemu_instances.digests import Digest
+    from qemu_instances.download import download_verified
+
+    body = os.urandom(3 << 20)
+    mirror.server.add("/big.img", body)
+    (tmp_path / "dl").mkdir()
+    progress: list[int] = []
+    with pytest.raises(DownloadError, match=r"announces 3145728 bytes, more than 1 MiB, qinst's limit") as err:
+        download_verified(
+            f"{mirror.url}/big.img", tmp_path / "dl" / "sha256-x", Digest.parse("sha256:" + "1" * 64),
+            session=new_session(), policy=FAST, limit=1 << 20, progress=lambda done, total: progress.append(done),
+        )  # fmt: skip
+    assert "nothing was cached" in (err.value.hint or "")
+    assert progress == [] and list((tmp_path / "dl").iterdir()) == []  # not a byte of it was written
