@@ -43,6 +43,23 @@ def test_the_stages_follow_cloud_inits_own_up_times() -> None:
     }  # fmt: skip
 
 
+def test_a_second_boot_in_the_same_console_log_does_not_move_the_first_boots_phases() -> None:
+    """virtlogd appends: after a reboot the console holds every stage line twice. The phases are the first boot's."""
+    first = [
+        "[   10.0] cloud-init[300]: Cloud-init v. 22.4.2 running 'init-local' at Thu, 03 Dec 2026. Up 10.00 seconds.",
+        "[   16.5] cloud-init[310]: Cloud-init v. 22.4.2 running 'init' at Thu, 03 Dec 2026. Up 16.50 seconds.",
+        "[   30.0] cloud-init[500]: Cloud-init v. 22.4.2 running 'modules:config' at Thu. Up 30.00 seconds.",
+        "[   41.0] cloud-init[510]: Cloud-init v. 22.4.2 running 'modules:final' at Thu. Up 41.00 seconds.",
+        "[   44.25] cloud-init[510]: Cloud-init v. 22.4.2 finished at Thu. Datasource.  Up 44.25 seconds",
+    ]
+    second = [line.replace("Up 1", "Up 9").replace("Up 3", "Up 7") for line in first[:4]]  # later, other up times
+    phases = console_phases("\r\n".join(first + second))
+    assert phases == {
+        "cloud-init-local": 6.5, "cloud-init-network": 13.5, "cloud-init-config": 11.0, "cloud-init-final": 3.25,
+        "guest-ready": 44.25,
+    }  # fmt: skip
+
+
 def test_a_boot_that_never_finished_gives_the_phases_it_reached() -> None:
     cut = CONSOLE[: CONSOLE.index("running 'modules:config'")]
     phases = console_phases(cut)

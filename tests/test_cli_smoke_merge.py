@@ -125,9 +125,10 @@ def test_a_missing_shard_fails_the_merge_but_the_report_is_written(tmp_path: Pat
     passed = report("debian-12", "bios", False, 0)
     passed.checks = [c for c in passed.checks if c.status is Status.PASSED]
     (tmp_path / "1.json").write_text(json.dumps(results_json([passed], (1, 3))))
-    proc = run_qinst(tmp_path, "smoke", "merge", "1.json", "--junit", "r.xml")
+    proc = run_qinst(tmp_path, "smoke", "merge", "1.json", "--junit", "r.xml", "--json")
     assert proc.returncode == 6 and "no results for shard(s) 2/3, 3/3" in proc.stderr
     validate((tmp_path / "r.xml").read_bytes())
+    assert json.loads(proc.stdout)["passed"] is False  # every result it has passed, but the matrix is not whole
 
 
 def test_results_of_an_older_qinst_merge_and_pass(tmp_path: Path) -> None:
@@ -189,6 +190,9 @@ def test_the_same_suite_or_shard_twice_and_shards_of_two_splits_are_refused(tmp_
     (tmp_path / "d.json").write_text(json.dumps(results_json([one])))
     twice = run_qinst(tmp_path, "smoke", "merge", "d.json", "d.json")
     assert twice.returncode == 2 and "debian-12[bios] is in both" in twice.stderr
+    (tmp_path / "e.json").write_text((tmp_path / "d.json").read_text())  # the same result in another file
+    copied = run_qinst(tmp_path, "smoke", "merge", "d.json", "e.json")
+    assert copied.returncode == 2 and "debian-12[bios] is in both d.json and e.json" in copied.stderr
     shard = run_qinst(tmp_path, "smoke", "merge", "a.json", "b.json")
     assert shard.returncode == 2 and "shard 1/2 is both" in shard.stderr
     split = run_qinst(tmp_path, "smoke", "merge", "a.json", "c.json")

@@ -219,6 +219,37 @@ def test_a_launch_that_made_nothing_is_not_an_error_at_teardown(pytester: pytest
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
+@pytest.mark.promise
+def test_a_guest_that_cannot_be_removed_does_not_keep_the_others(
+    pytester: pytest.Pytester, fake: FakeQinst, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every guest of the fixture is removed when the test ends: the first removal failing (libvirt refusing it)
+    is reported as the teardown's error, after the later guests are removed too."""
+    from qemu_instances.errors import HypervisorError
+
+    removed = []
+
+    def rm(settings: Any, name: str, *, force: bool = False) -> list[str]:
+        removed.append(name)
+        if len(removed) == 1:
+            raise HypervisorError(f"cannot remove {name}: the volume is busy")
+        return [f"domain {name}"]
+
+    monkeypatch.setattr(api, "rm", rm)
+    pytester.makepyfile(
+        """
+        def test_boot(qinst):
+            qinst.up("qinst-test")
+            qinst.up("qinst-test")
+            qinst.up("qinst-test")
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    assert removed == [request.name for _, request in fake.named("up")]  # all three, in order
+    result.stdout.fnmatch_lines([f"*cannot remove {removed[0]}: the volume is busy*"])
+
+
 def test_up_without_an_image_says_which_option_gives_one(pytester: pytest.Pytester, fake: FakeQinst) -> None:
     pytester.makepyfile(
         """

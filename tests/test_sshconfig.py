@@ -154,6 +154,17 @@ def test_values_with_spaces_and_percent_are_quoted_and_escaped(tmp_path: Path) -
     assert ssh_g(config, "web1")["userknownhostsfile"] == str(known)  # one file, the % a literal one
 
 
+@pytest.mark.promise
+@pytest.mark.parametrize("folder", ["cache dir", "trailing ", " leading", "a#b", "#hash", "a=b", "a,b", "x;y", "(p)"])
+def test_every_path_ssh_config_can_hold_reads_back_as_the_same_one_file(tmp_path: Path, folder: str) -> None:
+    """Whatever the characters a path is allowed to hold (a space at either end, '#', '='), the real ssh reads it
+    back from the written config as that one path, never cut at a space or read as a comment."""
+    known = tmp_path / folder / "known"
+    config = tmp_path / "config"
+    config.write_text("\n".join(ssh.config_lines("web1", SshTarget("127.0.0.1", 2222, "debian", known))) + "\n")
+    assert ssh_g(config, "web1")["userknownhostsfile"] == str(known)
+
+
 @pytest.mark.parametrize(
     "path", ['/tmp/a"b/known', "/tmp/a'b/known", "/tmp/a\\b/known", "/tmp/a\nHost *\n/known", "/tmp/${HOME}/k"]
 )
