@@ -59,3 +59,23 @@ def test_every_duration_option_refuses_what_is_not_a_duration(tmp_path: Path) ->
         proc = run_qinst(TEST_URI, tmp_path, "snapshot", "restore", "web1", "a", "--timeout", value)
         assert proc.returncode == 2, (value, proc.stderr)
         assert "--timeout must be a number of seconds above 0" in proc.stderr
+
+
+@pytest.mark.promise
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["smoke", "debian-12", "--junit", "/proc/qinst-r.xml"],
+        ["smoke", "debian-12", "--summary", "/proc/qinst-s.md"],
+        ["smoke", "merge", "results.json", "--junit", "/proc/qinst-r.xml"],
+        ["seed", "--out", "/proc/qinst-seed.iso"],
+    ],
+)
+def test_an_output_file_in_a_folder_nobody_can_write_is_refused_before_anything_runs(
+    qinst: RunQinst, offline_env: dict[str, str], tmp_path: Path, args: list[str]
+) -> None:
+    """The folder exists and its permission bits would let root in, but nothing can be made there (/proc): the
+    option is refused by a real write, at once (exit 2), not after a smoke run or a seed build."""
+    (tmp_path / "results.json").write_text('{"schema": "qinst-smoke/1", "results": []}')
+    option = args[-2]
+    one_clear_error(qinst(*args, env=offline_env, timeout=30), 2, f"{option}: cannot write in /proc")

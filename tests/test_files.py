@@ -197,6 +197,26 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
+@pytest.mark.promise
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit, RuntimeError])
+def test_a_write_interrupted_before_its_rename_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: type[BaseException]
+) -> None:
+    """Ctrl-C (KeyboardInterrupt), a signal's exit or any error between the write and the rename: the target keeps
+    its old bytes and no temporary file is left in the folder, whatever was raised."""
+    target = tmp_path / "record.json"
+    target.write_bytes(b"old")
+
+    def interrupted(fd: int) -> None:
+        raise stop()
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(stop):
+        write_atomically(target, b"new", durable=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
+    assert target.read_bytes() == b"old"
+
+
 def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_never_made(tmp_path: Path) -> None:
     target = tmp_path / "etc-like" / "created-by-qinst"
     target.parent.mkdir()

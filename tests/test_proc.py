@@ -49,6 +49,14 @@ def test_a_flood_is_stopped_at_the_cap_and_memory_stays_bounded() -> None:
     assert proc.try_run(["yes"], timeout=10, limit=1024) is None
 
 
+@pytest.mark.promise
+@pytest.mark.parametrize("argv", [["yes"], ["sh", "-c", "head -c 5000 /dev/zero; exit 3"]])
+def test_output_past_its_cap_raises_even_with_check_false(argv: list[str]) -> None:
+    """check=False returns a non-zero exit status, never output cut at the cap as if it were the whole answer."""
+    with pytest.raises(QinstError, match="printed more than 1024 bytes; stopped"):
+        proc.run(argv, limit=1024, check=False)
+
+
 def test_stderr_has_its_own_cap() -> None:
     with proc.spawn(["sh", "-c", "yes >&2"]) as child:
         out = proc.collect(child, timeout=30, limit=1 << 20, stderr_limit=4096)
