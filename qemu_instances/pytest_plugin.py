@@ -108,11 +108,21 @@ class Guest:
         return testinfra.get_host(f"ssh://{self.name}", ssh_config=str(self.ssh_config()), controlpersist=0)
 
 
+# The names this process gave out: a 24-bit random suffix repeats (200 names: about 1 run in 800), and a repeated
+# name would make the second up() of a session fail as "already exists", or rm() take another test's guest.
+_ISSUED: set[str] = set()
+
+
 def guest_name() -> str:
-    """A unique instance name: the xdist worker (gw0, gw1...) when there is one, and a random suffix."""
+    """A unique instance name: the xdist worker (gw0, gw1...) when there is one, and a random suffix never given out
+    before by this process (each xdist worker has its own prefix)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     worker = "".join(c for c in worker.lower() if c.isalnum())[:12]
-    return f"pytest-{worker + '-' if worker else ''}{secrets.token_hex(3)}"
+    while True:
+        name = f"pytest-{worker + '-' if worker else ''}{secrets.token_hex(3)}"
+        if name not in _ISSUED:
+            _ISSUED.add(name)
+            return name
 
 
 class QinstFactory:

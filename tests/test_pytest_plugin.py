@@ -287,6 +287,22 @@ def test_names_carry_the_xdist_worker_and_never_repeat(monkeypatch: pytest.Monke
         validate_name(name)
 
 
+@pytest.mark.promise
+def test_a_random_suffix_that_repeats_never_gives_the_same_name_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suffix is 24 random bits: two draws can be equal (it happened in a run of the test above). The name is
+    drawn again then, so two guests of one session never share a name."""
+    import secrets
+
+    from qemu_instances.pytest_plugin import guest_name
+
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    suffix = f"{secrets.randbelow(1 << 24):06x}"
+    draws = iter([suffix, suffix, suffix, "ffffff" if suffix != "ffffff" else "000000"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(draws))
+    first, second = guest_name(), guest_name()
+    assert first == f"pytest-{suffix}" and second != first and second.startswith("pytest-")
+
+
 # -- a real boot through the plugin ------------------------------------------------------------------------------------
 
 TESTS = """
