@@ -336,6 +336,9 @@ def domain_xml(spec: InstanceSpec) -> str:
         _sub(features, "apic")
     if accel is Accel.KVM:
         _sub(root, "cpu", mode="host-passthrough")
+    elif spec.arch.tcg_cpu:
+        cpu = _sub(root, "cpu", mode="custom", match="exact", check="none")
+        _sub(cpu, "model", spec.arch.tcg_cpu, fallback="forbid")
     else:
         _sub(root, "cpu", mode="maximum", check="none")
     clock = _sub(root, "clock", offset="utc")
