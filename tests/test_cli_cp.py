@@ -185,7 +185,11 @@ def test_forward_tunnel_until_interrupted(guests: Guests) -> None:
                 proc.kill()
                 proc.wait()
         with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # ssh is gone: the port is free again
+            # ssh is gone: nothing listens there any more. SO_REUSEADDR lets the bind ignore the TIME_WAIT of the
+            # connection _get made (left when ssh closed first), never a socket still listening.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
 
 
 def test_forward_on_another_network_is_refused_before_anything_is_made(guests: Guests) -> None:
