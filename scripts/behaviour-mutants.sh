@@ -75,6 +75,7 @@ judge() {  # SLOT PATCH -> one line in results/
   fi
   case $rc in
     0) verdict=survived ;;
+    5) verdict=survived by="no test ran: the listed files hold only vm tests (or none exist)" ;;  # LISTED_ONLY
     124 | 137) verdict=killed by="timeout after ${limit} s" ;;
     *) verdict=killed ;;
   esac
