@@ -11,7 +11,10 @@ want_test=0
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc
           python3-venv python3-dev openssh-client ovmf gpgv qemu-system-arm qemu-efi-aarch64)
 test_packages=(mmdebstrap extlinux syslinux-common dosfstools mtools e2fsprogs fdisk util-linux xorriso genisoimage
-               cloud-image-utils cloud-init openssh-server curl gnupg qemu-user-static binfmt-support arch-test)
+               cloud-image-utils cloud-init openssh-server curl gnupg qemu-user-static binfmt-support arch-test
+               libvirt-clients-qemu python3-lxml python3-cryptography libxml2-utils)
+# (libvirt-clients-qemu: virt-qemu-sev-validate, an independent SEV measurement for tests/test_sev.py, run with the
+# system python's lxml and cryptography; libxml2-utils: xmllint for virt-xml-validate of the domain XML.)
 [ "$want_test" = 1 ] && packages+=("${test_packages[@]}")
 
 missing=()
