@@ -206,12 +206,15 @@ def runs(vm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> It
     broken = _start(
         tmp / "broken", "qinst-test-broken", "--accel", "tcg", "--timeout", "120", "--retries", "1", env=vm_env
     )
+    # The architecture matrix: one entry, both builds (the x86_64 guest native-speed TCG, the aarch64 one emulated
+    # on the virt machine under UEFI, waited for EMULATED times longer by default).
+    arches = _start(tmp / "arches", "qinst-test", "--arch", "x86_64,aarch64", "--accel", "tcg", env=vm_env)
     try:
-        for run in (broken, nightly, allowed):
-            run.wait(timeout=1200)
-        yield {"nightly": nightly, "allowed": allowed, "broken": broken}
+        for run in (broken, nightly, allowed, arches):
+            run.wait(timeout=3600 if run is arches else 1200)
+        yield {"nightly": nightly, "allowed": allowed, "broken": broken, "arches": arches}
     finally:
-        for run in (nightly, allowed, broken):
+        for run in (nightly, allowed, broken, arches):
             run.proc.kill()
         for name in {d for d in domains() - before if d.startswith("smoke-qinst-test")}:
             force_remove(name)
@@ -339,6 +342,27 @@ def test_firmware_matrix_boots_the_image_under_bios_and_uefi(runs: dict[str, Run
     consoles = {f: (run.dir / "artifacts" / f"qinst-test-{f}" / "console.log").read_text() for f in ("bios", "uefi")}
     assert "BdsDxe" in consoles["uefi"] and "Linux version" in consoles["uefi"]  # OVMF ran systemd-boot, then Linux
     assert "BdsDxe" not in consoles["bios"] and "Linux version" in consoles["bios"]
+
+
+@pytest.mark.vm
+@pytest.mark.libvirt
+def test_arch_matrix_boots_the_x86_64_and_the_aarch64_build(runs: dict[str, Run]) -> None:
+    """`smoke IMAGE --arch x86_64,aarch64`: two passing suites, the arm64 one under UEFI on the PL011 console, each
+    guest running its own architecture."""
+    run = runs["arches"]
+    assert run.proc.returncode == 0, run.stderr
+    suites = _suites(run)
+    assert set(suites) == {"qinst-test[bios]", "qinst-test[aarch64,uefi]"}
+    for name, suite in suites.items():
+        assert suite.get("failures") == "0" and suite.get("errors") == "0", (name, run.stderr)
+    results = {r["suite"]: r for r in json.loads(run.stdout)["results"]}
+    assert results["qinst-test[aarch64,uefi]"]["arch"] == "aarch64" and results["qinst-test[bios]"]["arch"] == "x86_64"
+    assert all(r["passed"] for r in results.values())
+    arm = (run.dir / "artifacts" / "qinst-test-aarch64-uefi" / "console.log").read_text(errors="replace")
+    # Debian's kernels name their architecture: cloud-arm64 booted on the PL011, cloud-amd64 on the 16550.
+    assert "Linux version" in arm and "-cloud-arm64 " in arm and "Cloud-init v." in arm and "finished at" in arm
+    x86 = (run.dir / "artifacts" / "qinst-test-bios" / "console.log").read_text(errors="replace")
+    assert "-cloud-amd64 " in x86 and "-cloud-arm64" not in x86
 
 
 @pytest.mark.vm

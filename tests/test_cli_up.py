@@ -475,6 +475,34 @@ def test_remote_up_ssh_ls_logs_rm_and_reuse(qinst: RunQinst, vm_env: dict[str, s
             subprocess.run(["virsh", "-q", "vol-delete", "--pool", "qinst", marker.name], check=False)
 
 
+@pytest.mark.vm
+@pytest.mark.libvirt
+def test_up_an_arm64_guest_on_this_x86_host(qinst: RunQinst, vm_env: dict[str, str], ssh_key: Path) -> None:
+    """`up IMAGE --arch aarch64` on an x86_64 host: emulated (TCG, said once, no KVM start tried), UEFI on the virt
+    machine; ready means cloud-init finished and the host key read from the PL011 console answers; `ssh` runs an
+    aarch64 userland; `logs` shows that console; `rm` leaves nothing."""
+    name = unique_name("arm")
+    try:
+        up = qinst("up", "qinst-test", "--arch", "arm64", "--name", name, "--network", "user", "--ssh-key",
+                   str(ssh_key), "--json", env=vm_env, timeout=3 * BOOT + 60)  # fmt: skip
+        assert up.returncode == 0, up.stderr
+        data = json.loads(up.stdout)
+        assert data["ready"] is True and data["state"] == "running"
+        assert up.stderr.count("an aarch64 guest on this x86_64 host runs under TCG") == 1, up.stderr  # said once
+        assert "does not start under kvm" not in up.stderr  # and never a failed KVM start first
+        uname = qinst("ssh", name, "--", "uname", "-m", env=vm_env, timeout=120)
+        assert uname.returncode == 0 and uname.stdout == "aarch64\n", uname.stderr
+        logs = qinst("logs", name, env=vm_env)
+        assert logs.returncode == 0 and "Cloud-init v." in logs.stdout and "ttyAMA0" in logs.stdout
+        listed = json.loads(qinst("ls", "--json", env=vm_env).stdout)
+        assert next(i for i in listed if i["name"] == name)["state"] == "running"
+        rm = qinst("rm", "--force", name, env=vm_env, timeout=120)
+        assert rm.returncode == 0, rm.stderr
+        _nothing_left(name)
+    finally:
+        force_remove(name)
+
+
 # -- up --confidential sev (docs/confidential.md): what this host (no SEV) and bad options get through the real CLI --
 
 
