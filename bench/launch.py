@@ -45,6 +45,7 @@ IMAGE = "qinst-test"
 MEMORY_MIB = 1024
 CPUS = 2
 DISK_GIB = 10
+AARCH64_UEFI = "uefi,firmware.feature0.name=secure-boot,firmware.feature0.enabled=no"  # the firmware qinst picks
 BOOT_TIMEOUT = 600.0
 # cloud-init's final line on the console; kcli replaces it with its own final_message.
 CLOUD_INIT_DONE = re.compile(r"Cloud-init v\. \S+ finished at ([^\n]*)\n|kcli boot finished, up")
@@ -360,8 +361,10 @@ class VirtInstall:
             "--virt-type",
             "qemu",
             *(["--cpu", self.cpu] if self.cpu else []),
-            # arm64 cloud images boot only under UEFI, on the virt machine (as `qinst up --arch aarch64` makes it).
-            *(["--arch", "aarch64", "--machine", "virt", "--boot", "uefi"] if self.arch == "aarch64" else []),
+            # arm64 cloud images boot only under UEFI, on the virt machine (as `qinst up --arch aarch64` makes it),
+            # with qinst's firmware: secure boot off. virt-install's own choice, AAVMF_CODE.ms.fd with Microsoft's keys
+            # enrolled, refuses a bootloader no shim signed (the test image's grub: "Access Denied").
+            *(["--arch", "aarch64", "--machine", "virt", "--boot", AARCH64_UEFI] if self.arch == "aarch64" else []),
             # The same user-mode network with SSH forwarded from 127.0.0.1 as qinst's (passt is off in Debian 12).
             "--network",
             "none",
