@@ -553,11 +553,12 @@ def doctor(
     if as_json:
         print_json([c.to_json() for c in checks])
     else:
+        width = max((len(c.name) + 1 for c in checks), default=0)  # a long name (arch-aarch64) never runs into its text
         for c in checks:
             status = "ok" if c.ok else ("FAIL" if c.required else "no")
-            sys.stdout.write(f"{status:<5}{c.name:<12}{c.detail}\n")
+            sys.stdout.write(f"{status:<5}{c.name:<{width}}{c.detail}\n")
             if c.hint and not c.ok:
-                sys.stdout.write(f"{'':<17}-> {c.hint}\n")
+                sys.stdout.write(f"{'':<{5 + width}}-> {c.hint}\n")
     if any(c.required and not c.ok for c in checks):
         raise typer.Exit(4)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,29 @@ def test_a_host_without_sev_says_so_and_is_not_unhealthy(monkeypatch: pytest.Mon
     assert sev.required is False  # doctor's exit status is about what qinst needs: SEV is for --confidential only
     if not sev.ok:
         assert "--confidential sev" in sev.hint
+
+
+def test_doctor_prints_names_and_details_in_columns_that_never_run_together(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`qinst doctor`'s table: a check name longer than the others (arch-aarch64) is still followed by a space, every
+    detail starts in the same column, and a hint lines up under the details; exit 4 when a required check fails."""
+    from typer.testing import CliRunner
+
+    from qemu_instances import api, cli
+    from qemu_instances.doctor import Check
+
+    checks = [
+        Check("tcg", True, "software emulation available"),
+        Check("arch-aarch64", True, "aarch64 guests under TCG", required=False),
+        Check("pool", False, "no pool", hint="create it"),
+    ]
+    monkeypatch.setattr(api, "doctor", lambda settings: checks)
+    env = {"QINST_CACHE_DIR": str(tmp_path), "LIBVIRT_DEFAULT_URI": "test:///default"}
+    result = CliRunner().invoke(cli.app, ["--connect", "test:///default", "doctor"], env=env, prog_name="qinst")
+    assert result.exit_code == 4, result.output
+    lines = result.output.splitlines()
+    assert lines[1] == "ok   arch-aarch64 aarch64 guests under TCG"
+    starts = {line.index(c.detail) for line, c in zip((lines[0], lines[1], lines[2]), checks, strict=True)}
+    assert starts == {5 + len("arch-aarch64") + 1}  # one column for every detail
+    assert lines[3] == " " * (5 + len("arch-aarch64") + 1) + "-> create it"
