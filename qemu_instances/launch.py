@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from qemu_instances import kvmverdict
 from qemu_instances import seed as seeds
@@ -237,6 +238,20 @@ def _check_arch(host: Host, arch: Arch) -> None:
         )
 
 
+def _kvm_for_another_arch(arch: Arch, host_arch: str) -> UsageError:
+    return UsageError(
+        f"KVM cannot run an {arch} guest on this {host_arch} host", hint="use --accel auto or tcg (software emulation)"
+    )
+
+
+def _refuse_kvm_for_another_arch(uri: str, arch: Arch) -> None:
+    """`--accel kvm` for a guest of another architecture than this machine's, on a local daemon: refused before the
+    download. A remote host's architecture is known once connected (_accelerators refuses it there)."""
+    parts = urlsplit(uri)
+    if parts.scheme != "test" and not parts.hostname and arch is not Arch.host():
+        raise _kvm_for_another_arch(arch, str(Arch.host()))
+
+
 def _accelerators(
     host: Host, wanted: Accel, cache_dir: Path | None = None, arch: Arch = Arch.X86_64
 ) -> tuple[Accel, ...]:
@@ -246,10 +261,7 @@ def _accelerators(
     native = host.is_test_driver or host.host_arch() in ("", str(arch))
     if not native:
         if wanted is Accel.KVM:
-            raise UsageError(
-                f"KVM cannot run an {arch} guest on this {host.host_arch()} host",
-                hint="use --accel auto or tcg (software emulation)",
-            )
+            raise _kvm_for_another_arch(arch, host.host_arch())
         log.info("an %s guest on this %s host runs under TCG (software emulation, several times slower)",
                  arch, host.host_arch())  # fmt: skip
         return (Accel.TCG,)
@@ -460,6 +472,8 @@ class Launcher:
             Mount.parse(text)
         ref = self.store.resolve(req.image, sha256=req.sha256, sha512=req.sha512, arch=req.arch)
         firmware_for(ref.arch, req.firmware)
+        if req.accel is Accel.KVM:
+            _refuse_kvm_for_another_arch(self.settings.connect, ref.arch)
         user = seeds.validate_user(req.user or (ref.entry.default_user if ref.entry else "cloud"))
         keys = tuple(resolve_keys(list(req.ssh_keys), self.settings.config_dir))
         name = name or default_name(ref.name)

@@ -790,3 +790,23 @@ def test_a_guest_of_another_architecture_runs_under_tcg_at_once_said_once(
         with pytest.raises(UsageError, match=f"KVM cannot run an {foreign} guest on this {native} host"):
             launch._accelerators(host, Accel.KVM, tmp_path, foreign)
         assert launch._accelerators(host, Accel.KVM, tmp_path, native) == (Accel.KVM,)  # its own: as asked
+
+
+def test_kvm_for_another_architecture_is_refused_before_the_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`up --arch <not this machine's> --accel kvm` on a local daemon: the usage error comes from the inputs, before
+    anything is downloaded or libvirt is asked; a remote daemon's architecture is only known once connected."""
+    from qemu_instances.arch import Arch
+
+    foreign = Arch.AARCH64 if Arch.host() is Arch.X86_64 else Arch.X86_64
+    monkeypatch.setattr(launch.ImageStore, "pull", lambda *a, **k: pytest.fail("pulled before refusing"))
+    monkeypatch.setattr(launch, "Host", lambda *a, **k: pytest.fail("connected before refusing"))
+    image = tmp_path / "disk.qcow2"
+    image.write_bytes(b"QFI\xfb")
+    settings = Settings(connect="qemu:///system", cache_dir=tmp_path / "cache", config_dir=tmp_path / "config")
+    req = UpRequest(image=str(image), arch=foreign, accel=Accel.KVM)
+    with pytest.raises(UsageError, match=f"KVM cannot run an {foreign} guest on this {Arch.host()} host"):
+        Launcher(settings).up(req)
+    launch._refuse_kvm_for_another_arch("qemu:///system", Arch.host())  # its own architecture: fine
+    launch._refuse_kvm_for_another_arch("qemu+ssh://build@arm1/system", foreign)  # remote: decided once connected
