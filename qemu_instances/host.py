@@ -166,6 +166,16 @@ def probe_kvm() -> KvmStatus:
     return KvmStatus(True, "/dev/kvm answers")
 
 
+def uri_is_local(uri: str) -> bool:
+    """True when the daemon runs on this machine (no host in the URI)."""
+    return not urlsplit(uri).hostname
+
+
+def uri_is_test_driver(uri: str) -> bool:
+    """libvirt's test driver (test:///...): it runs nothing, and its capabilities describe no real host."""
+    return urlsplit(uri).scheme == "test"
+
+
 class Host:
     """A libvirt connection and qinst's storage pool on it."""
 
@@ -189,13 +199,11 @@ class Host:
 
     @property
     def is_local(self) -> bool:
-        """True when the daemon runs on this machine (no host in the URI)."""
-        return not urlsplit(self.uri).hostname
+        return uri_is_local(self.uri)
 
     @property
     def is_test_driver(self) -> bool:
-        """libvirt's test driver (test:///...): it runs nothing, and its capabilities describe no real host."""
-        return urlsplit(self.uri).scheme == "test"
+        return uri_is_test_driver(self.uri)
 
     @property
     def is_system(self) -> bool:

@@ -16,7 +16,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from qemu_instances import kvmverdict
 from qemu_instances import seed as seeds
@@ -39,7 +38,7 @@ from qemu_instances.errors import GuestFailed, GuestTimeout, HypervisorError, Qi
 from qemu_instances.faults import _test_pause
 from qemu_instances.files import read_option_file
 from qemu_instances.forwarding import Forward, check_free, parse_forwards
-from qemu_instances.host import POOL_NAME, Domain, Host
+from qemu_instances.host import POOL_NAME, Domain, Host, uri_is_local, uri_is_test_driver
 from qemu_instances.images import CachedImage, ImageRef, ImageStore, Source
 from qemu_instances.instances import (
     Instance,
@@ -247,8 +246,7 @@ def _kvm_for_another_arch(arch: Arch, host_arch: str) -> UsageError:
 def _refuse_kvm_for_another_arch(uri: str, arch: Arch) -> None:
     """`--accel kvm` for a guest of another architecture than this machine's, on a local daemon: refused before the
     download. A remote host's architecture is known once connected (_accelerators refuses it there)."""
-    parts = urlsplit(uri)
-    if parts.scheme != "test" and not parts.hostname and arch is not Arch.host():
+    if uri_is_local(uri) and not uri_is_test_driver(uri) and arch is not Arch.host():
         raise _kvm_for_another_arch(arch, str(Arch.host()))
 
 
