@@ -23,7 +23,7 @@ from qemu_instances.logs import configure as configure_logging
 from qemu_instances.logs import debugging
 from qemu_instances.proc import replace_process
 from qemu_instances.settings import DEFAULT_ALEPH_API, DEFAULT_IPFS_GATEWAY, Settings
-from qemu_instances.text import printable_lines
+from qemu_instances.text import printable, printable_lines
 
 if TYPE_CHECKING:
     from qemu_instances.instances import Instance
@@ -556,9 +556,10 @@ def doctor(
         width = max((len(c.name) + 1 for c in checks), default=0)  # a long name (arch-aarch64) never runs into its text
         for c in checks:
             status = "ok" if c.ok else ("FAIL" if c.required else "no")
-            sys.stdout.write(f"{status:<5}{c.name:<{width}}{c.detail}\n")
+            # details quote libvirt: its errors, and network names another user of the daemon chose
+            sys.stdout.write(f"{status:<5}{c.name:<{width}}{printable(c.detail)}\n")
             if c.hint and not c.ok:
-                sys.stdout.write(f"{'':<{5 + width}}-> {c.hint}\n")
+                sys.stdout.write(f"{'':<{5 + width}}-> {printable(c.hint)}\n")
     if any(c.required and not c.ok for c in checks):
         raise typer.Exit(4)
 

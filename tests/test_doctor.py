@@ -65,6 +65,7 @@ def test_doctor_prints_names_and_details_in_columns_that_never_run_together(
         Check("tcg", True, "software emulation available"),
         Check("arch-aarch64", True, "aarch64 guests under TCG", required=False),
         Check("pool", False, "no pool", hint="create it"),
+        Check("networks", True, "evil\x1b]0;pwned\x07\u202e(inactive)", hint="\x9b2J", required=False),
     ]
     monkeypatch.setattr(api, "doctor", lambda settings: checks)
     env = {"QINST_CACHE_DIR": str(tmp_path), "LIBVIRT_DEFAULT_URI": "test:///default"}
@@ -72,6 +73,8 @@ def test_doctor_prints_names_and_details_in_columns_that_never_run_together(
     assert result.exit_code == 4, result.output
     lines = result.output.splitlines()
     assert lines[1] == "ok   arch-aarch64 aarch64 guests under TCG"
-    starts = {line.index(c.detail) for line, c in zip((lines[0], lines[1], lines[2]), checks, strict=True)}
+    starts = {line.index(c.detail) for line, c in zip(lines[:3], checks[:3], strict=True)}
     assert starts == {5 + len("arch-aarch64") + 1}  # one column for every detail
     assert lines[3] == " " * (5 + len("arch-aarch64") + 1) + "-> create it"
+    # a network name another user of the daemon chose cannot retitle or recolour the terminal, or reverse the text
+    assert lines[4] == "ok   networks     evil]0;pwned(inactive)" and len(lines) == 5
